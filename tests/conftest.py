@@ -21,3 +21,50 @@ def datasets_root() -> Path:
     if not (DATASETS / "magnetic_tile").is_dir():
         pytest.skip("../shared/datasets is not present")
     return DATASETS
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 for the whole session; yields its endpoint URL.
+
+    Sets the standard AWS variables in os.environ (fake keys, us-east-1, AWS_ENDPOINT_URL and
+    AWS_ENDPOINT_URL_S3 pointing at moto, EC2 metadata lookups off) so that pyarrow, boto3 and
+    s3fs all reach moto with no extra arguments. Ray workers inherit the driver's environment
+    when Ray starts, so a fixture that starts Ray and must reach S3 has to depend on this one
+    (Ray started before it would not see the endpoint). The environment is restored at the end.
+    """
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE"):
+            mp.delenv(name, raising=False)
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_REGION", "us-east-1")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_ENDPOINT_URL", endpoint)
+        mp.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no 1 s IMDS probes on a machine without one
+        try:
+            yield endpoint
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str):
+    """A fresh, uniquely named bucket on the moto server; yields "s3://<bucket>"."""
+    import uuid
+
+    import boto3
+
+    name = f"promptad-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    yield f"s3://{name}"
