@@ -1,0 +1,126 @@
+"""The model artifact: a directory (local or s3://) that holds everything `score` and `audit` need.
+
+    promptad.json                  format version, model config, backbone (+ weight sha256),
+                                   categories, prompts, calibration, training metadata, model_id
+    weights.safetensors            trainable parameters and buffers (prompts, head)
+    memory/<category>.safetensors  memory bank per category
+
+Nothing is unpickled on load; the model id is a content hash that load verifies.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from urllib.parse import quote
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from . import prompts, storage
+from .errors import UserError
+from .model import Calibration, ModelConfig, PromptAD
+
+FORMAT_VERSION = 1
+MANIFEST = "promptad.json"
+WEIGHTS = "weights.safetensors"
+
+
+def _memory_name(category: str) -> str:
+    return f"memory/{quote(category, safe='')}.safetensors"
+
+
+def _model_id(manifest: dict, weights: bytes, banks: dict[str, bytes]) -> str:
+    h = hashlib.sha256()
+    body = {k: v for k, v in manifest.items() if k not in ("model_id", "training")}
+    h.update(json.dumps(body, sort_keys=True).encode())
+    h.update(hashlib.sha256(weights).digest())
+    for cat in sorted(banks):
+        h.update(cat.encode() + hashlib.sha256(banks[cat]).digest())
+    return h.hexdigest()[:16]
+
+
+def _json_safe(value):
+    """inf thresholds (uncalibrated) are stored as null; JSON has no infinity."""
+    if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def save_artifact(model: PromptAD, uri: str, training: dict | None = None) -> str:
+    """Write the artifact to `uri`; returns the model id."""
+    missing = [c for c in model.categories if c not in model.banks]
+    if missing:
+        raise ValueError(f"no memory bank for {missing}; build memory banks before saving")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.trainable.state_dict().items()}
+    weights = st_save(state)
+    banks = {c: st_save({"bank": model.banks[c].detach().cpu().float().contiguous()}) for c in model.categories}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "model": model.cfg.to_dict(),
+        "backbone": {"spec": model.backbone.spec, "sha256": model.backbone.weight_sha256,
+                     "input_size": model.backbone.input_size, "layers": list(model.backbone.layers),
+                     "has_text": model.backbone.has_text},
+        "categories": list(model.categories),
+        "prompts": {"templates": prompts.TEMPLATES, "normal_states": prompts.NORMAL_STATES,
+                    "anomaly_states": prompts.ANOMALY_STATES,
+                    "anomaly_words": {c: prompts.anomaly_words(c) for c in model.categories}}
+        if model.backbone.has_text else None,
+        "calibration": {c: _json_safe(asdict(model.calibration[c])) for c in model.categories},
+        "memory": {c: _memory_name(c) for c in model.categories},
+        "training": training or {},
+    }
+    manifest["model_id"] = _model_id(manifest, weights, banks)
+    storage.makedirs(storage.join(uri, "memory"))
+    storage.write_bytes(storage.join(uri, WEIGHTS), weights)
+    for c, data in banks.items():
+        storage.write_bytes(storage.join(uri, _memory_name(c)), data)
+    # The manifest goes last: a directory with a manifest is a complete artifact.
+    storage.write_bytes(storage.join(uri, MANIFEST), json.dumps(manifest, indent=2).encode())
+    return manifest["model_id"]
+
+
+def read_manifest(uri: str) -> dict:
+    try:
+        manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
+    except FileNotFoundError:
+        raise UserError(f"no model artifact at {uri} ({MANIFEST} missing); pass the --out of `promptad fit`") from None
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"unreadable model artifact at {uri}: {MANIFEST} is not valid JSON") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"model artifact at {uri} has format {manifest.get('format_version')}, "
+                        f"this promptad reads format {FORMAT_VERSION}")
+    return manifest
+
+
+def load_artifact(uri: str, device: str | torch.device = "cpu") -> PromptAD:
+    """Rebuild the model from an artifact; raises UserError if it is missing, corrupt or altered."""
+    manifest = read_manifest(uri)
+    try:
+        weights = storage.read_bytes(storage.join(uri, WEIGHTS))
+        banks = {c: storage.read_bytes(storage.join(uri, p)) for c, p in manifest["memory"].items()}
+    except FileNotFoundError as e:
+        raise UserError(f"incomplete model artifact at {uri}: {e}") from None
+    if _model_id(manifest, weights, banks) != manifest.get("model_id"):
+        raise UserError(f"model artifact at {uri} does not match its model_id (files altered or mixed)")
+    cfg = ModelConfig(**manifest["model"])
+    from .backbones import create_backbone
+
+    bb = manifest["backbone"]
+    backbone = create_backbone(bb["spec"], layers=bb["layers"], input_size=bb["input_size"],
+                               expected_sha256=bb.get("sha256"))
+    model = PromptAD(cfg, backbone=backbone)
+    try:
+        model.trainable.load_state_dict(st_load(weights), strict=True)
+        model.banks = {c: st_load(data)["bank"] for c, data in banks.items()}
+    except Exception as e:  # safetensors header errors, shape mismatches
+        raise UserError(f"unreadable model artifact at {uri}: {str(e).splitlines()[0][:200]}") from None
+    for c, cal in manifest["calibration"].items():
+        cal = {k: (float("inf") if v is None and k.endswith("threshold") else v) for k, v in cal.items()}
+        model.calibration[c] = Calibration(**cal)
+    model.model_id = manifest["model_id"]
+    model.manifest = manifest
+    return model.to(device).eval()

@@ -1,0 +1,52 @@
+"""THE inference path. Fit-validation, calibration, `audit` and `score` all call `predict`, so a
+score never depends on which command produced it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .model import PromptAD
+from .training import autocast, resolve_precision
+
+
+@dataclass
+class Prediction:
+    scores: np.ndarray  # (N,) float32 raw image anomaly scores
+    maps: np.ndarray  # (N, S, S) float32 fused anomaly maps at the model's input size
+
+
+def as_input(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(N, S, S, 3) uint8 -> (N, 3, S, S) float in [0, 1] on `device`; tensors pass through."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    x = images.to(device, non_blocking=True)
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+@torch.no_grad()
+def predict_components(model: PromptAD, images, categories: Sequence[str],
+                       precision: str = "auto") -> dict[str, torch.Tensor]:
+    """The raw maps before fusion (for calibration, which tries several fusions on one forward)."""
+    model.eval()
+    device = model.device
+    x = as_input(images, device)
+    with autocast(resolve_precision(precision, device), device):
+        return model.components(x, list(categories))
+
+
+@torch.no_grad()
+def predict(model: PromptAD, images, categories: Sequence[str], precision: str = "auto") -> Prediction:
+    """Image scores and anomaly maps for a batch of images of the given categories.
+
+    `images`: (N, S, S, 3) uint8 array at the model's input size (see images.resize), or a float
+    tensor (N, 3, S, S) in [0, 1]. Unknown categories raise KeyError (callers make error rows).
+    """
+    unknown = sorted(set(categories) - set(model.categories))
+    if unknown:
+        raise KeyError(f"unknown category {unknown[0]!r}; the model knows {', '.join(model.categories)}")
+    comps = predict_components(model, images, categories, precision)
+    scores, maps = model.fuse(comps, list(categories))
+    return Prediction(scores=scores.float().cpu().numpy(), maps=maps.float().cpu().numpy())
