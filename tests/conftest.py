@@ -68,3 +68,19 @@ def s3_bucket(s3_server: str):
     name = f"promptad-test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     yield f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session, sized like the machine a user has (2 CPUs here).
+
+    Tests that need their own cluster (two nodes, killed drivers) start it themselves in a
+    subprocess; everything else shares this one, so Ray starts once per test run.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                           if k.startswith(("AWS_", "HF_HUB_OFFLINE", "RAY_AUTH_MODE"))}})
+    yield ray
