@@ -71,9 +71,10 @@ def s3_bucket(s3_server: str):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3_server):
     """One local Ray for the whole session, sized like the machine a user has (2 CPUs here).
 
+    It depends on `s3_server` so that workers see the moto endpoint in their environment.
     Tests that need their own cluster (two nodes, killed drivers) start it themselves in a
     subprocess; everything else shares this one, so Ray starts once per test run.
     """
