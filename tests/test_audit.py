@@ -1,0 +1,382 @@
+"""`promptad audit` end to end on a tiny MVTec AD layout, every number checked against an
+independent computation: scikit-learn on the per-image scores in scores.csv, and for pixel
+metrics a fresh in-process prediction compared pixel by pixel (sklearn, scipy)."""
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+from sklearn import metrics as skm
+
+from promptad import storage
+from promptad.audit import shift_seed, to_unit, visualization_paths
+from promptad.cli import main
+from promptad.datasets import Sample
+from promptad.report import METRICS, THRESHOLD_METRICS
+from promptad.shifts import apply_shift
+from promptad.synthesis import procedural_texture, synthesize_anomaly
+
+H, W = 64, 80  # non-square on purpose: metrics are computed at the input's aspect ratio
+SIZE = 64  # model input
+SHIFTS = ["brightness", "rotation", "noise"]
+CATEGORIES = ("tex", "weave")
+
+
+def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    im = Image.fromarray(arr)
+    (im.convert(mode) if mode else im).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _normal(base: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The same surface with a small random offset and sensor noise."""
+    dy, dx = rng.integers(0, 16, 2)
+    crop = base[dy:dy + H, dx:dx + W].astype(np.int16)
+    return np.clip(crop + rng.integers(-6, 7, crop.shape), 0, 255).astype(np.uint8)
+
+
+def build_dataset(root: Path) -> None:
+    """Two categories; tex also has a corrupt image, an anomaly whose mask is missing and a
+    grayscale image, as real data do."""
+    for c, cat in enumerate(CATEGORIES):
+        rng = np.random.default_rng(100 + c)
+        base = procedural_texture(96, rng)
+        files: dict[str, bytes] = {}
+        for i in range(10):
+            files[f"train/good/{i:03d}.png"] = _png(_normal(base, rng))
+        for i in range(5):
+            files[f"test/good/{i:03d}.png"] = _png(_normal(base, rng), "L" if i == 0 else None)
+        for defect in ("blob", "scratch"):
+            for i in range(3):
+                img, mask = synthesize_anomaly(_normal(base, rng), rng)
+                files[f"test/{defect}/{i:03d}.png"] = _png(img)
+                if not (cat == "tex" and defect == "blob" and i == 2):  # a missing mask
+                    files[f"ground_truth/{defect}/{i:03d}_mask.png"] = _png(
+                        (mask > 0.5).astype(np.uint8) * 255)
+        if cat == "tex":
+            files["test/scratch/099.png"] = b"\x89PNG\r\n\x1a\n this is not an image"
+        for rel, data in files.items():
+            (root / cat / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / cat / rel).write_bytes(data)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """The dataset and a one-epoch effnet-lite0 model saved as an artifact."""
+    from promptad.artifact import save_artifact
+    from promptad.datasets import load_samples
+    from promptad.model import ModelConfig
+    from promptad.pipeline import fit_in_process, load_images
+    from promptad.training import TrainConfig
+
+    root = tmp_path_factory.mktemp("audit")
+    data = root / "data"
+    build_dataset(data)
+    images = {c: load_images(load_samples(str(data), [c], "train"), SIZE) for c in CATEGORIES}
+    model = fit_in_process(images, ModelConfig(backbone="effnet-lite0", input_size=SIZE),
+                           TrainConfig(epochs=1, batch_size=4), log=None)
+    save_artifact(model, str(root / "model"))
+    return {"root": root, "data": str(data), "model": str(root / "model")}
+
+
+def run_audit(tiny: dict, report: Path, *extra: str, data: str | None = None) -> dict:
+    rc = main(["audit", "--model", tiny["model"], "--data", data or tiny["data"],
+               "--report", str(report), "--batch-size", "8", *extra])
+    assert rc == 0
+    return json.loads((report / "report.json").read_text())
+
+
+def read_scores(report: Path) -> list[dict]:
+    with open(report / "scores.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def audited(tiny, ray_local) -> dict:
+    """One audit of the MVTec layout with three shifts (a lighting, a camera, a sensor one)."""
+    report_dir = tiny["root"] / "report"
+    report = run_audit(tiny, report_dir, "--shifts", ",".join(SHIFTS))
+    return {"dir": report_dir, "report": report, "rows": read_scores(report_dir)}
+
+
+# --------------------------------------------------------------------------- unit level
+
+
+def test_to_unit_is_monotone_unclipped_and_exact_at_the_threshold():
+    x = np.r_[np.linspace(-50, 50, 2001), 1.2, np.nextafter(1.2, 0), np.nextafter(1.2, 2)]
+    y = to_unit(x, center=0.4, threshold=1.2)
+    order = np.argsort(x)
+    assert np.all(np.diff(y[order]) >= 0) and np.all((y > 0) & (y < 1))
+    assert len(np.unique(y)) == len(np.unique(x))  # nothing clipped together
+    np.testing.assert_array_equal(y >= 0.5, x >= 1.2)
+    assert to_unit(1.2, 0.4, 1.2) == 0.5 and to_unit(0.4, 0.4, 1.2) == 0.25
+    assert np.all(to_unit(x, 0.4, math.inf) < 0.5)  # uncalibrated: flags nothing
+
+
+def test_shift_seed_is_stable_and_distinct():
+    assert shift_seed("a/b.png", "noise") == shift_seed("a/b.png", "noise")
+    assert len({shift_seed(i, s) for i in ("a", "b") for s in ("noise", "jpeg")}) == 4
+
+
+def test_visualization_paths_keep_stems_and_split_collisions():
+    samples = [Sample("/d/a/001.png", "a/001.png", "cat", 1, "crack", None),
+               Sample("/d/b/001.png", "b/001.png", "cat", 1, "crack", None),
+               Sample("/d/c/002.png", "c/002.png", "cat", 1, "../x", None)]
+    paths = visualization_paths(samples)
+    assert paths["c/002.png"] == "visualization_results/cat/_x/002.png"
+    assert len(set(paths.values())) == 3
+    assert all(p.startswith("visualization_results/cat/crack/001-") for p in
+               (paths["a/001.png"], paths["b/001.png"]))
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def sk_image_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict:
+    precision, recall, thresholds = skm.precision_recall_curve(labels, scores)
+    with np.errstate(invalid="ignore"):
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    pred = scores >= threshold
+    return {
+        "image_auroc": skm.roc_auc_score(labels, scores),
+        "image_f1_max": f1.max(),
+        "image_f1_max_threshold": thresholds[np.argmax(f1[:-1])],
+        "precision": skm.precision_score(labels, pred, zero_division=0),
+        "recall": skm.recall_score(labels, pred, zero_division=0),
+        "f1": skm.f1_score(labels, pred, zero_division=0),
+        "accuracy": skm.accuracy_score(labels, pred),
+    }
+
+
+def test_counts_errors_and_scores_csv(audited):
+    report, rows = audited["report"], audited["rows"]
+    tex = report["categories"]["tex"]["counts"]
+    assert tex == {"images": 12, "normal": 5, "anomalous": 6, "with_mask": 5,
+                   "pixel_skipped": 1, "errors": 1}
+    assert report["categories"]["weave"]["counts"]["with_mask"] == 6
+    assert [(e["category"], e["stage"]) for e in report["errors"]] == [("tex", "image")]
+    assert report["errors"][0]["path"].endswith("tex/test/scratch/099.png")
+    assert report["model_id"] and report["data_uri"] == str(Path(audited["dir"]).parent / "data")
+    assert report["created_at"].endswith("Z")
+    assert len(rows) == (11 + 11) * (1 + len(SHIFTS)) + 1  # every scored image per condition
+    assert {r["condition"] for r in rows} == {"clean", *SHIFTS}
+    bad = [r for r in rows if r["error"]]
+    assert len(bad) == 1 and bad[0]["score"] == "" and "not an image" in bad[0]["error"]
+
+
+def test_image_metrics_equal_sklearn_on_the_per_image_scores(audited):
+    report, rows = audited["report"], audited["rows"]
+    for cat in CATEGORIES:
+        threshold = report["categories"][cat]["thresholds"]["image"]
+        for condition in ["clean", *SHIFTS]:
+            sel = [r for r in rows if r["category"] == cat and r["condition"] == condition
+                   and not r["error"]]
+            scores = np.array([float(r["score"]) for r in sel])
+            labels = np.array([int(r["label"]) for r in sel])
+            got = report["categories"][cat]["clean" if condition == "clean" else "shifts"]
+            got = got if condition == "clean" else got[condition]
+            for name, value in sk_image_metrics(scores, labels, threshold).items():
+                assert got[name] == pytest.approx(value, abs=1e-9), (cat, condition, name)
+            assert all((r["is_anomalous"] == "True") == (float(r["score"]) >= threshold)
+                       for r in sel)
+
+
+def test_per_defect_overall_and_pooled(audited):
+    report, rows = audited["report"], audited["rows"]
+    clean = [r for r in rows if r["condition"] == "clean" and not r["error"]]
+    for cat in CATEGORIES:
+        per = report["categories"][cat]["per_defect"]
+        assert set(per) == {"blob", "scratch"}
+        good = [float(r["score"]) for r in clean if r["category"] == cat and r["label"] == "0"]
+        for defect, stats in per.items():
+            bad = [float(r["score"]) for r in clean if r["category"] == cat
+                   and r["defect"] == defect]
+            assert stats["count"] == len(bad)
+            auroc = skm.roc_auc_score([0] * len(good) + [1] * len(bad), good + bad)
+            assert stats["image_auroc_vs_good"] == pytest.approx(auroc)
+    for metric in ("image_auroc", "pixel_auroc", "aupro", "f1"):
+        mean = np.mean([report["categories"][c]["clean"][metric] for c in CATEGORIES])
+        assert report["overall"]["clean"][metric] == pytest.approx(mean)
+    # pooled: every image judged at its own category's threshold
+    pred = [r["is_anomalous"] == "True" for r in clean]
+    labels = [int(r["label"]) for r in clean]
+    pooled = report["pooled"]["clean"]
+    assert pooled["f1"] == pytest.approx(skm.f1_score(labels, pred))
+    assert pooled["accuracy"] == pytest.approx(skm.accuracy_score(labels, pred))
+    assert set(report["pooled"]["shifts"]) == set(SHIFTS)
+
+
+def reference_maps(tiny: dict, cat: str, condition: str) -> tuple[list, list, np.ndarray]:
+    """Maps and masks predicted here, in-process, without the audit's code: decode, shift at
+    full resolution, resize to the model input, predict, map to the image's aspect ratio at
+    long side <= 256 (here: the image size), masks by nearest neighbour."""
+    import torch
+    import torch.nn.functional as F
+
+    from promptad.artifact import load_artifact
+    from promptad.predict import predict
+
+    model = load_artifact(tiny["model"])
+    maps, masks, scores = [], [], []
+    for path in sorted((Path(tiny["data"]) / cat / "test").glob("*/*.png")):
+        defect = path.parent.name
+        if path.name == "099.png":
+            continue
+        img = np.asarray(Image.open(path).convert("RGB"))
+        mask_file = Path(tiny["data"]) / cat / "ground_truth" / defect / f"{path.stem}_mask.png"
+        mask = (np.asarray(Image.open(mask_file)) > 0 if mask_file.exists()
+                else np.zeros((H, W), bool) if defect == "good" else None)
+        if condition != "clean":
+            image_id = f"{cat}/test/{defect}/{path.name}"
+            img, mask = apply_shift(condition, img, mask, shift_seed(image_id, condition))
+        x = np.asarray(Image.fromarray(img).resize((SIZE, SIZE), Image.Resampling.BILINEAR))
+        pred = predict(model, x[None], [cat])
+        scores.append(pred.scores[0])
+        if mask is None:
+            continue
+        amap = F.interpolate(torch.from_numpy(pred.maps)[:, None], size=(H, W),
+                             mode="bilinear", align_corners=False)[0, 0].numpy()
+        maps.append(amap)
+        masks.append(mask)
+    return maps, masks, np.array(scores)
+
+
+def aupro_brute_force(maps: list, masks: list, limit: float = 0.3) -> float:
+    """Every distinct map value as a threshold; regions by scipy's 8-connected labelling."""
+    values = np.concatenate([m.ravel() for m in maps]).astype(np.float64)
+    truth = np.concatenate([m.ravel() for m in masks])
+    normal = np.sort(values[~truth])
+    regions = []
+    for amap, mask in zip(maps, masks):
+        labels, n = ndimage.label(mask, np.ones((3, 3)))
+        regions += [np.sort(amap[labels == r].astype(np.float64)) for r in range(1, n + 1)]
+    thresholds = np.unique(values)[::-1]
+    above = lambda v: 1.0 - np.searchsorted(v, thresholds, side="left") / v.size  # noqa: E731
+    fpr = np.r_[0.0, above(normal)]
+    pro = np.r_[0.0, np.mean([above(r) for r in regions], axis=0)]
+    cut = np.searchsorted(fpr, limit, side="right")
+    x, y = fpr[:cut], pro[:cut]
+    y_at = np.interp(limit, fpr[cut - 1:cut + 1], pro[cut - 1:cut + 1])
+    return float(np.trapezoid(np.r_[y, y_at], np.r_[x, limit]) / limit)
+
+
+@pytest.mark.parametrize("condition", ["clean", "rotation"])
+def test_pixel_metrics_equal_an_independent_in_process_computation(tiny, audited, condition):
+    report, rows = audited["report"], audited["rows"]
+    for cat in CATEGORIES:
+        maps, masks, scores = reference_maps(tiny, cat, condition)
+        got = report["categories"][cat]
+        got = got["clean"] if condition == "clean" else got["shifts"][condition]
+        # same predict path: the audit's scores are the in-process ones
+        csv_scores = sorted(float(r["score"]) for r in rows if r["category"] == cat
+                            and r["condition"] == condition and not r["error"])
+        np.testing.assert_allclose(csv_scores, np.sort(scores), rtol=1e-4, atol=1e-5)
+        values = np.concatenate([m.ravel() for m in maps])
+        truth = np.concatenate([m.ravel() for m in masks])
+        assert got["pixel_auroc"] == pytest.approx(skm.roc_auc_score(truth, values), abs=1e-3)
+        threshold = report["categories"][cat]["thresholds"]["pixel"]
+        assert got["pixel_f1"] == pytest.approx(
+            skm.f1_score(truth, values >= threshold, zero_division=0), abs=1e-3)
+        assert got["aupro"] == pytest.approx(aupro_brute_force(maps, masks), abs=1e-3)
+
+
+def test_shifts_report_every_metric_and_its_drop(audited):
+    report = audited["report"]
+    assert list(report["shifts"]) == SHIFTS
+    assert report["shifts"]["rotation"]["group"] == "camera"
+    for cat in CATEGORIES:
+        clean = report["categories"][cat]["clean"]
+        for name in SHIFTS:
+            shifted = report["categories"][cat]["shifts"][name]
+            assert set(METRICS) <= set(shifted)
+            for m in set(METRICS) - THRESHOLD_METRICS:
+                assert shifted["drop"][m] == pytest.approx(clean[m] - shifted[m])
+    # a seeded audit: shifted scores differ from clean ones, and not all in the same way
+    rows = audited["rows"]
+    key = lambda r: (r["image_id"], r["condition"])  # noqa: E731
+    by = {key(r): float(r["score"]) for r in rows if not r["error"]}
+    for name in SHIFTS:
+        assert any(by[(i, name)] != by[(i, "clean")] for i, c in by if c == "clean")
+
+
+def test_visualizations_and_html(audited):
+    root, report = audited["dir"], audited["report"]
+    for cat in CATEGORIES:
+        for defect, n in (("good", 5), ("blob", 3), ("scratch", 3)):
+            files = sorted((root / "visualization_results" / cat / defect).glob("*.png"))
+            assert [f.name for f in files] == [f"{i:03d}.png" for i in range(n)]
+            assert Image.open(files[0]).size == (3 * W, H)  # input | overlay | mask
+    # the mask panel shows the ground truth (white), the missing mask a black "no mask" panel
+    mask_file = root.parent / "data" / "weave" / "ground_truth" / "blob" / "000_mask.png"
+    panel = np.asarray(Image.open(root / "visualization_results/weave/blob/000.png"))[:, 2 * W:]
+    np.testing.assert_array_equal(panel[..., 0] > 127, np.asarray(Image.open(mask_file)) > 0)
+    html = (root / "report.html").read_text()
+    assert html.count("<svg") == 3 * len(CATEGORIES)  # ROC, PR, histogram per category
+    assert 'class="per-defect"' in html and 'class="metrics"' in html
+    for name in SHIFTS:
+        assert f'data-condition="{name}"' in html
+    for src in (t.split('"')[0] for t in html.split('src="')[1:]):  # worst-case thumbnails
+        assert (root / src).is_file()
+    assert html.count("Worst false") == 2 * len(CATEGORIES)
+
+
+@pytest.mark.slow
+def test_manifest_input_gives_the_same_numbers(tiny, audited, tmp_path):
+    """A CSV manifest (relative paths, label words, no defect column for one row) over the
+    same images: the clean image metrics are identical to the MVTec run."""
+    data = Path(tiny["data"])
+    lines = ["path,category,label,mask_path,defect"]
+    for cat in CATEGORIES:
+        for path in sorted((data / cat / "test").glob("*/*.png")):
+            defect = path.parent.name
+            mask = data / cat / "ground_truth" / defect / f"{path.stem}_mask.png"
+            label = "good" if defect == "good" else "1"
+            mask_rel = os.path.relpath(mask, data) if mask.exists() else ""
+            lines.append(f"{os.path.relpath(path, data)},{cat},{label},{mask_rel},{defect}")
+    manifest = data / "test_manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    report = run_audit(tiny, tmp_path / "r", data=str(manifest))
+    for cat in CATEGORIES:
+        ref = audited["report"]["categories"][cat]
+        got = report["categories"][cat]
+        assert got["counts"] == ref["counts"]
+        for m in ("image_auroc", "f1", "image_f1_max", "pixel_auroc", "aupro", "pixel_f1"):
+            assert got["clean"][m] == pytest.approx(ref["clean"][m], abs=1e-6)
+    assert report["shifts"] == {}
+
+
+@pytest.mark.slow
+def test_s3_input(tiny, audited, s3_bucket, tmp_path):
+    data = Path(tiny["data"])
+    for path in data.rglob("*.png"):
+        storage.write_bytes(f"{s3_bucket}/mvtec/{path.relative_to(data).as_posix()}",
+                            path.read_bytes())
+    report = run_audit(tiny, tmp_path / "r", "--category", "weave", data=f"{s3_bucket}/mvtec")
+    ref = audited["report"]["categories"]["weave"]
+    assert list(report["categories"]) == ["weave"]
+    assert report["categories"]["weave"]["counts"] == ref["counts"]
+    for m in ("image_auroc", "f1", "pixel_auroc", "aupro"):
+        assert report["categories"]["weave"]["clean"][m] == pytest.approx(ref["clean"][m],
+                                                                          abs=1e-6)
+    assert (tmp_path / "r" / "visualization_results" / "weave" / "scratch" / "002.png").is_file()
+
+
+def test_user_errors_are_one_line(tiny, tmp_path, capsys):
+    base = ["audit", "--model", tiny["model"], "--data", tiny["data"]]
+    assert main([*base, "--report", "s3://bucket/report"]) == 2
+    assert main([*base, "--report", str(tmp_path / "r"), "--category", "nope"]) == 2
+    assert main([*base, "--report", str(tmp_path / "r"), "--shifts", "fog"]) == 2
+    unlabelled = tmp_path / "m.csv"
+    unlabelled.write_text(f"path,category\n{tiny['data']}/tex/test/good/000.png,tex\n")
+    assert main(["audit", "--model", tiny["model"], "--data", str(unlabelled),
+                 "--report", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("promptad: error: ") for line in err)
+    assert "local" in err[0] and "nope" in err[1] and "fog" in err[2] and "label" in err[3]
