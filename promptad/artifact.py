@@ -25,6 +25,7 @@ from .model import Calibration, ModelConfig, PromptAD
 FORMAT_VERSION = 1
 MANIFEST = "promptad.json"
 WEIGHTS = "weights.safetensors"
+_REFIT = "; pass the --out folder of a finished `promptad fit` (or run it again)"
 
 
 def _memory_name(category: str) -> str:
@@ -89,7 +90,7 @@ def read_manifest(uri: str) -> dict:
     except FileNotFoundError:
         raise UserError(f"no model artifact at {uri} ({MANIFEST} missing); pass the --out of `promptad fit`") from None
     except (ValueError, UnicodeDecodeError):
-        raise UserError(f"unreadable model artifact at {uri}: {MANIFEST} is not valid JSON") from None
+        raise UserError(f"unreadable model artifact at {uri}: {MANIFEST} is not valid JSON" + _REFIT) from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(f"model artifact at {uri} has format {manifest.get('format_version')}, "
                         f"this promptad reads format {FORMAT_VERSION}")
@@ -103,9 +104,9 @@ def load_artifact(uri: str, device: str | torch.device = "cpu") -> PromptAD:
         weights = storage.read_bytes(storage.join(uri, WEIGHTS))
         banks = {c: storage.read_bytes(storage.join(uri, p)) for c, p in manifest["memory"].items()}
     except FileNotFoundError as e:
-        raise UserError(f"incomplete model artifact at {uri}: {e}") from None
+        raise UserError(f"incomplete model artifact at {uri}: {e}" + _REFIT) from None
     if _model_id(manifest, weights, banks) != manifest.get("model_id"):
-        raise UserError(f"model artifact at {uri} does not match its model_id (files altered or mixed)")
+        raise UserError(f"model artifact at {uri} does not match its model_id (files altered or mixed)" + _REFIT)
     cfg = ModelConfig(**manifest["model"])
     from .backbones import create_backbone
 
@@ -117,7 +118,7 @@ def load_artifact(uri: str, device: str | torch.device = "cpu") -> PromptAD:
         model.trainable.load_state_dict(st_load(weights), strict=True)
         model.banks = {c: st_load(data)["bank"] for c, data in banks.items()}
     except Exception as e:  # safetensors header errors, shape mismatches
-        raise UserError(f"unreadable model artifact at {uri}: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"unreadable model artifact at {uri}: {str(e).splitlines()[0][:200]}" + _REFIT) from None
     for c, cal in manifest["calibration"].items():
         cal = {k: (float("inf") if v is None and k.endswith("threshold") else v) for k, v in cal.items()}
         model.calibration[c] = Calibration(**cal)
