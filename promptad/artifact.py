@@ -97,6 +97,15 @@ def read_manifest(uri: str) -> dict:
     return manifest
 
 
+def read_calibration(manifest: dict) -> dict[str, Calibration]:
+    """Per-category calibration from a manifest, without loading weights (score's CPU tasks need only this)."""
+    out = {}
+    for c, cal in manifest["calibration"].items():
+        cal = {k: (float("inf") if v is None and k.endswith("threshold") else v) for k, v in cal.items()}
+        out[c] = Calibration(**cal)
+    return out
+
+
 def load_artifact(uri: str, device: str | torch.device = "cpu") -> PromptAD:
     """Rebuild the model from an artifact; raises UserError if it is missing, corrupt or altered."""
     manifest = read_manifest(uri)
@@ -119,9 +128,7 @@ def load_artifact(uri: str, device: str | torch.device = "cpu") -> PromptAD:
         model.banks = {c: st_load(data)["bank"] for c, data in banks.items()}
     except Exception as e:  # safetensors header errors, shape mismatches
         raise UserError(f"unreadable model artifact at {uri}: {str(e).splitlines()[0][:200]}" + _REFIT) from None
-    for c, cal in manifest["calibration"].items():
-        cal = {k: (float("inf") if v is None and k.endswith("threshold") else v) for k, v in cal.items()}
-        model.calibration[c] = Calibration(**cal)
+    model.calibration.update(read_calibration(manifest))
     model.model_id = manifest["model_id"]
     model.manifest = manifest
     return model.to(device).eval()
