@@ -29,13 +29,15 @@ def patch_features(layers: list[torch.Tensor], max_dim: int = 1024) -> torch.Ten
 
 
 def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, batch: int | None = None,
-                   seed: int = 0) -> torch.Tensor:
+                   seed: int = 0, slack: float = 0.8) -> torch.Tensor:
     """Indices of `size` rows chosen by greedy k-center on a random projection.
 
-    Each round adds `batch` centers: the farthest candidates, picked greedily among the
-    `4 * batch` farthest using their mutual distances, then updates all distances with one
-    matrix product. That trades a little optimality for far fewer passes over the features,
-    which dominate the cost (200 images' patches in seconds on CPU).
+    Each round takes the `4 * batch` farthest points as candidates and picks among them as plain
+    greedy would, for as long as the best candidate is at least `slack` times as far as every
+    point outside the pool (whose distances can only shrink), then updates all distances with
+    one matrix product. slack=1 is exact greedy; slightly below 1 keeps the covering guarantee
+    within that factor while passes over the features, which dominate the cost, drop by ~batch
+    (200 images' patches in seconds on CPU).
     """
     n = features.shape[0]
     if size >= n:
@@ -52,13 +54,15 @@ def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, batch
     chosen = [first]
     while len(chosen) < size:
         b = min(batch, size - len(chosen))
-        cand = torch.topk(min_d, min(4 * b, n)).indices
+        top = torch.topk(min_d, min(4 * b + 1, n))
+        cand = top.indices[: 4 * b]
+        bound = float(top.values[-1]) if len(top.values) > 4 * b else -1.0
         cd = min_d[cand].clone()
         cx = x[cand]
         picked = []
         for _ in range(b):
             j = int(torch.argmax(cd))
-            if cd[j] <= 0:
+            if cd[j] <= 0 or (picked and float(cd[j]) < slack * bound):
                 break
             picked.append(int(cand[j]))
             d = ((cx - cx[j]) ** 2).sum(1)
