@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from . import datasets, raycluster
+from .cli import build_parser
 from .errors import UserError
 from .synthesis import procedural_texture, synthesize_anomaly
 
@@ -30,7 +31,7 @@ SEED = 0
 DEFAULT_EPOCHS = 15
 # Written into --workdir so a re-run may replace the demo's own outputs and nothing else.
 MARKER = ".promptad-demo"
-OUTPUTS = ("data", "model", "checkpoints", "scores", "report", "test_images.csv")
+OUTPUTS = ("model", "checkpoints", "scores", "report", "test_images.csv")
 
 
 def _crop(texture: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -68,8 +69,18 @@ def make_dataset(root: Path, category: str = CATEGORY, size: int = IMAGE_SIZE, s
     return root
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
 def _prepare_workdir(workdir: Path) -> None:
-    """Create the workdir, or clear the previous demo's outputs in it; refuse anyone else's folder."""
+    """Create the workdir, or clear the previous demo's outputs in it; refuse anyone else's folder.
+
+    The generated data/ is replaced only when it is generated again, so `--data` may point at a
+    previous demo's data."""
     if workdir.exists() and not workdir.is_dir():
         raise UserError(f"--workdir {workdir} is a file; pass a folder for the demo's outputs")
     if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / MARKER).exists():
@@ -78,11 +89,7 @@ def _prepare_workdir(workdir: Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / MARKER).touch()
     for name in OUTPUTS:
-        path = workdir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+        _remove(workdir / name)
 
 
 def write_test_manifest(path: Path, data: str, categories: list[str]) -> int:
@@ -108,8 +115,6 @@ def _all_categories(data: str) -> list[str]:
 
 
 def _step(argv: list[str], common: list[str]) -> argparse.Namespace:
-    from .cli import build_parser  # cli imports command modules lazily; no cycle at import time
-
     return build_parser().parse_args([*argv, *common])
 
 
@@ -123,9 +128,12 @@ def run(args: argparse.Namespace) -> None:
         data = args.data
         categories = args.category or _all_categories(data)
     else:
-        print(f"[demo] generating a seeded MVTec-AD layout in {workdir / 'data'}")
-        data = str(make_dataset(workdir / "data"))
         categories = args.category or [CATEGORY]
+        print(f"[demo] generating a seeded MVTec-AD layout of {', '.join(categories)} in {workdir / 'data'}")
+        _remove(workdir / "data")
+        for i, category in enumerate(categories):  # one surface texture per category
+            make_dataset(workdir / "data", category=category, seed=SEED + i)
+        data = str(workdir / "data")
     cats = ",".join(categories)
     common = (["--address", args.address] if args.address else []) + (["--debug"] if args.debug else [])
     raycluster.connect(args.address)  # one Ray for the three steps

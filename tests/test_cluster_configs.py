@@ -91,7 +91,7 @@ def test_aws_launcher_config_matches_ray_schema_and_has_an_autoscaling_gpu_group
     assert gpu, "no GPU worker type (g*/p* instance)"
     for name, node_type in gpu.items():
         assert 0 <= node_type["min_workers"] < node_type["max_workers"] <= config["max_workers"], name
-    assert "--gpus all" in config["docker"]["worker_run_options"], "GPU containers need --gpus all"
+    assert not config["docker"].get("disable_automatic_runtime_detection"), "GPU containers need the NVIDIA runtime"
 
 
 @pytest.mark.parametrize("path,doc", _kuberay_docs(), ids=lambda v: v.name if isinstance(v, Path) else "")

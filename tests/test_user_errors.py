@@ -99,8 +99,8 @@ def test_altered_artifact(tiny, ray_local, tmp_path, capsys):
     shutil.copytree(tiny["model"], altered)
     with open(altered / "weights.safetensors", "ab") as f:
         f.write(b"\0")
-    line = fails(["score", "--model", str(altered), "--input", f"{tiny['data']}/tile/test",
-                  "--output", str(tmp_path / "out")], capsys)
+    line = fails(["audit", "--model", str(altered), "--data", tiny["data"], "--report", str(tmp_path / "report")],
+                 capsys)
     assert "does not match its model_id" in line and "promptad fit" in line
 
 
