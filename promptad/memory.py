@@ -85,7 +85,12 @@ def build_bank(patches: torch.Tensor, ratio: float = 0.01, min_size: int = 1000,
 
 
 def nn_distance(patches: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """(N, h, w) Euclidean distance of each patch to its nearest bank entry."""
+    """(N, h, w) Euclidean distance of each patch to its nearest bank entry.
+
+    The nearest entry is found with one matrix product; its distance is then recomputed directly,
+    since |a|^2 - 2ab + |b|^2 cancels badly for near matches and its rounding depends on how the
+    BLAS blocks the batch: a score must not depend on which images share its batch.
+    """
     n, c, h, w = patches.shape
     q = patches.permute(0, 2, 3, 1).reshape(-1, c).float()
     bank = bank.to(q.device, torch.float32)
@@ -93,6 +98,6 @@ def nn_distance(patches: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) ->
     out = torch.empty(q.shape[0], device=q.device)
     for s in range(0, q.shape[0], chunk):
         part = q[s:s + chunk]
-        d = (part * part).sum(1, keepdim=True) - 2 * part @ bank.T + bank_sq[None]
-        out[s:s + chunk] = d.min(1).values.clamp_(min=0).sqrt_()
+        nearest = (bank_sq[None] - 2 * part @ bank.T).argmin(1)
+        out[s:s + chunk] = (part - bank[nearest]).norm(dim=1)
     return out.view(n, h, w)
