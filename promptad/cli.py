@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--epochs", type=_positive_int, default=30)
     f.add_argument("--batch-size", type=_positive_int, default=8)
     f.add_argument("--seed", type=int, default=0)
+    # Advanced: a smaller model input than the backbone's default (quick tests and benchmarks).
+    f.add_argument("--input-size", type=_positive_int, default=None, help=argparse.SUPPRESS)
     f.add_argument("--storage", default=None, help="checkpoint storage (local or s3://); default: next to --out")
     f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --storage")
     common(f)
