@@ -18,4 +18,6 @@ def connect(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # "local" always starts a new Ray: a bare ray.init() would join whatever cluster another
+        # process on this machine started last (/tmp/ray/ray_current_cluster).
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)

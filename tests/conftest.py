@@ -81,7 +81,8 @@ def ray_local(s3_server):
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False,
+        # address="local": never join a cluster another process on this machine started.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                            if k.startswith(("AWS_", "HF_HUB_OFFLINE", "RAY_AUTH_MODE"))}})
     yield ray
