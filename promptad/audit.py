@@ -42,7 +42,6 @@ import heapq
 import math
 import os
 import re
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -366,10 +365,13 @@ def _dataset(samples: list[Sample], vis: dict[str, str], args: argparse.Namespac
               "defect": s.defect, "mask_path": s.mask_path or "", "vis": vis[s.image_id]}
              for s in samples]
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / LOAD_BATCH)))
-    ds = ds.map_batches(_load_rows, batch_size=LOAD_BATCH, num_cpus=0.5, batch_format="numpy",
+    # Reads take a different CPU share than the actors: equal remote args would let Ray Data
+    # fuse them into the actor, which would then decode and shift while the model waits.
+    ds = ds.map_batches(_load_rows, batch_size=LOAD_BATCH, num_cpus=0.25, batch_format="numpy",
                         fn_kwargs={"input_size": input_size, "conditions": conditions})
     ds = ds.map_batches(_Scorer, batch_size=args.batch_size, batch_format="numpy",
-                        concurrency=args.actors, num_cpus=0.5, num_gpus=args.gpus_per_actor,
+                        compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=0.5,
+                        num_gpus=args.gpus_per_actor,
                         fn_constructor_kwargs={"model_uri": model_uri,
                                                "device": "cuda" if args.gpus_per_actor else "cpu"})
     return ds.map_batches(_render, batch_size=args.batch_size, num_cpus=0.25,
@@ -543,4 +545,4 @@ def _print_summary(report: dict, report_dir: Path) -> None:
     lines.append(f"{counts.get('images', 0)} images, {counts.get('errors', 0)} errors, "
                  f"{counts.get('pixel_skipped', 0)} anomalous without mask; "
                  f"report: {report_dir / 'report.html'}")
-    print("\n".join(lines), file=sys.stderr)
+    print("\n".join(lines))

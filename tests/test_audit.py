@@ -236,7 +236,7 @@ def reference_maps(tiny: dict, cat: str, condition: str) -> tuple[list, list, np
         if condition != "clean":
             image_id = f"{cat}/test/{defect}/{path.name}"
             img, mask = apply_shift(condition, img, mask, shift_seed(image_id, condition))
-        x = np.asarray(Image.fromarray(img).resize((SIZE, SIZE), Image.Resampling.BILINEAR))
+        x = np.array(Image.fromarray(img).resize((SIZE, SIZE), Image.Resampling.BILINEAR))
         pred = predict(model, x[None], [cat])
         scores.append(pred.scores[0])
         if mask is None:
