@@ -116,7 +116,7 @@ def test_kuberay_manifest_has_required_fields(path: Path, doc: dict):
     else:
         assert job["entrypoint"].startswith("python jobs/")
         runtime_env = yaml.safe_load(job["runtimeEnvYAML"])
-        assert runtime_env["working_dir"] == "/home/ray/promptad", "the repository copy in the image"
+        assert runtime_env["working_dir"] == "file:///home/ray/promptad.zip", "the repository zip in the image"
         assert job["shutdownAfterJobFinishes"] is True
     if doc["kind"] == "RayCronJob":
         assert len(doc["spec"]["schedule"].split()) == 5
@@ -129,9 +129,10 @@ def test_every_node_runs_the_image_built_from_the_dockerfile_with_the_pinned_ray
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     (base,) = re.findall(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.M)
     assert base.startswith(f"rayproject/ray:{_pinned_ray_version()}-"), base
-    # The runtime env's working_dir is where the Dockerfile puts the repository.
+    # The jobs' working_dir (file:///home/ray/promptad.zip) is the repository the Dockerfile zips.
     assert re.search(r"^WORKDIR /home/ray/promptad$", dockerfile, re.M)
     assert re.search(r"^COPY .*\bjobs ", dockerfile, re.M)
+    assert "cd /home/ray && python -m zipfile -c promptad.zip promptad" in dockerfile
 
 
 def _documented_job_commands() -> list[tuple[str, str, list[str]]]:
