@@ -123,11 +123,13 @@ def run(args: argparse.Namespace) -> None:
     from . import audit, fit, score
 
     workdir = Path(args.workdir).expanduser().resolve()
-    _prepare_workdir(workdir)
-    if args.data:
+    if args.data:  # a wrong --data or --category fails here, before anything is written
         data = args.data
         categories = args.category or _all_categories(data)
+        datasets.load_samples(data, categories, "train")
+        _prepare_workdir(workdir)
     else:
+        _prepare_workdir(workdir)
         categories = args.category or [CATEGORY]
         print(f"[demo] generating a seeded MVTec-AD layout of {', '.join(categories)} in {workdir / 'data'}")
         _remove(workdir / "data")

@@ -80,6 +80,7 @@ def test_missing_data_is_one_line(tmp_path, capsys):
     assert main(["demo", "--data", str(tmp_path / "nope"), "--workdir", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0]
+    assert not (tmp_path / "w").exists()  # nothing written before the data is known to be good
 
 
 def _readme_python_blocks() -> list[str]:
