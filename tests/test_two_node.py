@@ -33,13 +33,20 @@ CPUS_PER_NODE = 2
 # the 0.5 CPU left on each node runs the read and commit tasks.
 CPUS_PER_ACTOR = 1.5
 
-# Runs in the subprocess: the cluster lives as long as our stdin stays open.
+# Runs in the subprocess: the cluster lives as long as our stdin stays open. The head's dashboard
+# agent (which runs submitted jobs) gets a free port: its default, 52365, belongs to whichever Ray
+# on this machine started first (e.g. the tests' shared session), and without its agent the head
+# answers every submission with "No available agent".
 CLUSTER_SCRIPT = f"""
-import json, sys
+import json, socket, sys
 from ray.cluster_utils import Cluster
 
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    agent_port = s.getsockname()[1]
 cluster = Cluster(initialize_head=True, head_node_args={{
-    "num_cpus": {CPUS_PER_NODE}, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": 0}})
+    "num_cpus": {CPUS_PER_NODE}, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": 0,
+    "dashboard_agent_listen_port": agent_port}})
 cluster.add_node(num_cpus={CPUS_PER_NODE})
 cluster.wait_for_nodes()
 print(json.dumps({{"dashboard": "http://" + cluster.head_node.address_info["webui_url"]}}), flush=True)
