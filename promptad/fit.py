@@ -25,7 +25,8 @@ optimizer, scheduler, GradScaler, epoch) ends with the same artifact as an unint
 Resources. Images are decoded before the workers start, so Ray Data needs no CPU while they
 train: with the default 0.5 CPU per worker, two workers on a 2-CPU laptop leave a CPU free and
 nothing can wait on anything. On a GPU cluster, --gpus-per-worker 1 --workers N gives N DDP
-workers with fp16 autocast, a GradScaler and the frozen backbone in half precision.
+workers with fp16 autocast, a GradScaler and the frozen backbone in half precision. CPU workers
+train in fp32, or in bf16 autocast where the CPU does bf16 natively (see training_precision).
 
 Runs live in --storage as fit-<UTC time>-<id>/ with the run's flags (promptad-fit.json) and
 epoch_NNNN/ checkpoints; `--resume` continues the newest run there.
@@ -42,7 +43,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -234,6 +235,17 @@ def _batches(images: np.ndarray, categories: list[str], batch_size: int) -> Iter
 
 
 # --------------------------------------------------------------------------- the worker
+def training_precision(device: torch.device) -> str:
+    """fp16 autocast on GPU. On CPU, bf16 autocast where the CPU has native bf16 arithmetic
+    (AVX512-BF16 or AMX): there it measured about twice as fast as fp32 with the same losses
+    (benchmarks/RESULTS.md); elsewhere oneDNN emulates bf16, which is slower, so fp32."""
+    if device.type != "cpu":
+        return resolve_precision("auto", device)
+    native = any(getattr(torch.cpu, probe, lambda: False)()
+                 for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return "bf16" if native else "fp32"
+
+
 def param_digest(module: torch.nn.Module) -> str:
     """Short hash of every parameter: equal digests = identical weights on two ranks. (Buffers are
     left out: BatchNorm running stats are broadcast from rank 0 before each forward, then updated
@@ -266,9 +278,10 @@ def _train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     cfg = TrainConfig(**config["train"])
+    precision = training_precision(device) if cfg.precision == "auto" else resolve_precision(cfg.precision, device)
+    cfg = replace(cfg, precision=precision)
     torch.manual_seed(cfg.seed)
     model = PromptAD(ModelConfig(**config["model"])).to(device)
-    precision = resolve_precision(cfg.precision, device)
     if model.backbone.has_text:
         for cat in model.categories:  # hand-written prompt features, computed in fp32 before any halving
             model.handcrafted(cat)
@@ -304,6 +317,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         digests = _gather(param_digest(model.trainable), world)
         metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "rank": rank, "world": world,
                    "seconds": time.time() - t0, "images": int(len(wanted)), "precision": precision,
+                   "threads": torch.get_num_threads(),
                    "initial_digest": initial, "param_digests": digests, "shard_digests": _gather(mine, world),
                    **{k: float(v) for k, v in stats.items()}}
         if rank == 0:
