@@ -367,7 +367,8 @@ def _check_resources(args: argparse.Namespace) -> None:
     """On a local Ray (no autoscaler to add nodes) a request larger than the machine would wait forever."""
     import ray
 
-    if args.address or os.environ.get("RAY_ADDRESS"):
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
         return
     have = ray.cluster_resources()
     for name, per in (("CPU", args.cpus_per_worker), ("GPU", args.gpus_per_worker)):
