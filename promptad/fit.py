@@ -70,7 +70,7 @@ RESUME_KEYS = ("data", "categories", "backbone", "input_size", "epochs", "batch_
 
 @dataclass
 class FitSummary:
-    """What a fit produced (returned by run(); the CLI prints it)."""
+    """What a fit produced, for callers of run() (the command itself prints progress lines)."""
 
     artifact: str
     model_id: str
@@ -110,19 +110,12 @@ def _run_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _new_run(storage_uri: str, config: dict[str, Any]) -> str:
-    """Create fit-<time>-<id>/ with the run's flags; the first write also proves --storage is writable."""
+    """Create fit-<UTC time>-<id>/ holding the run's flags (what --resume checks); names sort by time."""
     name = RUN_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     run_dir = storage.join(storage_uri, name)
     record = dict(config, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    try:
-        storage.makedirs(run_dir)
-        storage.write_bytes(storage.join(run_dir, RUN_FILE), json.dumps(record, indent=2).encode())
-    except UserError:
-        raise
-    except Exception as e:
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
-        raise UserError(f"--storage {storage_uri} is not writable ({reason}); "
-                        "pass a writable local folder or s3:// prefix") from None
+    storage.makedirs(run_dir)
+    storage.write_bytes(storage.join(run_dir, RUN_FILE), json.dumps(record, indent=2).encode())
     return name
 
 
