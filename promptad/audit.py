@@ -440,7 +440,7 @@ def _fold(row: dict, calibration: dict[str, Calibration], accs: dict, cats: dict
         errors.append({"image_id": image_id, "path": str(row["path"]), "category": cat,
                        "stage": "image", "error": str(row["error"])})
         writer.writerow([image_id, row["path"], cat, condition, label, defect, False, "", "", "",
-                         cal.image_threshold, row["error"]])
+                         _csv_value(cal.image_threshold), row["error"]])
         return
     score = float(row["score"])
     acc = accs[(cat, condition)]
