@@ -12,7 +12,7 @@ used (a CSV manifest of them) and the full epoch is extrapolated from seconds pe
 count of a full epoch is known (steps_per_epoch), and every step costs the same.
 
 It also times in-process training steps in fp32 and in bf16 autocast, the measurement behind
-fit.training_precision (bf16 on CPUs with native bf16, fp32 elsewhere).
+training.training_precision (bf16 on CPUs with native bf16, fp32 elsewhere).
 """
 from __future__ import annotations
 

@@ -2,9 +2,10 @@
 
 Real anomalies are never used here: a line rarely has labelled defects when a model is deployed.
 - memory scale: the 99th percentile of normal patch distances, so fused components share a scale;
-- fusion weights: the candidate that best separates held-out normals from synthetic anomalies
-  (image and pixel AUROC), with the memory bank always weighted, since synthetic anomalies
-  flatter the head that was trained on them;
+- fusion weights are NOT tuned here: synthetic anomalies flatter the head that was trained on
+  them, and a search on them picked mixtures that lost to the memory bank alone on real defects
+  (benchmarks/RESULTS.md); the fixed rule in model.py is used, and how well it separates normals
+  from synthetic anomalies is recorded in the stats;
 - image threshold: the (1 - image_fpr) quantile of normal image scores (a target false-reject
   rate), pixel threshold: the (1 - pixel_fpr) quantile of normal map values.
 """
@@ -19,11 +20,6 @@ from .metrics import image_auroc
 from .model import Calibration, PromptAD
 from .predict import predict_components
 from .synthesis import synthesize_anomaly
-
-FUSION_CANDIDATES_NO_TEXT = [{"memory": m, "head": 1 - m, "text": 0.0} for m in (1.0, 0.75, 0.5, 0.25)]
-FUSION_CANDIDATES_TEXT = [{"memory": m, "head": h, "text": round(1 - m - h, 2)}
-                          for m in (0.75, 0.5, 0.34, 0.25) for h in (0.0, 0.25, 0.33, 0.5)
-                          if 1 - m - h >= -1e-9]
 
 
 def _components(model: PromptAD, images: np.ndarray, category: str, batch_size: int) -> dict[str, torch.Tensor]:
@@ -42,8 +38,7 @@ def _pixel_auroc(maps: torch.Tensor, masks: np.ndarray, rng: np.random.Generator
 
 
 def calibrate_category(model: PromptAD, category: str, normals: np.ndarray, seed: int = 0,
-                       batch_size: int = 16, image_fpr: float = 0.01, pixel_fpr: float = 0.001,
-                       search_fusion: bool = True) -> Calibration:
+                       batch_size: int = 16, image_fpr: float = 0.01, pixel_fpr: float = 0.001) -> Calibration:
     """Calibration for one category from held-out normal images (N, S, S, 3) uint8."""
     if len(normals) == 0:
         raise ValueError(f"no held-out normal images to calibrate category {category!r}")
@@ -58,30 +53,16 @@ def calibrate_category(model: PromptAD, category: str, normals: np.ndarray, seed
     model.calibration[category] = cal
     cats = [category] * len(normals)
 
-    def evaluate(fusion: dict[str, float]) -> tuple[float, float, torch.Tensor, torch.Tensor]:
-        s_n, m_n = model.fuse(normal_c, cats, {category: fusion})
-        s_a, m_a = model.fuse(synth_c, cats, {category: fusion})
-        labels = np.r_[np.zeros(len(s_n)), np.ones(len(s_a))].astype(np.int64)
-        img = float(image_auroc(torch.cat([s_n, s_a]).numpy(), labels))
-        pix = _pixel_auroc(torch.cat([m_n, m_a]), np.concatenate([np.zeros_like(masks), masks]), rng)
-        return img, pix, s_n, m_n
-
-    candidates = [cal.fusion]
-    if search_fusion:
-        candidates = FUSION_CANDIDATES_TEXT if "text" in normal_c else FUSION_CANDIDATES_NO_TEXT
-    best = None
-    for fusion in candidates:
-        img, pix, s_n, m_n = evaluate(fusion)
-        key = img + pix
-        if best is None or key > best[0] + 1e-9:
-            best = (key, fusion, img, pix, s_n, m_n)
-    _, fusion, img, pix, s_n, m_n = best
+    s_n, m_n = model.fuse(normal_c, cats)
+    s_a, m_a = model.fuse(synth_c, cats)
+    labels = np.r_[np.zeros(len(s_n)), np.ones(len(s_a))].astype(np.int64)
+    img = float(image_auroc(torch.cat([s_n, s_a]).numpy(), labels))
+    pix = _pixel_auroc(torch.cat([m_n, m_a]), np.concatenate([np.zeros_like(masks), masks]), rng)
     scores = s_n.numpy()
     pixels = m_n.numpy().ravel()
     image_threshold = float(np.quantile(scores, 1 - image_fpr))
     pixel_threshold = float(np.quantile(pixels, 1 - pixel_fpr))
-    s_a, _ = model.fuse(synth_c, cats, {category: fusion})
-    cal = replace(cal, fusion=dict(fusion), image_threshold=image_threshold, pixel_threshold=pixel_threshold,
+    cal = replace(cal, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
                   image_center=float(np.median(scores)), pixel_center=float(np.median(pixels)),
                   stats={"n_normal": int(len(normals)), "synthetic_image_auroc": img,
                          "synthetic_pixel_auroc": pix, "image_fpr_target": image_fpr,

@@ -26,7 +26,7 @@ Resources. Images are decoded before the workers start, so Ray Data needs no CPU
 train: with the default 0.5 CPU per worker, two workers on a 2-CPU laptop leave a CPU free and
 nothing can wait on anything. On a GPU cluster, --gpus-per-worker 1 --workers N gives N DDP
 workers with fp16 autocast, a GradScaler and the frozen backbone in half precision. CPU workers
-train in fp32, or in bf16 autocast where the CPU does bf16 natively (see training_precision).
+train in fp32, or in bf16 autocast where the CPU does bf16 natively (see training.training_precision).
 
 Runs live in --storage as fit-<UTC time>-<id>/ with the run's flags (promptad-fit.json) and
 epoch_NNNN/ checkpoints; `--resume` continues the newest run there.
@@ -56,7 +56,8 @@ from .errors import UserError
 from .images import ImageDecodeError, decode_image, resize
 from .model import ModelConfig, PromptAD
 from .pipeline import finish_model, split_holdout
-from .training import TrainConfig, make_optimizer, resolve_precision, steps_per_epoch, train_epoch
+from .training import (TrainConfig, make_optimizer, resolve_precision, steps_per_epoch, train_epoch,
+                       training_precision)
 
 HOLDOUT_FRACTION = 0.2
 RUN_PREFIX = "fit-"
@@ -228,17 +229,6 @@ def _batches(images: np.ndarray, categories: list[str], batch_size: int) -> Iter
 
 
 # --------------------------------------------------------------------------- the worker
-def training_precision(device: torch.device) -> str:
-    """fp16 autocast on GPU. On CPU, bf16 autocast where the CPU has native bf16 arithmetic
-    (AVX512-BF16 or AMX): there it measured about twice as fast as fp32 with the same losses
-    (benchmarks/RESULTS.md); elsewhere oneDNN emulates bf16, which is slower, so fp32."""
-    if device.type != "cpu":
-        return resolve_precision("auto", device)
-    native = any(getattr(torch.cpu, probe, lambda: False)()
-                 for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return "bf16" if native else "fp32"
-
-
 def param_digest(module: torch.nn.Module) -> str:
     """Short hash of every parameter: equal digests = identical weights on two ranks. (Buffers are
     left out: BatchNorm running stats are broadcast from rank 0 before each forward, then updated

@@ -4,7 +4,15 @@ Three anomaly maps at the backbone's patch grid are fused into one pixel map:
 - memory: distance of each patch to its nearest normal patch (per-category memory bank);
 - head:   the localization head's probability (trained on synthetic anomalies);
 - text:   probability that a patch matches the anomaly prompts rather than the normal ones (CLIP).
-The image score is the maximum of the smoothed fused map (plus the text image score for CLIP).
+
+    map = memory * (memory distance / memory_scale) * (1 + head * head_probability) + text * text_probability
+
+The head modulates the memory evidence instead of being added to it: a patch that looks like
+normal data stays normal whatever the head says, where the head confirms a deviation it is
+amplified. On real magnetic-tile defects this beat both the memory bank alone and additive
+mixtures, whose pixel ranking the head (trained on synthetic defects) degraded
+(benchmarks/RESULTS.md). The image score is the maximum of the smoothed fused map, plus the
+weighted text image score for CLIP.
 """
 from __future__ import annotations
 
@@ -38,12 +46,17 @@ class ModelConfig:
         return asdict(self)
 
 
+# Fusion weights (see the module docstring). {"memory": 1, "head": 0, "text": 0} is plain PatchCore.
+FUSION_NO_TEXT = {"memory": 1.0, "head": 1.0, "text": 0.0}
+FUSION_TEXT = {"memory": 1.0, "head": 1.0, "text": 0.5}
+
+
 @dataclass
 class Calibration:
     """Per-category deployment numbers, fitted on held-out normal images (never on real anomalies)."""
 
     memory_scale: float = 1.0  # divides memory distances so normal patches sit below ~1
-    fusion: dict[str, float] = field(default_factory=lambda: {"memory": 0.5, "head": 0.5, "text": 0.0})
+    fusion: dict[str, float] = field(default_factory=lambda: dict(FUSION_NO_TEXT))
     image_threshold: float = float("inf")
     pixel_threshold: float = float("inf")
     image_center: float = 0.0  # median normal image score: maps to score_norm 0.25
@@ -145,12 +158,12 @@ class Trainable(nn.Module):
                 out.prompts[cat] = (normal, anomalous)
                 n_proto = F.normalize(normal.mean(0), dim=-1)
                 a_proto = F.normalize(anomalous.mean(0), dim=-1)
-                diff = (a_proto - n_proto).view(1, -1, 1, 1)
+                diff = (a_proto - n_proto).float().view(1, -1, 1, 1)
                 pl = scale * (patch[idx] * diff).sum(1, keepdim=True)
                 if pl.shape[-2:] != (h, w):
                     pl = F.interpolate(pl, size=(h, w), mode="bilinear", align_corners=False)
-                text_logits[idx] = pl
-                image_text[idx] = scale * (img[idx] @ (a_proto - n_proto))
+                text_logits[idx] = pl.float()
+                image_text[idx] = scale * (img[idx] * (a_proto - n_proto).float()).sum(-1)  # no bf16 matmul under autocast
             out.text_logits = text_logits
             out.image_text_logit = image_text
             out.image_logit = 0.5 * (image_logit + image_text)
@@ -182,9 +195,8 @@ class PromptAD(nn.Module):
         self.cfg = cfg
         self.trainable = Trainable(self.backbone, cfg)
         self.banks: dict[str, torch.Tensor] = {}
-        self.calibration: dict[str, Calibration] = {c: Calibration(
-            fusion={"memory": 1 / 3, "head": 1 / 3, "text": 1 / 3} if self.backbone.has_text else
-            {"memory": 0.5, "head": 0.5, "text": 0.0}) for c in cfg.categories}
+        default = FUSION_TEXT if self.backbone.has_text else FUSION_NO_TEXT
+        self.calibration: dict[str, Calibration] = {c: Calibration(fusion=dict(default)) for c in cfg.categories}
         self._handcrafted: dict[str, torch.Tensor] = {}
 
     @property
@@ -240,7 +252,8 @@ class PromptAD(nn.Module):
         for i, cat in enumerate(categories):
             cal = self.calibration[cat]
             wts = (fusion or {}).get(cat, cal.fusion)
-            grid[i] = wts.get("memory", 0.0) * comps["memory"][i] / cal.memory_scale + wts.get("head", 0.0) * comps["head"][i]
+            grid[i] = (wts.get("memory", 0.0) * comps["memory"][i] / cal.memory_scale
+                       * (1.0 + wts.get("head", 0.0) * comps["head"][i]))
             if "text" in comps:
                 grid[i] += wts.get("text", 0.0) * comps["text"][i]
                 img_text[i] = wts.get("text", 0.0) * comps["image_text"][i]

@@ -29,7 +29,7 @@ def as_input(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.T
 @torch.no_grad()
 def predict_components(model: PromptAD, images, categories: Sequence[str],
                        precision: str = "auto") -> dict[str, torch.Tensor]:
-    """The raw maps before fusion (for calibration, which tries several fusions on one forward)."""
+    """The raw maps before fusion (calibration and the quality benchmark fuse them more than one way)."""
     model.eval()
     device = model.device
     x = as_input(images, device)

@@ -29,7 +29,7 @@ class TrainConfig:
     weight_decay: float = 1e-2
     seed: int = 0
     p_anomaly: float = 0.5
-    precision: str = "auto"  # auto: fp16 on GPU, fp32 on CPU (bf16 autocast measured slower on CPU)
+    precision: str = "auto"  # auto: see training_precision
     loss_weights: dict[str, float] = field(default_factory=lambda: {
         "image_bce": 1.0, "dice": 1.0, "focal": 1.0, "contrastive": 0.1, "margin": 0.1,
         "alignment": 0.1, "consistency": 0.5})
@@ -42,6 +42,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
     return precision
+
+
+def training_precision(device: torch.device) -> str:
+    """fp16 autocast on GPU. On CPU, bf16 autocast where the CPU has native bf16 arithmetic
+    (AVX512-BF16 or AMX): there it measured about twice as fast as fp32 with the same losses
+    (benchmarks/RESULTS.md); elsewhere oneDNN emulates bf16, which is slower, so fp32."""
+    if device.type != "cpu":
+        return resolve_precision("auto", device)
+    native = any(getattr(torch.cpu, probe, lambda: False)()
+                 for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return "bf16" if native else "fp32"
 
 
 def autocast(precision: str, device: torch.device):
@@ -110,7 +121,7 @@ def train_epoch(trainable: torch.nn.Module, batches: Iterable[Batch], opt, sched
                 epoch: int, rank: int, handcrafted: Callable[[str], torch.Tensor],
                 device: torch.device) -> dict[str, float]:
     """One pass over this worker's shard. `trainable` may be wrapped in DDP."""
-    precision = resolve_precision(cfg.precision, device)
+    precision = training_precision(device) if cfg.precision == "auto" else resolve_precision(cfg.precision, device)
     trainable.train()
     totals: dict[str, float] = {}
     steps = 0
