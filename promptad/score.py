@@ -83,6 +83,14 @@ TMP_DIR = "_tmp"  # local commits are staged here; '_' folders are skipped by py
 RUNS_DIR = "_runs"  # one JSON summary per run
 
 
+def object_store_budget(batch_size: int, actors: int, size: int) -> int:
+    """Bytes of Ray's object store this job may fill. Without a cap, reads run ahead of the model
+    until a fraction of the whole store holds decoded images (a 5,000-image run peaked ~1 GB above a
+    500-image one); with it, Ray Data backpressures reads to what the actors will take soon.
+    Eight batches per actor of decoded images (3 bytes/pixel) and maps (4 bytes/pixel) in flight."""
+    return max(256 << 20, actors * 8 * batch_size * 7 * size * size)
+
+
 def rows_per_file(batch_size: int) -> int:
     """Rows per committed file: a few model batches. Small enough that a killed run loses little and
     progress moves often; bounded because a commit task holds its rows' float maps in memory."""
@@ -214,15 +222,16 @@ def read_and_decode(batch: pa.Table, size: int, categories: list[str]) -> dict[s
 class Predictor:
     """The model stage: one artifact load per actor (and per restart), then predict() per batch."""
 
-    def __init__(self, model_uri: str, device: str, actors: int):
+    def __init__(self, model_uri: str, device: str, threads: int):
         import torch
 
         from .artifact import load_artifact
 
         if device == "cpu":
-            # Fractional --cpus-per-actor is a scheduling share, not a thread cap: on CPU the model
-            # is the bottleneck, so the actors share the node's cores (read tasks are light).
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // actors))
+            # As many torch threads as whole CPUs Ray gave the actor (at least 1): more would fight the
+            # read and commit tasks for cores, and OpenMP threads slow down badly when preempted
+            # (on the 2-CPU test machine, 2 threads next to other work ran 1.5-4x slower than 1).
+            torch.set_num_threads(threads)
         self.model = load_artifact(model_uri, device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -424,6 +433,8 @@ def _run_pipeline(todo: pa.Table, summary: Summary, model_uri: str, output_uri: 
     step = max(batch_size, MIN_ROWS_PER_BLOCK)
     ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, todo.num_rows, step)])
     ds.context.enable_progress_bars = False  # our own progress line; this dataset's context only
+    ds.context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
+        object_store_memory=object_store_budget(batch_size, actors, size))
     device = "cuda" if gpus_per_actor > 0 else "cpu"
     ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
                         fn_kwargs={"size": size, "categories": categories})
@@ -434,7 +445,8 @@ def _run_pipeline(todo: pa.Table, summary: Summary, model_uri: str, output_uri: 
         # from fusing the read/decode tasks into the actor when --cpus-per-actor equals READ_CPUS.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = ds.map_batches(Predictor, batch_format="numpy", batch_size=batch_size,
-                            fn_constructor_kwargs={"model_uri": model_uri, "device": device, "actors": actors},
+                            fn_constructor_kwargs={"model_uri": model_uri, "device": device,
+                                                   "threads": max(1, int(cpus_per_actor))},
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
                             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
                             max_restarts=-1, max_task_retries=-1)

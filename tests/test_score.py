@@ -162,17 +162,19 @@ def test_manifest_with_two_categories_uses_each_categorys_bank_and_threshold(ray
     rows = [{"image_id": f"mt-{i}", "path": p, "category": "magnetic_tile"} for i, p in enumerate(mt)]
     rows += [{"image_id": f"ck-{i}", "path": p, "category": "cookie"} for i, p in enumerate(ck)]
     rows += [{"image_id": "odd", "path": mt[0], "category": "screw"},
+             {"image_id": "unsaid", "path": mt[0], "category": None},
              {"image_id": "gone", "path": str(tmp_path / "missing.png"), "category": "cookie"}]
     manifest = tmp_path / "batch.parquet"
     pq.write_table(pa.Table.from_pylist(rows), manifest)
     out = str(tmp_path / "scores")
     summary = score.score(models["two"], str(manifest), out, batch_size=4)
-    assert (summary.inputs, summary.errors, summary.errors_by_kind) == (9, 2, {"category": 1, "read": 1})
+    assert (summary.inputs, summary.errors, summary.errors_by_kind) == (10, 3, {"category": 2, "read": 1})
 
     got = {r["image_id"]: r for r in _read(out).to_pylist()}
     assert got["odd"]["error"] == "category: unknown 'screw'" and got["gone"]["error"] == "read: not found"
-    for r in (got["odd"], got["gone"]):  # identity columns filled, results null
-        assert r["path"] and r["category"] and r["model_id"] == summary.model_id and r["scored_at"]
+    assert got["unsaid"]["error"] == "category: none given (the model scores cookie, magnetic_tile)"
+    for r in (got["odd"], got["gone"], got["unsaid"]):  # identity columns filled, results null
+        assert r["path"] and r["model_id"] == summary.model_id and r["run_id"] and r["scored_at"]
         assert all(r[c] is None for c in ("score", "score_norm", "is_anomalous", "threshold", "map_png",
                                           "height", "width", "defect_area"))
     cal = artifact.read_calibration(artifact.read_manifest(models["two"]))
@@ -253,6 +255,9 @@ def test_user_errors_before_any_work(ray_local, models, tmp_path):
         score.score(models["two"], str(folder), str(tmp_path / "o1"))
     with pytest.raises(UserError, match="does not exist"):
         score.score(models["one"], str(tmp_path / "nope"), str(tmp_path / "o2"))
+    (tmp_path / "dups.csv").write_text(f"path,image_id\n{folder}/a.png,x\n{folder}/a.png,x\n")
+    with pytest.raises(UserError, match="duplicate image_id"):
+        score.score(models["one"], str(tmp_path / "dups.csv"), str(tmp_path / "o5"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images"):
         score.score(models["one"], str(tmp_path / "empty"), str(tmp_path / "o3"))
@@ -260,15 +265,27 @@ def test_user_errors_before_any_work(ray_local, models, tmp_path):
         score.score(models["one"], str(folder), str(tmp_path / "o4"), gpus_per_actor=1, local_ray=True)
 
 
-def _descendants_matching(text: str) -> list[int]:
-    import psutil
-
+def _session_pids(session: int) -> list[int]:
+    """Processes of a session, from /proc (Ray started by this test process shares its session)."""
     pids = []
-    for p in psutil.Process().children(recursive=True):
+    for name in os.listdir("/proc"):
         try:
-            if text in " ".join(p.cmdline()):
-                pids.append(p.pid)
-        except psutil.Error:
+            if name.isdigit() and os.getsid(int(name)) == session:
+                pids.append(int(name))
+        except (ProcessLookupError, PermissionError):
+            pass
+    return pids
+
+
+def _our_processes_running(text: str) -> list[int]:
+    """Our Ray's worker processes whose title contains `text` (Ray sets it to the task or actor)."""
+    pids = []
+    for pid in _session_pids(os.getsid(0)):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text in f.read().decode(errors="replace"):
+                    pids.append(pid)
+        except (FileNotFoundError, ProcessLookupError):
             pass
     return pids
 
@@ -278,7 +295,7 @@ def test_killed_actor_is_restarted_and_its_batches_redone(ray_local, models, tmp
     folder = tmp_path / "many"
     folder.mkdir()
     data = _png(_texture(3))
-    n = 240
+    n = 400
     for i in range(n):
         (folder / f"{i:04d}.png").write_bytes(data)
     out = tmp_path / "scores"
@@ -289,13 +306,18 @@ def test_killed_actor_is_restarted_and_its_batches_redone(ray_local, models, tmp
     killed = []
     deadline = time.monotonic() + 120
     while run.is_alive() and time.monotonic() < deadline and not killed:
-        actors = _descendants_matching("MapBatches(Predictor)")
+        actors = _our_processes_running("MapBatches(Predictor)")
         if actors and list(out.glob("*.parquet")):  # the actor has done work; kill it mid-run
             os.kill(actors[0], signal.SIGKILL)
             killed.append(actors[0])
         time.sleep(0.1)
-    run.join(timeout=180)
+    successors = set()
+    while run.is_alive() and time.monotonic() < deadline + 60:
+        successors.update(pid for pid in _our_processes_running("MapBatches(Predictor)") if pid not in killed)
+        time.sleep(0.1)
+    run.join(timeout=10)
     assert killed, "the run ended before the actor could be killed; make it longer"
+    assert successors, "no actor took over from the killed one"
     assert not run.is_alive() and result["s"].scored == n and result["s"].errors == 0
     table = _read(str(out))
     assert table.num_rows == n and len(set(table["image_id"].to_pylist())) == n
@@ -303,15 +325,12 @@ def test_killed_actor_is_restarted_and_its_batches_redone(ray_local, models, tmp
 
 def _kill_session(proc: subprocess.Popen) -> None:
     """Kill a subprocess started with start_new_session and everything it started (its local Ray)."""
-    import psutil
-
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    for p in psutil.process_iter():
+    for pid in _session_pids(proc.pid):
         try:
-            if os.getsid(p.pid) == proc.pid:
-                p.kill()
-        except (psutil.Error, ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
 
 
