@@ -390,6 +390,17 @@ def _check_resources(cpus_per_actor: float, gpus_per_actor: float, local: bool) 
     print(f"score: warning: {msg}; waiting for the autoscaler", file=sys.stderr)
 
 
+def _warn_if_local_output_on_many_nodes(output_uri: str) -> None:
+    """Commit tasks write where they run: a local --output on a multi-node cluster is only right on a
+    filesystem every node shares (the final count would otherwise miss the other nodes' files)."""
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes > 1 and not isinstance(storage.filesystem(output_uri)[0], pafs.S3FileSystem):
+        print(f"score: warning: --output {output_uri} is a local path and the cluster has {nodes} nodes; "
+              "it must be a filesystem they all share (else use s3://)", file=sys.stderr)
+
+
 def score(model_uri: str, input_uri: str, output_uri: str, *, actors: int = 1, gpus_per_actor: float = 0.0,
           cpus_per_actor: float = 0.5, batch_size: int = 16, run_id: str | None = None,
           local_ray: bool = True) -> Summary:
@@ -415,6 +426,7 @@ def score(model_uri: str, input_uri: str, output_uri: str, *, actors: int = 1, g
           f"{todo.num_rows} with model {model_id} (run {run_id})", file=sys.stderr, flush=True)
     if todo.num_rows:
         _check_resources(cpus_per_actor, gpus_per_actor, local_ray)
+        _warn_if_local_output_on_many_nodes(output_uri)
         clean_staging(output_uri)
         storage.makedirs(output_uri)
         _run_pipeline(todo, summary, model_uri, output_uri, manifest, size, categories, actors=actors,
