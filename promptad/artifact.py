@@ -106,8 +106,9 @@ def read_calibration(manifest: dict) -> dict[str, Calibration]:
     return out
 
 
-def load_artifact(uri: str, device: str | torch.device = "cpu") -> PromptAD:
-    """Rebuild the model from an artifact; raises UserError if it is missing, corrupt or altered."""
+def read_verified(uri: str) -> tuple[dict, bytes, dict[str, bytes]]:
+    """(manifest, weights, memory banks) after checking them against the model id: a driver
+    calls this before starting workers, so a damaged artifact is one line, not a dead actor."""
     manifest = read_manifest(uri)
     try:
         weights = storage.read_bytes(storage.join(uri, WEIGHTS))
@@ -116,6 +117,12 @@ def load_artifact(uri: str, device: str | torch.device = "cpu") -> PromptAD:
         raise UserError(f"incomplete model artifact at {uri}: {e}" + _REFIT) from None
     if _model_id(manifest, weights, banks) != manifest.get("model_id"):
         raise UserError(f"model artifact at {uri} does not match its model_id (files altered or mixed)" + _REFIT)
+    return manifest, weights, banks
+
+
+def load_artifact(uri: str, device: str | torch.device = "cpu") -> PromptAD:
+    """Rebuild the model from an artifact; raises UserError if it is missing, corrupt or altered."""
+    manifest, weights, banks = read_verified(uri)
     cfg = ModelConfig(**manifest["model"])
     from .backbones import create_backbone
 

@@ -405,7 +405,7 @@ def score(model_uri: str, input_uri: str, output_uri: str, *, actors: int = 1, g
           cpus_per_actor: float = 0.5, batch_size: int = 16, run_id: str | None = None,
           local_ray: bool = True) -> Summary:
     """Score every input that has no row in `output_uri` yet; Ray must be initialized."""
-    manifest = artifact.read_manifest(model_uri)
+    manifest, _, _ = artifact.read_verified(model_uri)
     model_id = manifest["model_id"]
     categories = list(manifest["categories"])
     size = int(manifest["model"]["input_size"])

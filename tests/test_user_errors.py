@@ -92,15 +92,17 @@ def test_unreadable_artifact(tiny, ray_local, tmp_path, capsys):
     assert "unreadable model artifact" in line and "promptad fit" in line
 
 
-def test_altered_artifact(tiny, ray_local, tmp_path, capsys):
+@pytest.mark.parametrize("command", ["audit", "score"])
+def test_altered_artifact(command, tiny, ray_local, tmp_path, capsys):
     import shutil
 
     altered = tmp_path / "altered"
     shutil.copytree(tiny["model"], altered)
     with open(altered / "weights.safetensors", "ab") as f:
         f.write(b"\0")
-    line = fails(["audit", "--model", str(altered), "--data", tiny["data"], "--report", str(tmp_path / "report")],
-                 capsys)
+    tail = (["--data", tiny["data"], "--report", str(tmp_path / "report")] if command == "audit" else
+            ["--input", tiny["data"], "--output", str(tmp_path / "scores")])
+    line = fails([command, "--model", str(altered), *tail], capsys)
     assert "does not match its model_id" in line and "promptad fit" in line
 
 
