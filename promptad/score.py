@@ -459,7 +459,7 @@ def _run_pipeline(todo: pa.Table, summary: Summary, model_uri: str, output_uri: 
         ds = ds.map_batches(Predictor, batch_format="numpy", batch_size=batch_size,
                             fn_constructor_kwargs={"model_uri": model_uri, "device": device,
                                                    "threads": max(1, int(cpus_per_actor))},
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
+                            compute=ray.data.ActorPoolStrategy(size=actors),  # --actors N means N: all start, one per slot
                             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
                             max_restarts=-1, max_task_retries=-1)
     ds = ds.map_batches(postprocess_and_commit, batch_format="numpy", batch_size=rows_per_file(batch_size),

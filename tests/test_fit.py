@@ -134,7 +134,7 @@ def test_more_workers_than_the_machine(ray_local, data, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- training runs
-EPOCHS = "3"
+EPOCHS = "6"  # tiny epochs take ~1 s: a long enough run that the kill lands before its end
 
 
 @pytest.fixture(scope="module")
