@@ -59,7 +59,7 @@ from .images import ImageDecodeError, decode_image, decode_mask, encode_png, map
 from .metrics import AUPRO, PixelMetrics, image_summary, per_defect
 from .model import Calibration
 from .postprocess import resize_map
-from .predict import predict
+from .predict import load_for_worker, predict_rows
 from .report import (
     CategoryCurves,
     Example,
@@ -224,22 +224,17 @@ def _objects(values: list) -> np.ndarray:
 class _Scorer:
     """One model per actor, loaded once; rows that failed to load pass through unscored."""
 
-    def __init__(self, model_uri: str, device: str):
-        self.model = load_artifact(model_uri, device)
+    def __init__(self, model_uri: str, device: str, threads: int):
+        self.model = load_for_worker(model_uri, device, threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["image_id"])
-        ok = np.array([not e for e in batch["error"]], dtype=bool)
-        scores = np.full(n, np.nan, np.float32)
-        maps = _objects([b""] * n)
-        if ok.any():
-            pred = predict(self.model, batch["input"][ok], [str(c) for c in batch["category"][ok]])
-            for j, i in enumerate(np.flatnonzero(ok)):
-                scores[i] = pred.scores[j]
-                shape = (int(batch["height"][i]), int(batch["width"][i]))
-                maps[i] = resize_map(pred.maps[j], shape).tobytes()
+        pred = predict_rows(self.model, batch["input"], batch["category"], batch["error"])
+        maps = _objects([b""] * len(pred.scores))
+        for i in np.flatnonzero(np.isfinite(pred.scores)):
+            shape = (int(batch["height"][i]), int(batch["width"][i]))
+            maps[i] = resize_map(pred.maps[i], shape).tobytes()
         out = {k: v for k, v in batch.items() if k != "input"}
-        out["score"], out["map"] = scores, maps
+        out["score"], out["map"] = pred.scores, maps
         return out
 
 
@@ -372,7 +367,7 @@ def _dataset(samples: list[Sample], vis: dict[str, str], args: argparse.Namespac
     ds = ds.map_batches(_Scorer, batch_size=args.batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=0.5,
                         num_gpus=args.gpus_per_actor,
-                        fn_constructor_kwargs={"model_uri": model_uri,
+                        fn_constructor_kwargs={"model_uri": model_uri, "threads": 1,  # 0.5 CPU each
                                                "device": "cuda" if args.gpus_per_actor else "cpu"})
     return ds.map_batches(_render, batch_size=args.batch_size, num_cpus=0.25,
                           batch_format="numpy", fn_kwargs={"calibration": calibration})

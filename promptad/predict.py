@@ -50,3 +50,30 @@ def predict(model: PromptAD, images, categories: Sequence[str], precision: str =
     comps = predict_components(model, images, categories, precision)
     scores, maps = model.fuse(comps, list(categories))
     return Prediction(scores=scores.float().cpu().numpy(), maps=maps.float().cpu().numpy())
+
+
+def load_for_worker(model_uri: str, device: str, threads: int) -> PromptAD:
+    """The artifact, loaded once by a score/audit actor.
+
+    On CPU, torch gets as many threads as whole CPUs Ray gave the actor (at least 1): more would
+    fight the read and commit tasks for cores, and OpenMP threads slow down badly when preempted
+    (on the 2-CPU test machine, 2 threads next to other work ran 1.5-4x slower than 1).
+    """
+    from .artifact import load_artifact
+
+    if device == "cpu":
+        torch.set_num_threads(max(1, threads))
+    return load_artifact(model_uri, device)
+
+
+def predict_rows(model: PromptAD, images: np.ndarray, categories: Sequence[str],
+                 errors: Sequence[str]) -> Prediction:
+    """predict() over the rows of a batch that loaded; rows with an error get a NaN score and a
+    zero map, so every input keeps its row."""
+    n, size = len(images), images.shape[1]
+    out = Prediction(scores=np.full(n, np.nan, np.float32), maps=np.zeros((n, size, size), np.float32))
+    ok = np.array([not e for e in errors], dtype=bool)
+    if ok.any():
+        pred = predict(model, images[ok], [str(c) for c in np.asarray(categories)[ok]])
+        out.scores[ok], out.maps[ok] = pred.scores, pred.maps
+    return out

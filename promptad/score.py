@@ -223,30 +223,15 @@ class Predictor:
     """The model stage: one artifact load per actor (and per restart), then predict() per batch."""
 
     def __init__(self, model_uri: str, device: str, threads: int):
-        import torch
+        from .predict import load_for_worker
 
-        from .artifact import load_artifact
-
-        if device == "cpu":
-            # As many torch threads as whole CPUs Ray gave the actor (at least 1): more would fight the
-            # read and commit tasks for cores, and OpenMP threads slow down badly when preempted
-            # (on the 2-CPU test machine, 2 threads next to other work ran 1.5-4x slower than 1).
-            torch.set_num_threads(threads)
-        self.model = load_artifact(model_uri, device)
+        self.model = load_for_worker(model_uri, device, threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .predict import predict
+        from .predict import predict_rows
 
-        images = batch.pop("image")
-        n = len(images)
-        ok = np.array([not e for e in batch["error"]], dtype=bool)
-        size = images.shape[1]
-        batch["score"] = np.full(n, np.nan, np.float32)
-        batch["map"] = np.zeros((n, size, size), np.float32)
-        if ok.any():
-            pred = predict(self.model, images[ok], list(batch["category"][ok]))
-            batch["score"][ok] = pred.scores
-            batch["map"][ok] = pred.maps
+        pred = predict_rows(self.model, batch.pop("image"), batch["category"], batch["error"])
+        batch["score"], batch["map"] = pred.scores, pred.maps
         return batch
 
 
