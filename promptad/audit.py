@@ -49,13 +49,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from . import storage
 from .artifact import load_artifact
 from .datasets import NORMAL_DEFECT, Sample, load_samples
 from .errors import UserError
-from .images import ImageDecodeError, decode_image, decode_mask, encode_png, map_shape, resize
+from .images import ImageDecodeError, decode_image, decode_mask, encode_png, map_shape, resize, resize_mask
 from .metrics import AUPRO, PixelMetrics, image_summary, per_defect
 from .model import Calibration
 from .postprocess import resize_map
@@ -133,20 +132,6 @@ def visualization_paths(samples: list[Sample]) -> dict[str, str]:
 # --------------------------------------------------------------------------- Ray stages
 
 
-def _resize_rgb(img: np.ndarray, height: int, width: int) -> np.ndarray:
-    if img.shape[:2] == (height, width):
-        return img
-    return np.asarray(Image.fromarray(img).resize((width, height), Image.Resampling.BILINEAR))
-
-
-def _resize_bool(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    if mask.shape == (height, width):
-        return mask
-    im = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height),
-                                                             Image.Resampling.NEAREST)
-    return np.asarray(im) != 0
-
-
 def _read_mask(mask_path: str, label: int, shape: tuple[int, int]
                ) -> tuple[np.ndarray | None, str]:
     """(mask at the image's size or None, why it is unusable or ""). Normal images without a
@@ -201,9 +186,9 @@ def _load_rows(batch: dict[str, np.ndarray], input_size: int, conditions: list[s
             if condition != CLEAN:
                 img, m = apply_shift(condition, image, mask,
                                      shift_seed(str(batch["image_id"][i]), condition))
-            view = _resize_rgb(img, h, w).tobytes() if condition == CLEAN else b""
+            view = resize(img, (h, w)).tobytes() if condition == CLEAN else b""
             emit(i, condition, mask_error=mask_error, hw=(h, w),
-                 mask=_resize_bool(m, h, w) if m is not None else None, view=view,
+                 mask=resize_mask(m, (h, w)) if m is not None else None, view=view,
                  model_input=resize(img, input_size))
     out = {k: _objects(v) for k, v in rows.items() if k != "input"}
     out["label"] = np.asarray(rows["label"], np.int8)

@@ -135,22 +135,29 @@ def decode_mask(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
         raise _decode_failure(e, f"unsupported mask mode {mode}") from None
 
 
-def resize(img: np.ndarray, size: int) -> np.ndarray:
-    """Resize an RGB uint8 image to (size, size, 3): bilinear, antialiased when shrinking.
-
-    PIL widens the bilinear support by the shrink factor, which is the antialiasing; the
-    aspect ratio is not kept (every model input is square).
-    """
-    out = Image.fromarray(_check_rgb(img)).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(out).copy()
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Resize a bool (H, W) mask to (size, size) with nearest neighbour, so labels stay crisp."""
+def resize(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize an RGB uint8 image to (size, size, 3) (model inputs are square) or to (h, w, 3):
+    bilinear, antialiased when shrinking (PIL widens the bilinear support by the shrink factor)."""
+    h, w = _hw(size)
+    img = _check_rgb(img)
+    if img.shape[:2] == (h, w):
+        return img.copy()
+    return np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BILINEAR)).copy()
+
+
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize a bool (H, W) mask to (size, size) or (h, w) with nearest neighbour, so labels stay crisp."""
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
+    h, w = _hw(size)
+    if mask.shape == (h, w):
+        return np.asarray(mask, dtype=bool).copy()
     im = Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255)
-    return np.asarray(im.resize((size, size), Image.Resampling.NEAREST)) != 0
+    return np.asarray(im.resize((w, h), Image.Resampling.NEAREST)) != 0
 
 
 def to_tensor(batch: np.ndarray) -> torch.Tensor:

@@ -307,3 +307,14 @@ def test_real_files_decode(category: str) -> None:
         with Image.open(path) as im:
             width, height = im.size
         _assert_rgb(decode_image(path.read_bytes()), height, width)
+
+
+def test_resize_to_height_width_keeps_values_where_sizes_match():
+    img = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    assert resize(img, (20, 40)).shape == (20, 40, 3)
+    assert np.array_equal(resize(img, (30, 50)), img)
+    mask = np.zeros((30, 50), bool)
+    mask[10:20, 5:25] = True
+    small = resize_mask(mask, (15, 25))
+    assert small.shape == (15, 25) and small[5:10, 3:12].all() and not small[:4].any()
+    assert np.array_equal(resize_mask(mask, (30, 50)), mask)
