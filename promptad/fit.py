@@ -346,22 +346,6 @@ def _training_samples(args: argparse.Namespace, categories: list[str]) -> dict[s
     return {c: sorted(v, key=lambda s: s.image_id) for c, v in by_cat.items()}
 
 
-def _check_resources(args: argparse.Namespace) -> None:
-    """On a local Ray (no autoscaler to add nodes) a request larger than the machine would wait forever."""
-    import ray
-
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if address and address != "local":
-        return
-    have = ray.cluster_resources()
-    for name, per in (("CPU", args.cpus_per_worker), ("GPU", args.gpus_per_worker)):
-        need = per * args.workers
-        if need > have.get(name, 0.0) + 1e-9:
-            flag = "--cpus-per-worker" if name == "CPU" else "--gpus-per-worker"
-            raise UserError(f"--workers {args.workers} x {flag} {per:g} needs {need:g} {name}s but this machine's "
-                            f"Ray has {have.get(name, 0.0):g}; lower --workers or {flag}")
-
-
 @dataclass
 class _Data:
     """Decoded training and held-out images, in the object store."""
@@ -434,7 +418,7 @@ def run(args: argparse.Namespace) -> FitSummary:
 
     Everything a user can get wrong (data, category, backbone, storage, --resume, resources) is
     checked before training starts."""
-    from .raycluster import connect
+    from .raycluster import check_fits, connect, is_local
 
     t0 = time.time()
     categories = sorted(set(args.category))
@@ -448,7 +432,12 @@ def run(args: argparse.Namespace) -> FitSummary:
         _check_writable(storage_uri, "--storage")
     _check_writable(args.out, "--out")
     connect(args.address)
-    _check_resources(args)
+    check_fits({"CPU": (args.cpus_per_worker * args.workers,
+                        f"--workers {args.workers} x --cpus-per-worker {args.cpus_per_worker:g}"),
+                "GPU": (args.gpus_per_worker * args.workers,
+                        f"--workers {args.workers} x --gpus-per-worker {args.gpus_per_worker:g}")},
+               "the training workers", "lower --workers or the per-worker resources",
+               is_local(args.address))
     run_name = run_name or _new_run(storage_uri, config)
     run_dir = storage.join(storage_uri, run_name)
 

@@ -21,3 +21,33 @@ def connect(address: str | None = None) -> None:
         # "local" always starts a new Ray: a bare ray.init() would join whatever cluster another
         # process on this machine started last (/tmp/ray/ray_current_cluster).
         ray.init(address="local", include_dashboard=False, log_to_driver=True)
+
+
+def is_local(address: str | None) -> bool:
+    """True when this command starts its own Ray (no autoscaler can add nodes to it)."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    return not address or address == "local"
+
+
+def check_fits(needs: dict[str, tuple[float, str]], what: str, fix: str, local: bool) -> None:
+    """A resource request the cluster can never grant would wait forever; say so instead.
+
+    `needs` maps a resource (CPU, GPU) to (amount, how the flags asked for it). On a Ray this
+    command started itself that is a UserError; on an existing cluster only a warning, since its
+    autoscaler may still add the nodes.
+    """
+    import sys
+
+    import ray
+
+    have = ray.cluster_resources()
+    missing = [f"{asked} needs {amount:g} {name}s but this machine's Ray has {have.get(name, 0.0):g}"
+               for name, (amount, asked) in needs.items() if amount > have.get(name, 0.0) + 1e-9]
+    if not missing:
+        return
+    msg = f"this Ray cluster cannot run {what}: {'; '.join(missing)}"
+    if local:
+        from .errors import UserError
+
+        raise UserError(f"{msg}; {fix}")
+    print(f"warning: {msg}; waiting for the autoscaler", file=sys.stderr)

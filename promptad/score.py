@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import posixpath
 import sys
 import threading
@@ -355,26 +354,6 @@ class Progress:
         self.summary.seconds = time.monotonic() - self.start
 
 
-def _check_resources(cpus_per_actor: float, gpus_per_actor: float, local: bool) -> None:
-    """An actor pool that can never start would wait forever; say so instead. Only for a Ray we
-    started ourselves: a cluster with an autoscaler may still add the nodes."""
-    import ray
-
-    have = ray.cluster_resources()
-    missing = []
-    if gpus_per_actor > have.get("GPU", 0):
-        missing.append(f"--gpus-per-actor {gpus_per_actor:g} but it has {have.get('GPU', 0):g} GPUs")
-    if cpus_per_actor + READ_CPUS + COMMIT_CPUS > have.get("CPU", 0):
-        missing.append(f"--cpus-per-actor {cpus_per_actor:g} plus {READ_CPUS + COMMIT_CPUS:g} for reads and "
-                       f"writes but it has {have.get('CPU', 0):g} CPUs")
-    if not missing:
-        return
-    msg = f"this Ray cluster cannot run one scoring actor: {'; '.join(missing)}"
-    if local:
-        raise UserError(msg + "; lower the per-actor resources or pass --address of a bigger cluster")
-    print(f"score: warning: {msg}; waiting for the autoscaler", file=sys.stderr)
-
-
 def _warn_if_local_output_on_many_nodes(output_uri: str) -> None:
     """Commit tasks write where they run: a local --output on a multi-node cluster is only right on a
     filesystem every node shares (the final count would otherwise miss the other nodes' files)."""
@@ -410,7 +389,13 @@ def score(model_uri: str, input_uri: str, output_uri: str, *, actors: int = 1, g
     print(f"score: {summary.inputs} inputs, {summary.already_done} already in {output_uri}, scoring "
           f"{todo.num_rows} with model {model_id} (run {run_id})", file=sys.stderr, flush=True)
     if todo.num_rows:
-        _check_resources(cpus_per_actor, gpus_per_actor, local_ray)
+        from .raycluster import check_fits
+
+        check_fits({"CPU": (cpus_per_actor + READ_CPUS + COMMIT_CPUS,
+                            f"--cpus-per-actor {cpus_per_actor:g} plus {READ_CPUS + COMMIT_CPUS:g} for reads and writes"),
+                    "GPU": (gpus_per_actor, f"--gpus-per-actor {gpus_per_actor:g}")},
+                   "one scoring actor", "lower the per-actor resources or pass --address of a bigger cluster",
+                   local_ray)
         _warn_if_local_output_on_many_nodes(output_uri)
         clean_staging(output_uri)
         storage.makedirs(output_uri)
@@ -471,10 +456,9 @@ def _verify(inputs: pa.Table, output_uri: str) -> None:
 
 def run(args: argparse.Namespace) -> Summary:
     """`promptad score` (and jobs/score.py)."""
-    from .raycluster import connect
+    from .raycluster import connect, is_local
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    local = address in (None, "", "local")
+    local = is_local(args.address)
     connect(args.address)
     summary = score(args.model, args.input, args.output, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                     cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, run_id=args.run_id,

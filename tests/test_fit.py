@@ -130,7 +130,7 @@ def test_more_workers_than_the_machine(ray_local, data, tmp_path, capsys):
     cpus = ray_local.cluster_resources()["CPU"]
     line = fails(["fit", "--data", str(data), "--category", "tile", "--out", str(tmp_path / "m"),
                   "--input-size", str(SIZE), "--workers", str(int(cpus * 4) + 2)], capsys)
-    assert "CPUs but this machine's Ray has" in line and "lower --workers" in line
+    assert "CPUs but this machine's Ray has" in line and "lower --workers" in line and "\n" not in line
 
 
 # --------------------------------------------------------------------------- training runs
