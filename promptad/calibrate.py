@@ -48,8 +48,8 @@ def calibrate_category(model: PromptAD, category: str, normals: np.ndarray, seed
     masks = np.stack([p[1] > 0.5 for p in pairs])
     normal_c = _components(model, normals, category, batch_size)
     synth_c = _components(model, synth, category, batch_size)
-    mem_scale = float(np.quantile(normal_c["memory"].numpy(), 0.99)) or 1.0
-    cal = replace(model.calibration[category], memory_scale=max(mem_scale, 1e-6))
+    mem_scale = float(np.quantile(normal_c["memory"].numpy(), 0.99))
+    cal = replace(model.calibration[category], memory_scale=max(mem_scale, 1e-6))  # 0 if normals repeat the bank
     model.calibration[category] = cal
     cats = [category] * len(normals)
 

@@ -246,17 +246,20 @@ class PromptAD(nn.Module):
     def fuse(self, comps: dict[str, torch.Tensor], categories: list[str],
              fusion: dict[str, dict[str, float]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores (N,), maps (N, S, S)) from components; `fusion` overrides the calibrated weights."""
-        n = comps["head"].shape[0]
-        grid = torch.zeros_like(comps["head"])
-        img_text = torch.zeros(n, device=grid.device)
-        for i, cat in enumerate(categories):
-            cal = self.calibration[cat]
-            wts = (fusion or {}).get(cat, cal.fusion)
-            grid[i] = (wts.get("memory", 0.0) * comps["memory"][i] / cal.memory_scale
-                       * (1.0 + wts.get("head", 0.0) * comps["head"][i]))
-            if "text" in comps:
-                grid[i] += wts.get("text", 0.0) * comps["text"][i]
-                img_text[i] = wts.get("text", 0.0) * comps["image_text"][i]
+        head = comps["head"]
+
+        def per_row(values: list[float]) -> torch.Tensor:  # one weight per image, broadcast over (h, w)
+            return torch.tensor(values, dtype=head.dtype, device=head.device).view(-1, 1, 1)
+
+        weights = [(fusion or {}).get(c, self.calibration[c].fusion) for c in categories]
+        w_mem = per_row([w.get("memory", 0.0) / self.calibration[c].memory_scale for c, w in zip(categories, weights)])
+        w_head = per_row([w.get("head", 0.0) for w in weights])
+        grid = w_mem * comps["memory"] * (1.0 + w_head * head)
+        img_text = torch.zeros(head.shape[0], dtype=head.dtype, device=head.device)
+        if "text" in comps:
+            w_text = per_row([w.get("text", 0.0) for w in weights])
+            grid = grid + w_text * comps["text"]
+            img_text = w_text.view(-1) * comps["image_text"]
         size = self.cfg.input_size
         maps = F.interpolate(grid.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         maps = gaussian_blur(maps, self.cfg.blur_sigma)
