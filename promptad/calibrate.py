@@ -49,7 +49,8 @@ def calibrate_category(model: PromptAD, category: str, normals: np.ndarray, seed
     normal_c = _components(model, normals, category, batch_size)
     synth_c = _components(model, synth, category, batch_size)
     mem_scale = float(np.quantile(normal_c["memory"].numpy(), 0.99))
-    cal = replace(model.calibration[category], memory_scale=max(mem_scale, 1e-6))  # 0 if normals repeat the bank
+    # ~0 when the calibration images are in the bank (tiny categories calibrate on their fit images)
+    cal = replace(model.calibration[category], memory_scale=mem_scale if mem_scale > 1e-6 else 1.0)
     model.calibration[category] = cal
     cats = [category] * len(normals)
 
