@@ -111,7 +111,8 @@ class EffNetLite(Backbone):
         net = EfficientNet.from_name(name.replace("effnet", "efficientnet"), image_size=None)
         state = torch.load(weight_path, map_location="cpu", weights_only=True)
         net.load_state_dict(state, strict=True)
-        net.set_swish(memory_efficient=False)
+        # The package builds Lite nets with ReLU6, the activation these weights were trained with.
+        # (Its set_swish() would swap in Swish everywhere and skew every feature: never call it.)
         self.stem = nn.Sequential(net._conv_stem, net._bn0, net._swish)
         self.blocks = net._blocks
         self.drop_connect = 0.0
