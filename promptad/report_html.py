@@ -5,7 +5,7 @@ Top to bottom: the go / no-go line, warnings, the decision rates at the deployed
 strengths, the macro means, one section per category (metrics per condition, what-if
 thresholds, ROC / PR / histogram plots, per-defect table, worst false positives and negatives),
 and a glossary of the columns. Everything it shows is inside the file: plots are inline SVG
-(plots.py) and thumbnails are downsized PNG data URIs of the visualizations, whose full-size
+(plots.py) and thumbnails are downsized JPEG data URIs of the visualizations, whose full-size
 files stay in visualization_results/. Every table lists categories in the report's order and
 conditions as clean, then the shifts in the order they were asked for.
 """
@@ -23,8 +23,10 @@ from PIL import Image
 
 from .plots import histogram_svg, pr_svg, roc_svg
 from .report import METRICS, THRESHOLD_METRICS, CategoryCurves, Example, WorstCases
+from .verdict import percent
 
 THUMB_WIDTH = 640  # px: thumbnails embedded in the page; full size in visualization_results/
+THUMB_QUALITY = 85  # JPEG: a fifth of the PNG's size at this width, text still crisp enough
 
 
 # --------------------------------------------------------------------------- formatting
@@ -86,17 +88,7 @@ def _fmt_threshold(value) -> str:
     return "0" if float(text) == 0 else text
 
 
-def _pct(value) -> str:
-    """A rate in percent: one decimal (two below 0.1 %), never "-0.0 %"."""
-    if not _finite(value):
-        return "n/a"
-    v = float(value)
-    digits = 1 if v >= 0.001 or v == 0 else 2
-    text = f"{100 * v:.{digits}f}"
-    return f"{'0' if float(text) == 0 else text} %"
-
-
-def _ci(interval, fmt=_pct) -> str:
+def _ci(interval, fmt=percent) -> str:
     if not interval or not all(_finite(v) for v in interval):
         return ""
     return f'<span class="ci">[{fmt(interval[0])}, {fmt(interval[1])}]</span>'
@@ -139,7 +131,7 @@ def _rates_row(name: str, rates: dict, decision: str) -> str:
     cells = [cell(k, _fmt(rates.get(k))) for k, _ in _RATE_COLUMNS]
     for k, ci in (("false_alarm_rate", "false_alarm_ci"), ("miss_rate", "miss_ci"),
                   ("recall", "recall_ci")):
-        cells.append(cell(k, _pct(rates.get(k)) + _ci(rates.get(ci))))
+        cells.append(cell(k, percent(rates.get(k)) + _ci(rates.get(ci))))
     cells.append(cell("image_auroc", _fmt(rates.get("image_auroc"))
                       + _ci(rates.get("image_auroc_ci"), _fmt)))
     css = decision.replace(" ", "-")
@@ -176,8 +168,8 @@ def _calibration_table(report: dict) -> str:
         th = cat.get("thresholds", {})
         n = cal.get("n_normal")
         cells = [_fmt_threshold(th.get("image")), _fmt_threshold(th.get("pixel")),
-                 _pct(cal.get("image_fpr_target")), "n/a" if n is None else str(n),
-                 _pct(cal.get("image_fpr_achievable")),
+                 percent(cal.get("image_fpr_target")), "n/a" if n is None else str(n),
+                 percent(cal.get("image_fpr_achievable")),
                  _e(cal.get("threshold_rule") or "not recorded in the artifact")]
         fields = ("image_threshold", "pixel_threshold", "image_fpr_target", "n_normal",
                   "image_fpr_achievable", "threshold_rule")
@@ -239,19 +231,19 @@ def _what_if_table(name: str, cat: dict) -> str:
         return ""
     normal = cat.get("rates", {}).get("normal", 0)
     body = "".join(
-        f"<tr><td>{_pct(r['target_fpr'])}</td>"
+        f"<tr><td>{percent(r['target_fpr'])}</td>"
         + "".join(f'<td data-category="{_e(name)}" data-target="{r["target_fpr"]:g}" '
                   f'data-field="{k}">{fmt(r.get(k))}</td>'
-                  for k, fmt in (("threshold", _what_if_threshold), ("fpr", _pct),
-                                 ("recall", _pct)))
+                  for k, fmt in (("threshold", _what_if_threshold), ("fpr", percent),
+                                 ("recall", percent)))
         + ("<td>measured</td>" if r.get("resolvable") else
            f"<td>{normal} normals allow no false alarm here: zero-false-alarm threshold</td>")
         + "</tr>"
         for r in rows)
     rates = cat.get("rates", {})
     deployed = (f"<p>Deployed threshold {_fmt_threshold(cat.get('thresholds', {}).get('image'))}:"
-                f" false-alarm rate {_pct(rates.get('false_alarm_rate'))}, recall "
-                f"{_pct(rates.get('recall'))} on these images. Thresholds below are read off "
+                f" false-alarm rate {percent(rates.get('false_alarm_rate'))}, recall "
+                f"{percent(rates.get('recall'))} on these images. Thresholds below are read off "
                 "these normal images, so they are only as good as their number.</p>")
     return ("<h3>What if: recall at a false-alarm budget</h3>" + deployed
             + '<table class="what-if"><tr><th>false-alarm budget</th><th>threshold needed</th>'
@@ -282,8 +274,10 @@ def _per_defect_table(per_defect: dict) -> str:
 
 
 def thumbnail_data_uri(path: Path, max_width: int = THUMB_WIDTH) -> str | None:
-    """The PNG at `path` downsized to at most `max_width` pixels wide, as a data: URI, so the
-    page shows it without the file beside it; None when the file is missing or unreadable."""
+    """The picture at `path` downsized to at most `max_width` pixels wide, as a JPEG data: URI,
+    so the page shows it without the file beside it and stays small enough to mail (~25 KB
+    a thumbnail; the lossless PNG stays in visualization_results/). None when the file is
+    missing or unreadable."""
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
@@ -291,10 +285,10 @@ def thumbnail_data_uri(path: Path, max_width: int = THUMB_WIDTH) -> str | None:
                 im = im.resize((max_width, max(1, round(im.height * max_width / im.width))),
                                Image.Resampling.LANCZOS)
             buf = io.BytesIO()
-            im.save(buf, format="PNG", optimize=True)
+            im.save(buf, format="JPEG", quality=THUMB_QUALITY)
     except OSError:
         return None
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _thumbs(kind: str, examples: list[Example], threshold: float, root: Path) -> str:

@@ -47,10 +47,12 @@ class Targets:
                              "lower bound >= target"}
 
 
-def _pct(value: float | None) -> str:
-    """A rate in words-ready percent: 27.8 %, 0.1 %, never -0 %."""
-    if value is None or not math.isfinite(value):
+def percent(value: float | None) -> str:
+    """A rate in percent for people: "27.8 %", "0.05 %" below 0.1 %, never "-0 %";
+    "n/a" when undefined."""
+    if value is None or not math.isfinite(float(value)):
         return "n/a"
+    value = float(value)
     digits = 1 if value >= 0.001 or value == 0 else 2
     text = f"{100 * value:.{digits}f}"
     return f"{'0' if float(text) == 0 else text} %"
@@ -97,8 +99,8 @@ def sample_warnings(rates: dict, calibration: dict, targets: Targets) -> list[st
             and achievable is not None and target < achievable:
         # a newer artifact states its own calibration warnings; an older one gets this
         out.append(f"The deployed threshold was set by {n_cal} held-out normal images: they "
-                   f"cannot resolve a false-alarm rate below about {_pct(achievable)}, so its "
-                   f"{_pct(target)} target is not supported; calibrate on at least "
+                   f"cannot resolve a false-alarm rate below about {percent(achievable)}, so its "
+                   f"{percent(target)} target is not supported; calibrate on at least "
                    f"{math.ceil(1 / target - 1)} normal images.")
     normal, anomalous = rates["normal"], rates["anomalous"]
     claim = targets.max_false_alarm if targets.max_false_alarm is not None else target
@@ -108,8 +110,8 @@ def sample_warnings(rates: dict, calibration: dict, targets: Targets) -> list[st
         need = wilson_min_n(claim)
         if need is None or normal < need:
             out.append(f"{normal} normal images can show at best a false-alarm rate below "
-                       f"{_pct(wilson_interval(0, normal)[1])} (95 %), even with no false alarm; "
-                       f"showing {_pct(claim)} needs "
+                       f"{percent(wilson_interval(0, normal)[1])} (95 %), even with no false alarm; "
+                       f"showing {percent(claim)} needs "
                        + (f"at least {need} normal images." if need else "an infinite sample."))
     if anomalous == 0:
         out.append("No defective images were audited: recall is not measured.")
@@ -117,8 +119,8 @@ def sample_warnings(rates: dict, calibration: dict, targets: Targets) -> list[st
         need = wilson_min_n(1.0 - targets.min_recall)
         if need is None or anomalous < need:
             out.append(f"{anomalous} defective images can show at best a recall above "
-                       f"{_pct(wilson_interval(anomalous, anomalous)[0])} (95 %), even with none "
-                       f"missed; showing {_pct(targets.min_recall)} needs "
+                       f"{percent(wilson_interval(anomalous, anomalous)[0])} (95 %), even with none "
+                       f"missed; showing {percent(targets.min_recall)} needs "
                        + (f"at least {need} defective images." if need else "an infinite sample."))
     if 0 < min(normal, anomalous) < MIN_PER_CLASS_FOR_AUROC_CI:
         out.append(f"The image AUROC interval rests on {normal} normal and {anomalous} defective "
@@ -136,15 +138,15 @@ def judge(rates: dict, targets: Targets) -> dict:
         checks.append({
             "target": "max_false_alarm", "value": t, "bound": hi, "passed": passed,
             "reason": f"false alarms {rates['fp']}/{rates['normal']} = "
-                      f"{_pct(rates['false_alarm_rate'])}, upper 95 % bound {_pct(hi)} "
-                      f"{'<=' if passed else '>'} target {_pct(t)}"})
+                      f"{percent(rates['false_alarm_rate'])}, upper 95 % bound {percent(hi)} "
+                      f"{'<=' if passed else '>'} target {percent(t)}"})
     if targets.min_recall is not None:
         t, lo = targets.min_recall, rates["recall_ci"][0]
         passed = lo >= t
         checks.append({
             "target": "min_recall", "value": t, "bound": lo, "passed": passed,
-            "reason": f"recall {rates['tp']}/{rates['anomalous']} = {_pct(rates['recall'])}, "
-                      f"lower 95 % bound {_pct(lo)} {'>=' if passed else '<'} target {_pct(t)}"})
+            "reason": f"recall {rates['tp']}/{rates['anomalous']} = {percent(rates['recall'])}, "
+                      f"lower 95 % bound {percent(lo)} {'>=' if passed else '<'} target {percent(t)}"})
     decision = NOT_JUDGED if not checks else GO if all(c["passed"] for c in checks) else NO_GO
     return {"decision": decision, "checks": checks}
 
@@ -185,9 +187,9 @@ def overall_verdict(categories: dict[str, dict], targets: Targets) -> dict:
               if cat["verdict"]["decision"] != GO]
     asked = []
     if targets.max_false_alarm is not None:
-        asked.append(f"false alarms <= {_pct(targets.max_false_alarm)}")
+        asked.append(f"false alarms <= {percent(targets.max_false_alarm)}")
     if targets.min_recall is not None:
-        asked.append(f"recall >= {_pct(targets.min_recall)}")
+        asked.append(f"recall >= {percent(targets.min_recall)}")
     wanted = " and ".join(asked) + " at 95 % confidence"
     if not failed:
         return {"decision": GO, "failed": [],

@@ -354,7 +354,7 @@ def test_visualizations_and_html(audited):
         assert report["shifts"][name]["description"] in html  # its strength
     # thumbnails: embedded, one per worst case (at most 8 of each kind per category)
     srcs = [t.split('"')[0] for t in html.split('src="')[1:]]
-    assert all(src.startswith("data:image/png;base64,") for src in srcs)
+    assert all(src.startswith("data:image/jpeg;base64,") for src in srcs)
     expected = 0
     for cat in CATEGORIES:
         thr = report["categories"][cat]["thresholds"]["image"]

@@ -34,8 +34,8 @@ from promptad.report import (
     worst_indices,
     write_report_json,
 )
-from promptad.report_html import THUMB_WIDTH, _fmt, _pct, _signed, write_html_report
-from promptad.verdict import Targets, decision_summary, overall_verdict
+from promptad.report_html import THUMB_WIDTH, _fmt, _signed, write_html_report
+from promptad.verdict import Targets, decision_summary, overall_verdict, percent
 
 VOID = {"meta", "img", "br", "hr", "input", "link"}
 SHIFT_ORDER = ["noise", "blur"]  # not alphabetical: every table must keep this order
@@ -304,8 +304,8 @@ def test_html_report_has_the_verdict_rates_and_the_dicts_numbers(tmp_path):
 def test_numbers_never_print_negative_zero():
     assert _fmt(-0.0) == "0.000" and _fmt(-1e-5) == "0.000" and _fmt(-0.0006) == "-0.001"
     assert _signed(-1e-5) == "0.000" and _signed(0.0) == "0.000" and _signed(0.0123) == "+0.012"
-    assert _pct(-0.0) == "0 %" and _pct(0.278) == "27.8 %" and _pct(0.0005) == "0.05 %"
-    assert _fmt(float("nan")) == "n/a" and _pct(None) == "n/a"
+    assert percent(-0.0) == "0 %" and percent(0.278) == "27.8 %" and percent(0.0005) == "0.05 %"
+    assert _fmt(float("nan")) == "n/a" and percent(None) == "n/a"
 
 
 def test_thumbnails_are_embedded_downsized(tmp_path):
@@ -316,7 +316,7 @@ def test_thumbnails_are_embedded_downsized(tmp_path):
     examples = [e for w in worst.values() for e in w.false_positives + w.false_negatives]
     assert examples and len(page.imgs) == len(examples)
     for src, e in zip(page.imgs, examples):
-        assert src.startswith("data:image/png;base64,")
+        assert src.startswith("data:image/jpeg;base64,")
         thumb = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
         full = Image.open(tmp_path / e.png)
         assert thumb.width == min(THUMB_WIDTH, full.width) < full.width
