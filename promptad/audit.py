@@ -26,8 +26,11 @@ Decisions a reader of the numbers needs:
 - Shifts are applied at the image's original resolution (blur, noise and JPEG act on camera
   pixels), seeded per (image_id, shift), so a rerun gives the same numbers.
 - An image that cannot be read or decoded, or that the model returns a non-finite score or an
-  empty / non-finite map for, is listed in report.json "errors" and counted, not scored. An anomalous image without a usable mask counts for image metrics and is skipped by
-  pixel metrics ("pixel_skipped"); a mask that exists but cannot be read is also an error entry.
+  empty / non-finite map for, is listed in report.json "errors" and counted, not scored. An
+  anomalous image without a usable mask counts for image metrics and is skipped by pixel
+  metrics ("pixel_skipped"); a mask that exists but cannot be read is also an error entry.
+- The verdict (verdict.py) is judged on 95 % confidence bounds of the clean images' rates at
+  the deployed threshold, per category; the pooled rates are for information.
 - "overall" is the macro mean over categories (report.overall_summary, as in the MVTec AD
   literature); "pooled" holds image metrics over all images of all categories together, each
   score mapped by its category's `to_unit`, so its at-threshold numbers are the line's real
