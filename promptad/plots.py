@@ -149,7 +149,8 @@ def histogram_svg(normal_scores: np.ndarray, anomalous_scores: np.ndarray, thres
 
 PANEL_TITLES = ("input", "anomaly map over the input", "ground truth")
 _MIN_PANEL = 192  # small images are enlarged (whole pixels) so that titles fit above them
-_MARGIN, _GAP, _TOP, _BOTTOM, _BAR, _BAR_LABELS = 8, 8, 24, 40, 12, 110
+_ONE_LINE_TITLES = 230  # px: narrower panels (portrait images) get the long title on two lines
+_MARGIN, _GAP, _BOTTOM, _BAR, _BAR_LABELS = 8, 8, 40, 12, 110
 
 
 @dataclass(frozen=True)
@@ -163,16 +164,20 @@ class VisualizationLayout:
     scale: int
     panels: tuple[tuple[int, int, int, int], ...]  # input, overlay, ground truth
     colorbar: tuple[int, int, int, int]
+    titles: tuple[str, ...] = PANEL_TITLES
 
     @classmethod
     def of(cls, h: int, w: int) -> "VisualizationLayout":
         scale = max(1, math.ceil(_MIN_PANEL / max(h, w)))
         ph, pw = h * scale, w * scale
-        panels = tuple((_MARGIN + i * (pw + _GAP), _TOP, _MARGIN + i * (pw + _GAP) + pw, _TOP + ph)
+        titles = PANEL_TITLES if pw >= _ONE_LINE_TITLES else \
+            tuple(t.replace(" over ", "\nover ") for t in PANEL_TITLES)
+        top = 10 + 17 * max(t.count("\n") + 1 for t in titles)
+        panels = tuple((_MARGIN + i * (pw + _GAP), top, _MARGIN + i * (pw + _GAP) + pw, top + ph)
                        for i in range(3))
         bar_x = panels[-1][2] + _GAP + 4
-        return cls(width=bar_x + _BAR + _BAR_LABELS, height=_TOP + ph + _BOTTOM, scale=scale,
-                   panels=panels, colorbar=(bar_x, _TOP, bar_x + _BAR, _TOP + ph))
+        return cls(width=bar_x + _BAR + _BAR_LABELS, height=top + ph + _BOTTOM, scale=scale,
+                   panels=panels, colorbar=(bar_x, top, bar_x + _BAR, top + ph), titles=titles)
 
 
 def map_norm(amap: np.ndarray, center: float, threshold: float) -> Normalize:
@@ -210,7 +215,7 @@ def visualization(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, 
         fig = Figure(figsize=(lay.width / 100, lay.height / 100), dpi=100)
         fig.patch.set_facecolor("white")
         axes = [fig.add_axes(_fraction(box, lay)) for box in lay.panels]
-        for ax, title, (x0, y0, x1, _) in zip(axes, PANEL_TITLES, lay.panels):
+        for ax, title, (x0, y0, x1, _) in zip(axes, lay.titles, lay.panels):
             ax.set_axis_off()  # titles as figure text: an axes title costs a layout pass
             fig.text((x0 + x1) / 2 / lay.width, 1 - (y0 - 5) / lay.height, title,
                      ha="center", va="bottom")

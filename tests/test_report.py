@@ -462,6 +462,11 @@ def test_visualization_without_mask_or_calibration_and_bad_input():
     image = np.full((h, w, 3), 128, np.uint8)
     lay = VisualizationLayout.of(h, w)
     assert lay.scale == 1
+    # a portrait panel is too narrow for the long title on one line: it gets two, and room
+    assert lay.titles[1] == "anomaly map\nover the input"
+    wide = VisualizationLayout.of(h, 2 * w)
+    assert wide.titles[1] == "anomaly map over the input"
+    assert lay.panels[0][1] > wide.panels[0][1]
     out = visualization(image, np.zeros((h, w)), None, pixel_center=0.0,
                         pixel_threshold=float("inf"), caption="uncalibrated")
     truth = _box(out, lay.panels[2])
