@@ -1,5 +1,6 @@
 """Entrypoint for `ray job submit -- python jobs/audit.py ARGS`: the same arguments and behaviour
-as `promptad audit ARGS` (inside a Ray job, RAY_ADDRESS points at the cluster)."""
+as `promptad audit ARGS` (inside a Ray job, RAY_ADDRESS points at the cluster), including the
+exit status: 3 when a category misses --max-false-alarm / --min-recall fails the job."""
 import sys
 from pathlib import Path
 

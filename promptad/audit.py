@@ -9,9 +9,10 @@ Data flow (Ray Data, streaming: nothing on the driver grows with the images' pix
                       metric resolution
       -> _Scorer      (actor pool) predict.predict -- the same inference path as `score` --
                       then the map resized to the metric resolution
-      -> _render      (CPU tasks) the side-by-side PNG of every clean image
+      -> _render      (CPU tasks) the labelled visualization PNG of every clean image
       -> driver       fold each row into per-(category, condition) accumulators, write the
-                      PNG and one scores.csv row; then report.json and report.html
+                      PNG and one scores.csv row; then report.json and report.html, and the
+                      verdict against --max-false-alarm / --min-recall (exit 3 on no-go)
 
 Decisions a reader of the numbers needs:
 - Metric resolution: every map is compared with its mask at `images.map_shape(H, W)`, the
@@ -24,9 +25,12 @@ Decisions a reader of the numbers needs:
   threshold" counts exactly the pixels with raw value >= cal.pixel_threshold.
 - Shifts are applied at the image's original resolution (blur, noise and JPEG act on camera
   pixels), seeded per (image_id, shift), so a rerun gives the same numbers.
-- An image that cannot be read or decoded is listed in report.json "errors" and counted, not
-  scored. An anomalous image without a usable mask counts for image metrics and is skipped by
-  pixel metrics ("pixel_skipped"); a mask that exists but cannot be read is also an error entry.
+- An image that cannot be read or decoded, or that the model returns a non-finite score or an
+  empty / non-finite map for, is listed in report.json "errors" and counted, not scored. An
+  anomalous image without a usable mask counts for image metrics and is skipped by pixel
+  metrics ("pixel_skipped"); a mask that exists but cannot be read is also an error entry.
+- The verdict (verdict.py) is judged on 95 % confidence bounds of the clean images' rates at
+  the deployed threshold, per category; the pooled rates are for information.
 - "overall" is the macro mean over categories (report.overall_summary, as in the MVTec AD
   literature); "pooled" holds image metrics over all images of all categories together, each
   score mapped by its category's `to_unit`, so its at-threshold numbers are the line's real
@@ -57,25 +61,20 @@ from .errors import UserError
 from .images import ImageDecodeError, decode_image, decode_mask, encode_png, map_shape, resize, resize_mask
 from .metrics import AUPRO, PixelMetrics, image_summary, per_defect
 from .model import Calibration
+from .plots import visualization
 from .postprocess import resize_map
 from .predict import load_for_worker, predict_rows
-from .report import (
-    CategoryCurves,
-    Example,
-    WorstCases,
-    overall_summary,
-    side_by_side,
-    with_drop,
-    write_html_report,
-    write_report_json,
-)
+from .report import CategoryCurves, Example, WorstCases, overall_summary, with_drop, write_report_json
+from .report_html import write_html_report
 from .shifts import SHIFTS, apply_shift, parse_shifts
+from .verdict import NO_GO, Targets, decision_summary, overall_verdict
 
 CLEAN = "clean"
 VIS_DIR = "visualization_results"
 WORST_K = 8  # worst false positives / negatives shown per category
 LOAD_BATCH = 4  # images per read task; each becomes 1 + len(shifts) rows
 ANOMALOUS_DEFECT = "anomalous"  # defect name of a manifest's anomalous row without one
+EXIT_TARGETS_MISSED = 3  # `promptad audit` exit status when a category misses a target
 CSV_COLUMNS = ("image_id", "path", "category", "condition", "label", "defect", "has_mask",
                "score", "score_norm", "is_anomalous", "threshold", "error")
 _BELOW_HALF = float(np.nextafter(0.5, 0.0))
@@ -207,30 +206,65 @@ def _objects(values: list) -> np.ndarray:
 
 
 class _Scorer:
-    """One model per actor, loaded once; rows that failed to load pass through unscored."""
+    """One model per actor, loaded once; rows that failed to load pass through unscored, and
+    a row the model could not score (an error from predict_rows, a non-finite score, an
+    empty or non-finite map) becomes an error row, never an exception."""
 
     def __init__(self, model_uri: str, device: str, threads: int):
         self.model = load_for_worker(model_uri, device, threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pred = predict_rows(self.model, batch["input"], batch["category"], batch["error"])
-        maps = _objects([b""] * len(pred.scores))
-        for i in np.flatnonzero(np.isfinite(pred.scores)):
+        n = len(batch["image_id"])
+        maps, errors = _objects([b""] * n), _objects([str(e) for e in batch["error"]])
+        pred_errors = getattr(pred, "errors", None)  # a newer predict_rows may name them
+        for i in range(n):
+            if errors[i]:
+                continue
+            why = str(pred_errors[i]) if pred_errors is not None and pred_errors[i] else ""
+            amap = np.asarray(pred.maps[i]) if i < len(pred.maps) else np.empty(0)
+            why = why or _prediction_problem(float(pred.scores[i]), amap)
+            if why:
+                errors[i] = f"predict: {why}"
+                continue
             shape = (int(batch["height"][i]), int(batch["width"][i]))
-            maps[i] = resize_map(pred.maps[i], shape).tobytes()
+            maps[i] = resize_map(amap, shape).tobytes()
         out = {k: v for k, v in batch.items() if k != "input"}
-        out["score"], out["map"] = pred.scores, maps
+        out["score"], out["map"], out["error"] = pred.scores, maps, errors
         return out
+
+
+def _prediction_problem(score: float, amap: np.ndarray) -> str:
+    """Why a prediction cannot be used ("" when it can)."""
+    if not math.isfinite(score):
+        return f"non-finite image score ({score})"
+    if amap.ndim != 2 or amap.size == 0:
+        return f"empty or malformed anomaly map (shape {amap.shape})"
+    if not np.all(np.isfinite(amap)):
+        return "anomaly map has non-finite values"
+    return ""
 
 
 def _unpack_mask(packed: bytes, h: int, w: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(packed, np.uint8), count=h * w).reshape(h, w).astype(bool)
 
 
+def caption(image_id: str, defect: str, score: float, threshold: float, width: int = 72) -> str:
+    """The line under a visualization: which image, its score against the deployed threshold,
+    the decision and whether it was right. Long ids keep their end (the file name)."""
+    flagged = score >= threshold
+    outcome = ("false alarm" if flagged else "correct") if defect == NORMAL_DEFECT else \
+        ("caught" if flagged else "missed")
+    name = image_id if len(image_id) <= width else "..." + image_id[-(width - 3):]
+    thr = f"{threshold:.4g}" if math.isfinite(threshold) else "none (uncalibrated)"
+    return (f"{name}\nscore {score:.4g} | threshold {thr} | decision: "
+            f"{'anomalous' if flagged else 'normal'} | truth: {defect} ({outcome})")
+
+
 def _render(batch: dict[str, np.ndarray], calibration: dict[str, Calibration]
             ) -> dict[str, np.ndarray]:
-    """input | map overlay (normalized as score's map_png: deployed threshold at 0.5) | mask,
-    as PNG bytes for each scored clean row."""
+    """The labelled visualization (plots.visualization: input | map over the input with the
+    pixel-threshold contour | mask, colour bar, caption) as PNG bytes for each scored clean row."""
     n = len(batch["image_id"])
     pngs = _objects([b""] * n)
     for i in range(n):
@@ -240,8 +274,11 @@ def _render(batch: dict[str, np.ndarray], calibration: dict[str, Calibration]
         view = np.frombuffer(batch["view"][i], np.uint8).reshape(h, w, 3)
         amap = np.frombuffer(batch["map"][i], np.float32).reshape(h, w)
         mask = _unpack_mask(batch["mask"][i], h, w) if batch["has_mask"][i] else None
-        norm = calibration[str(batch["category"][i])].normalize_map(amap)
-        pngs[i] = encode_png(side_by_side(view, norm, mask))
+        cal = calibration[str(batch["category"][i])]
+        text = caption(str(batch["image_id"][i]), str(batch["defect"][i]),
+                       float(batch["score"][i]), cal.image_threshold)
+        pngs[i] = encode_png(visualization(view, amap, mask, pixel_center=cal.pixel_center,
+                                           pixel_threshold=cal.pixel_threshold, caption=text))
     out = {k: v for k, v in batch.items() if k != "view"}
     out["png"] = pngs
     return out
@@ -364,12 +401,14 @@ def _csv_value(value) -> str:
     return str(value)
 
 
-def run(args: argparse.Namespace) -> None:
-    """The `promptad audit` command (flags in cli.py)."""
+def run(args: argparse.Namespace) -> int:
+    """The `promptad audit` command (flags in cli.py). Returns the exit status: 0, or
+    EXIT_TARGETS_MISSED when a category misses --max-false-alarm / --min-recall."""
     started = time.time()
     created_at = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
     report_dir = _check_report_dir(args.report)
     conditions = [CLEAN, *parse_shifts(args.shifts or "")]
+    targets = Targets(getattr(args, "max_false_alarm", None), getattr(args, "min_recall", None))
     model = load_artifact(args.model)  # fails fast (UserError) before Ray starts
     model_id, calibration = model.model_id, dict(model.calibration)
     input_size, model_categories = int(model.cfg.input_size), list(model.categories)
@@ -398,7 +437,7 @@ def run(args: argparse.Namespace) -> None:
                 _fold(row, calibration, accs, cats, errors, report_dir, made_dirs, writer)
 
     report = _build_report(args, model_id, created_at, categories, conditions, calibration,
-                           accs, cats, errors)
+                           accs, cats, errors, targets)
     report["duration_s"] = round(time.time() - started, 1)
     write_report_json(report_dir / "report.json", report)
     curves = {c: CategoryCurves.from_scores(np.asarray(accs[(c, CLEAN)].scores),
@@ -407,6 +446,7 @@ def run(args: argparse.Namespace) -> None:
     worst = {c: cats[c].worst(calibration[c].image_threshold) for c in categories}
     write_html_report(report_dir / "report.html", report, curves, worst)
     _print_summary(report, report_dir)
+    return EXIT_TARGETS_MISSED if report["verdict"]["decision"] == NO_GO else 0
 
 
 def _fold(row: dict, calibration: dict[str, Calibration], accs: dict, cats: dict,
@@ -415,12 +455,16 @@ def _fold(row: dict, calibration: dict[str, Calibration], accs: dict, cats: dict
     cat, condition, image_id = str(row["category"]), str(row["condition"]), str(row["image_id"])
     label, defect = int(row["label"]), str(row["defect"])
     cal, info = calibration[cat], cats[cat]
-    if row["error"]:
-        info.counts["errors"] += 1
+    error = str(row["error"]) or _row_problem(row)
+    if error:
+        if condition == CLEAN:  # counts are per image; a shifted row's failure is listed only
+            info.counts["errors"] += 1
         errors.append({"image_id": image_id, "path": str(row["path"]), "category": cat,
-                       "stage": "image", "error": str(row["error"])})
+                       "condition": condition,
+                       "stage": "predict" if error.startswith("predict:") else "image",
+                       "error": error})
         writer.writerow([image_id, row["path"], cat, condition, label, defect, False, "", "", "",
-                         _csv_value(cal.image_threshold), row["error"]])
+                         _csv_value(cal.image_threshold), error])
         return
     score = float(row["score"])
     acc = accs[(cat, condition)]
@@ -453,37 +497,57 @@ def _fold(row: dict, calibration: dict[str, Calibration], accs: dict, cats: dict
                      score >= cal.image_threshold, _csv_value(cal.image_threshold), ""])
 
 
+def _row_problem(row: dict) -> str:
+    """The driver's own check of a result row that claims no error: a non-finite score or a
+    map that is not height x width float32 is an error entry, never an exception or a
+    reshape of an empty buffer (whatever the stages upstream let through)."""
+    score = float(row["score"])
+    if not math.isfinite(score):
+        return f"predict: non-finite image score ({score})"
+    expected = 4 * int(row["height"]) * int(row["width"])
+    if expected == 0 or len(row["map"]) != expected:
+        return (f"predict: anomaly map has {len(row['map'])} bytes, expected {expected} "
+                f"({int(row['height'])}x{int(row['width'])} float32)")
+    if not np.all(np.isfinite(np.frombuffer(row["map"], np.float32))):
+        return "predict: anomaly map has non-finite values"
+    return ""
+
+
 def _pooled(categories: list[str], conditions: list[str], calibration: dict[str, Calibration],
             accs: dict) -> dict:
-    """Image metrics over all categories' images together, scores mapped by to_unit."""
-    def summary(condition: str) -> dict:
+    """Image metrics over all categories' images together, scores mapped by to_unit; "rates"
+    are the line's real decisions (each image at its category's threshold) with intervals."""
+    def scores_labels(condition: str) -> tuple[np.ndarray, np.ndarray]:
         parts = [(to_unit(np.asarray(accs[(c, condition)].scores),
                           calibration[c].image_center, calibration[c].image_threshold),
                   np.asarray(accs[(c, condition)].labels)) for c in categories]
-        return image_summary(np.concatenate([p[0] for p in parts]),
-                             np.concatenate([p[1] for p in parts]), 0.5)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    clean = summary(CLEAN)
-    return {"clean": clean, "shifts": {k: with_drop(clean, summary(k)) for k in conditions[1:]}}
+    clean = image_summary(*scores_labels(CLEAN), 0.5)
+    rates = decision_summary(*scores_labels(CLEAN), 0.5, None, Targets(), what_if=False)["rates"]
+    return {"clean": clean, "rates": rates,
+            "shifts": {k: with_drop(clean, image_summary(*scores_labels(k), 0.5))
+                       for k in conditions[1:]}}
 
 
 def _build_report(args: argparse.Namespace, model_id: str, created_at: str,
                   categories: list[str], conditions: list[str],
                   calibration: dict[str, Calibration], accs: dict, cats: dict,
-                  errors: list[dict]) -> dict:
+                  errors: list[dict], targets: Targets) -> dict:
     per_category = {}
     for c in categories:
         cal, info = calibration[c], cats[c]
         clean = accs[(c, CLEAN)].metrics(cal)
         counts = {k: int(info.counts[k]) for k in ("images", "normal", "anomalous", "with_mask",
                                                    "pixel_skipped", "errors")}
+        scores, labels = np.asarray(accs[(c, CLEAN)].scores), np.asarray(accs[(c, CLEAN)].labels)
         per_category[c] = {
             "counts": counts,
             "thresholds": {"image": cal.image_threshold, "pixel": cal.pixel_threshold},
             "clean": clean,
             "shifts": {k: with_drop(clean, accs[(c, k)].metrics(cal)) for k in conditions[1:]},
-            "per_defect": per_defect(np.asarray(accs[(c, CLEAN)].scores), info.defects,
-                                     cal.image_threshold),
+            "per_defect": per_defect(scores, info.defects, cal.image_threshold),
+            **decision_summary(scores, labels, cal.image_threshold, cal.stats, targets),
         }
     totals = Counter()
     for c in categories:
@@ -492,6 +556,8 @@ def _build_report(args: argparse.Namespace, model_id: str, created_at: str,
         "model_id": model_id,
         "data_uri": args.data,
         "created_at": created_at,
+        "targets": targets.as_dict(),
+        "verdict": overall_verdict(per_category, targets),
         "counts": dict(totals),
         "shifts": {k: {"group": SHIFTS[k].group, "description": SHIFTS[k].description}
                    for k in conditions[1:]},
@@ -509,6 +575,13 @@ def _build_report(args: argparse.Namespace, model_id: str, created_at: str,
                              "(the map `score` stores); binned in 65536 bins, exact to 1e-3",
             "shifts": "applied at the original resolution, seeded per image and shift",
             "scores_csv": "scores.csv: one row per image and condition",
+            "rates": "at the deployed image threshold, clean images; intervals are 95 %: Wilson "
+                     "score intervals for rates, percentile intervals of 2000 stratified "
+                     "bootstrap resamples (seed 0) for image AUROC",
+            "verdict": "per category, on the bounds: go when the false-alarm upper bound <= "
+                       "max_false_alarm and the recall lower bound >= min_recall",
+            "what_if": "lowest threshold whose false-alarm rate on the audited normals is <= "
+                       "the budget (null: only flagging nothing is), and its recall",
         },
     }
 
@@ -525,4 +598,7 @@ def _print_summary(report: dict, report_dir: Path) -> None:
     lines.append(f"{counts.get('images', 0)} images, {counts.get('errors', 0)} errors, "
                  f"{counts.get('pixel_skipped', 0)} anomalous without mask; "
                  f"report: {report_dir / 'report.html'}")
+    for name, cat in report["categories"].items():
+        lines += [f"warning: {name}: {w}" for w in cat.get("warnings", [])]
+    lines.append(f"verdict: {report['verdict']['summary']}")
     print("\n".join(lines))

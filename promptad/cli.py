@@ -1,7 +1,9 @@
 """`promptad` command line: fit, score, audit, demo.
 
 A mistake the user can fix (UserError, bad flag values) prints one line and exits 2;
-a traceback only with --debug. jobs/*.py call `main` with the same arguments.
+a traceback only with --debug. A command may return its own status: `audit` returns 3 when a
+category misses a --max-false-alarm / --min-recall target. jobs/*.py call `main` with the same
+arguments and exit with its status.
 """
 from __future__ import annotations
 
@@ -30,6 +32,16 @@ def _non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1] (e.g. 0.01 for 1 %), got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1] (e.g. 0.01 for 1 %), got {text!r}")
     return value
 
 
@@ -94,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=_positive_int, default=16)
     a.add_argument("--actors", type=_positive_int, default=1)
     a.add_argument("--gpus-per-actor", type=_non_negative_float, default=0.0)
+    a.add_argument("--max-false-alarm", type=_rate, default=None, metavar="RATE",
+                   help="target per category: the 95%% upper bound of the false-alarm rate on normal "
+                        "images must be <= RATE, else exit 3 (default: no target)")
+    a.add_argument("--min-recall", type=_rate, default=None, metavar="RATE",
+                   help="target per category: the 95%% lower bound of recall on defective images "
+                        "must be >= RATE, else exit 3 (default: no target)")
     common(a)
 
     d = sub.add_parser("demo", help="the whole flow on a generated dataset, locally")
@@ -114,8 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         module = importlib.import_module(COMMANDS[args.command])
-        module.run(args)
-        return 0
+        status = module.run(args)
+        return status if isinstance(status, int) else 0
     except UserError as e:
         if debug:
             raise

@@ -1,4 +1,5 @@
-"""Audit metrics: image AUROC / F1, pixel AUROC / F1 and AUPRO.
+"""Audit metrics: image AUROC / F1, pixel AUROC / F1 and AUPRO, and the confidence a sample
+gives them (Wilson intervals for rates, a seeded bootstrap for AUROC, recall at a false-alarm rate).
 
 Image metrics are exact (sort-based, ties handled as scikit-learn does). Pixel metrics are
 streamed: each `update` folds a batch of maps into fixed-size per-bin histograms, so memory
@@ -154,6 +155,117 @@ def per_defect(scores: np.ndarray, defects: list[str] | np.ndarray, threshold: f
             "recall_at_threshold": float(np.mean(scores[sel] >= threshold)),
         }
     return out
+
+
+# --------------------------------------------------------------------------- confidence
+
+Z95 = 1.959963984540054  # two-sided 95 % normal quantile
+WHAT_IF_FPRS = (0.001, 0.01, 0.05)  # false-alarm rates of the audit's what-if table
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n (95 % by default).
+
+    Chosen over the normal approximation because audits live at its failure points: 0 false
+    alarms in n normals gives a zero-width Wald interval, while Wilson's upper bound is
+    z^2 / (n + z^2) (0.278 for n = 10). n = 0 gives (0, 1): nothing is known.
+    """
+    k, n = int(k), int(n)
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = k / n, z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    lo = 0.0 if k == 0 else max(0.0, float(centre - half))  # exact ends, no rounding dust
+    hi = 1.0 if k == n else min(1.0, float(centre + half))
+    return lo, hi
+
+
+def wilson_min_n(rate: float, z: float = Z95) -> int | None:
+    """Fewest trials whose perfect record (no failure in n) bounds the failure rate at or below
+    `rate` with Wilson's upper bound z^2 / (n + z^2): how many normal images it takes to show a
+    false-alarm target, or defective ones to show 1 - a recall target. None for rate 0."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be in [0, 1], got {rate}")
+    if rate == 0.0:
+        return None
+    n = int(np.ceil(z * z * (1.0 - rate) / rate - 1e-9))
+    return max(n, 0 if rate == 1.0 else 1)
+
+
+def rates_at_threshold(scores: np.ndarray, labels: np.ndarray, threshold: float,
+                       z: float = Z95) -> dict:
+    """The decision counts at a threshold and the rates a line cares about, each with its
+    Wilson interval: false alarms among normal images, misses (and recall) among defective
+    ones. A rate without images to measure it is NaN with interval (0, 1)."""
+    stats = binary_stats(scores, labels, threshold)
+    tp, fp, tn, fn = stats["tp"], stats["fp"], stats["tn"], stats["fn"]
+    normal, anomalous = fp + tn, tp + fn
+    miss_lo, miss_hi = wilson_interval(fn, anomalous, z)
+    return {
+        "tp": tp, "fp": fp, "tn": tn, "fn": fn, "normal": normal, "anomalous": anomalous,
+        "false_alarm_rate": fp / normal if normal else float("nan"),
+        "false_alarm_ci": list(wilson_interval(fp, normal, z)),
+        "miss_rate": fn / anomalous if anomalous else float("nan"),
+        "miss_ci": [miss_lo, miss_hi],
+        "recall": tp / anomalous if anomalous else float("nan"),
+        "recall_ci": [1.0 - miss_hi, 1.0 - miss_lo],  # Wilson is symmetric in k <-> n - k
+    }
+
+
+def _tied_auroc(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUROC (Mann-Whitney, ties count 1/2) of `scores` under each row of `weights` (B, N):
+    how many times each image appears in a resample. One sort serves every resample."""
+    order = np.argsort(scores, kind="mergesort")
+    s, y, w = scores[order], labels[order], weights[:, order]
+    starts = np.r_[0, np.flatnonzero(np.diff(s)) + 1]  # first index of each distinct score
+    normal = np.add.reduceat(np.where(y, 0, w), starts, axis=1)
+    anomalous = np.add.reduceat(np.where(y, w, 0), starts, axis=1)
+    below = np.cumsum(normal, axis=1) - normal  # normals strictly below each distinct score
+    pairs = normal.sum(1) * anomalous.sum(1)
+    return (anomalous * (below + 0.5 * normal)).sum(1) / pairs
+
+
+def bootstrap_auroc(scores: np.ndarray, labels: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                    level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of image AUROC over `n_boot` stratified bootstrap resamples.
+
+    Normals and defectives are resampled separately (each resample keeps both class sizes, so
+    none lacks a class), from `numpy.random.default_rng(seed)`: the same inputs and seed give
+    the same interval. (NaN, NaN) when a class is missing.
+    """
+    scores, labels = _check_image_inputs(scores, labels)
+    pos, neg = np.flatnonzero(labels), np.flatnonzero(~labels)
+    if pos.size == 0 or neg.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 4_000_000 // scores.size)  # bounded memory for large audits
+    aucs = []
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        weights = np.zeros((b, scores.size))
+        weights[:, pos] = rng.multinomial(pos.size, np.full(pos.size, 1.0 / pos.size), size=b)
+        weights[:, neg] = rng.multinomial(neg.size, np.full(neg.size, 1.0 / neg.size), size=b)
+        aucs.append(_tied_auroc(scores, labels, weights))
+    lo, hi = np.quantile(np.concatenate(aucs), [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def recall_at_fpr(scores: np.ndarray, labels: np.ndarray, target: float) -> dict:
+    """What-if: the lowest threshold whose false-alarm rate on these normals is <= target, and
+    the recall it gives (the best recall such a threshold can have). threshold is +inf when
+    only flagging nothing meets the target; rates are NaN without both classes."""
+    scores, labels = _check_image_inputs(scores, labels)
+    fpr, tpr, thresholds = roc_curve(scores, labels)
+    if labels.all() or not labels.any():
+        return {"target_fpr": target, "threshold": float("nan"), "fpr": float("nan"),
+                "recall": float("nan")}
+    i = int(np.searchsorted(fpr, target * (1 + 1e-12), side="right")) - 1  # fpr is sorted
+    return {"target_fpr": target, "threshold": float(thresholds[i]), "fpr": float(fpr[i]),
+            "recall": float(tpr[i])}
 
 
 # --------------------------------------------------------------------------- pixel level

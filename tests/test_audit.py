@@ -6,18 +6,36 @@ import io
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
+from scipy.stats import binomtest
 from sklearn import metrics as skm
 
+from browser import probe_page
 from promptad import storage
-from promptad.audit import shift_seed, to_unit, visualization_paths
+from promptad.audit import (
+    EXIT_TARGETS_MISSED,
+    CLEAN,
+    _Category,
+    _Condition,
+    _fold,
+    _Scorer,
+    caption,
+    shift_seed,
+    to_unit,
+    visualization_paths,
+)
 from promptad.cli import main
 from promptad.datasets import Sample
+from promptad.model import Calibration
+from promptad.plots import VisualizationLayout
+from promptad.predict import Prediction
 from promptad.report import METRICS, THRESHOLD_METRICS
 from promptad.shifts import apply_shift
 from promptad.synthesis import procedural_texture, synthesize_anomaly
@@ -86,10 +104,11 @@ def tiny(tmp_path_factory) -> dict:
     return {"root": root, "data": str(data), "model": str(root / "model")}
 
 
-def run_audit(tiny: dict, report: Path, *extra: str, data: str | None = None) -> dict:
+def run_audit(tiny: dict, report: Path, *extra: str, data: str | None = None,
+              expect: int = 0) -> dict:
     rc = main(["audit", "--model", tiny["model"], "--data", data or tiny["data"],
                "--report", str(report), "--batch-size", "8", *extra])
-    assert rc == 0
+    assert rc == expect
     return json.loads((report / "report.json").read_text())
 
 
@@ -98,11 +117,16 @@ def read_scores(report: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+MAX_FALSE_ALARM = 0.01  # 5 normals per category can never show it: the audit must say no-go
+
+
 @pytest.fixture(scope="module")
 def audited(tiny, ray_local) -> dict:
-    """One audit of the MVTec layout with three shifts (a lighting, a camera, a sensor one)."""
+    """One audit of the MVTec layout with three shifts (a lighting, a camera, a sensor one)
+    and a false-alarm target that 5 normal images per category cannot show (exit 3)."""
     report_dir = tiny["root"] / "report"
-    report = run_audit(tiny, report_dir, "--shifts", ",".join(SHIFTS))
+    report = run_audit(tiny, report_dir, "--shifts", ",".join(SHIFTS),
+                       "--max-false-alarm", str(MAX_FALSE_ALARM), expect=EXIT_TARGETS_MISSED)
     return {"dir": report_dir, "report": report, "rows": read_scores(report_dir)}
 
 
@@ -307,24 +331,118 @@ def test_shifts_report_every_metric_and_its_drop(audited):
 
 
 def test_visualizations_and_html(audited):
-    root, report = audited["dir"], audited["report"]
+    root, report, rows = audited["dir"], audited["report"], audited["rows"]
+    lay = VisualizationLayout.of(H, W)
     for cat in CATEGORIES:
         for defect, n in (("good", 5), ("blob", 3), ("scratch", 3)):
             files = sorted((root / "visualization_results" / cat / defect).glob("*.png"))
             assert [f.name for f in files] == [f"{i:03d}.png" for i in range(n)]
-            assert Image.open(files[0]).size == (3 * W, H)  # input | overlay | mask
-    # the mask panel shows the ground truth (white), the missing mask a black "no mask" panel
+            assert Image.open(files[0]).size == (lay.width, lay.height)  # full size, labelled
+    # the mask panel shows the ground truth (white), at the layout's whole-pixel scale
     mask_file = root.parent / "data" / "weave" / "ground_truth" / "blob" / "000_mask.png"
-    panel = np.asarray(Image.open(root / "visualization_results/weave/blob/000.png"))[:, 2 * W:]
-    np.testing.assert_array_equal(panel[..., 0] > 127, np.asarray(Image.open(mask_file)) > 0)
+    x0, y0, x1, y1 = lay.panels[2]
+    panel = np.asarray(Image.open(root / "visualization_results/weave/blob/000.png"))[y0:y1, x0:x1]
+    mask = np.asarray(Image.open(mask_file)) > 0
+    np.testing.assert_array_equal(panel[lay.scale // 2::lay.scale, lay.scale // 2::lay.scale, 0] > 127,
+                                  mask)
     html = (root / "report.html").read_text()
     assert html.count("<svg") == 3 * len(CATEGORIES)  # ROC, PR, histogram per category
     assert 'class="per-defect"' in html and 'class="metrics"' in html
+    assert 'class="rates"' in html and 'class="what-if"' in html and 'id="glossary"' in html
     for name in SHIFTS:
         assert f'data-condition="{name}"' in html
-    for src in (t.split('"')[0] for t in html.split('src="')[1:]):  # worst-case thumbnails
-        assert (root / src).is_file()
+        assert report["shifts"][name]["description"] in html  # its strength
+    # thumbnails: embedded, one per worst case (at most 8 of each kind per category)
+    srcs = [t.split('"')[0] for t in html.split('src="')[1:]]
+    assert all(src.startswith("data:image/jpeg;base64,") for src in srcs)
+    expected = 0
+    for cat in CATEGORIES:
+        thr = report["categories"][cat]["thresholds"]["image"]
+        clean = [r for r in rows if r["category"] == cat and r["condition"] == "clean"
+                 and not r["error"]]
+        fp = sum(r["label"] == "0" and float(r["score"]) >= thr for r in clean)
+        fn = sum(r["label"] == "1" and float(r["score"]) < thr for r in clean)
+        expected += min(fp, 8) + min(fn, 8)
+    assert len(srcs) == expected
+    for href in (t.split('"')[0] for t in html.split('<a href="')[1:]):  # full-size links
+        if href.startswith("visualization_results/"):
+            assert (root / href).is_file()
     assert html.count("Worst false") == 2 * len(CATEGORIES)
+    # the verdict line opens the page
+    assert html.index('id="verdict"') < html.index("<section")
+    assert 'data-decision="no-go"' in html
+
+
+def test_copied_audit_report_renders_complete_in_chromium(audited):
+    html = (audited["dir"] / "report.html").read_text()
+    lines = probe_page(audited["dir"] / "report.html")
+    images = [line for line in lines if line.startswith("IMG")]
+    assert len(images) == html.count("<img ")
+    assert all(line.startswith("IMG ok ") for line in images), images
+    assert sum(line.startswith("SVG") for line in lines) == 3 * len(CATEGORIES)
+
+
+def wilson(k: int, n: int) -> list[float]:
+    """scipy's Wilson interval: the reference the report's intervals are checked against."""
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return [ci.low, ci.high]
+
+
+def test_rates_intervals_targets_and_verdict(tiny, audited):
+    """report.json's sign-off keys, recomputed from scores.csv with sklearn and scipy."""
+    report, rows = audited["report"], audited["rows"]
+    manifest = json.loads((Path(tiny["model"]) / "promptad.json").read_text())
+    assert report["targets"]["max_false_alarm"] == MAX_FALSE_ALARM
+    assert report["targets"]["min_recall"] is None
+    for cat in CATEGORIES:
+        got = report["categories"][cat]
+        thr = got["thresholds"]["image"]
+        clean = [r for r in rows if r["category"] == cat and r["condition"] == "clean"
+                 and not r["error"]]
+        scores = np.array([float(r["score"]) for r in clean])
+        labels = np.array([int(r["label"]) for r in clean])
+        tn, fp, fn, tp = skm.confusion_matrix(labels, scores >= thr, labels=[0, 1]).ravel()
+        rates = got["rates"]
+        assert (rates["tp"], rates["fp"], rates["tn"], rates["fn"]) == (tp, fp, tn, fn)
+        assert rates["false_alarm_rate"] == pytest.approx(fp / (fp + tn))
+        assert rates["recall"] == pytest.approx(tp / (tp + fn))
+        assert rates["false_alarm_ci"] == pytest.approx(wilson(fp, fp + tn), abs=1e-9)
+        assert rates["miss_ci"] == pytest.approx(wilson(fn, fn + tp), abs=1e-9)
+        assert rates["recall_ci"] == pytest.approx(wilson(tp, fn + tp), abs=1e-9)
+        lo, hi = rates["image_auroc_ci"]
+        assert lo <= skm.roc_auc_score(labels, scores) <= hi
+        # what if: the best recall with at most the budget of false alarms on these normals
+        fpr, tpr, _ = skm.roc_curve(labels, scores, drop_intermediate=False)
+        for row in got["what_if"]:
+            assert row["recall"] == pytest.approx(tpr[fpr <= row["target_fpr"]].max())
+            if row["threshold"] is not None:
+                flagged = scores >= row["threshold"]
+                assert flagged[labels == 1].mean() == pytest.approx(row["recall"])
+                assert flagged[labels == 0].mean() <= row["target_fpr"]
+        # beside them, what the threshold was calibrated for, straight from the artifact
+        recorded = manifest["calibration"][cat]["stats"]
+        assert got["calibration"]["n_normal"] == recorded["n_normal"]
+        assert got["calibration"]["image_fpr_target"] == recorded["image_fpr_target"]
+        # 5 normals can never show 1 %: the bound is Wilson's 0/5 at best, the verdict no-go
+        check = got["verdict"]["checks"][0]
+        assert check["target"] == "max_false_alarm" and check["passed"] is False
+        assert check["bound"] == pytest.approx(wilson(fp, fp + tn)[1])
+        assert got["verdict"]["decision"] == "no-go"
+        assert any("381 normal images" in w for w in got["warnings"])
+    assert report["verdict"]["decision"] == "no-go"
+    assert report["verdict"]["failed"] == list(CATEGORIES)
+    pooled = report["pooled"]["rates"]
+    assert pooled["normal"] == sum(report["categories"][c]["rates"]["normal"] for c in CATEGORIES)
+    assert pooled["fp"] == sum(report["categories"][c]["rates"]["fp"] for c in CATEGORIES)
+
+
+def test_met_targets_exit_0(tiny, ray_local, tmp_path, capsys):
+    # bounds always lie in [0, 1]: these targets are met whatever the model does
+    report = run_audit(tiny, tmp_path / "r", "--category", "weave", "--max-false-alarm", "1",
+                       "--min-recall", "0", expect=0)
+    assert report["verdict"]["decision"] == "go" and report["verdict"]["failed"] == []
+    assert [c["passed"] for c in report["categories"]["weave"]["verdict"]["checks"]] == [True, True]
+    assert "verdict: GO" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -377,6 +495,103 @@ def test_user_errors_are_one_line(tiny, tmp_path, capsys):
     unlabelled.write_text(f"path,category\n{tiny['data']}/tex/test/good/000.png,tex\n")
     assert main(["audit", "--model", tiny["model"], "--data", str(unlabelled),
                  "--report", str(tmp_path / "r")]) == 2
+    bad_rates = [("--max-false-alarm", "1.5"), ("--min-recall", "-0.1"),
+                 ("--max-false-alarm", "nan"), ("--min-recall", "5%")]
+    for flag, value in bad_rates:
+        assert main([*base, "--report", str(tmp_path / "r"), flag, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 4 and all(line.startswith("promptad: error: ") for line in err)
+    assert len(err) == 4 + len(bad_rates)
+    assert all(line.startswith("promptad: error: ") for line in err)
     assert "local" in err[0] and "nope" in err[1] and "fog" in err[2] and "label" in err[3]
+    for line, (flag, value) in zip(err[4:], bad_rates):
+        assert flag in line and repr(value) in line and "[0, 1]" in line
+
+
+@pytest.mark.slow
+def test_jobs_audit_exits_with_the_audit_status(tiny, ray_local, tmp_path):
+    """`ray job submit -- python jobs/audit.py ...` must fail the job when a target is missed:
+    the entrypoint exits with the audit's status (here joining the session's Ray)."""
+    address = ray_local.get_runtime_context().gcs_address
+    base = [sys.executable, str(Path(__file__).resolve().parents[1] / "jobs" / "audit.py"),
+            "--model", tiny["model"], "--data", tiny["data"], "--category", "weave",
+            "--address", address, "--batch-size", "8"]
+    missed = subprocess.run([*base, "--report", str(tmp_path / "a"), "--max-false-alarm", "0"],
+                            capture_output=True, text=True, timeout=600)
+    assert missed.returncode == EXIT_TARGETS_MISSED, missed.stderr[-2000:]
+    assert "verdict: NO-GO" in missed.stdout
+    bad = subprocess.run([*base, "--report", str(tmp_path / "b"), "--min-recall", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--min-recall" in bad.stderr
+
+
+# --------------------------------------------------------------------------- guards
+
+
+def _row(**over) -> dict:
+    h, w = 4, 5
+    row = {"image_id": "cat/test/good/000.png", "path": "/d/000.png", "category": "cat",
+           "condition": CLEAN, "label": 0, "defect": "good", "error": "", "mask_error": "",
+           "height": h, "width": w, "has_mask": False, "mask": b"", "vis": "v/cat/000.png",
+           "score": np.float32(0.5), "map": np.zeros((h, w), np.float32).tobytes(),
+           "png": b"\x89PNG"}
+    return {**row, **over}
+
+
+@pytest.mark.parametrize("bad", [
+    {"score": np.float32("nan")},
+    {"score": np.float32("inf")},
+    {"map": b""},
+    {"map": np.zeros(3, np.float32).tobytes()},
+    {"map": np.full((4, 5), np.nan, np.float32).tobytes()},
+])
+def test_unusable_predictions_become_error_entries(tmp_path, bad):
+    cal = {"cat": Calibration(image_threshold=1.0, pixel_threshold=1.0)}
+    accs, cats = {("cat", CLEAN): _Condition()}, {"cat": _Category()}
+    errors, lines = [], []
+
+    class Writer:
+        def writerow(self, line):
+            lines.append(line)
+
+    _fold(_row(**bad), cal, accs, cats, errors, tmp_path, set(), Writer())
+    assert len(errors) == 1 and errors[0]["stage"] == "predict"
+    assert errors[0]["condition"] == CLEAN and cats["cat"].counts["errors"] == 1
+    assert len(accs[("cat", CLEAN)].scores) == 0  # not scored
+    assert lines[0][-1].startswith("predict: ") and lines[0][7] == ""
+    _fold(_row(), cal, accs, cats, errors, tmp_path, set(), Writer())  # a good row still folds
+    assert len(accs[("cat", CLEAN)].scores) == 1 and len(errors) == 1
+
+
+def test_scorer_turns_non_finite_predictions_into_error_rows(monkeypatch):
+    n, size = 3, 8
+
+    def fake_predict_rows(model, images, categories, errors):
+        maps = np.ones((n, size, size), np.float32)
+        maps[2, 0, 0] = np.nan
+        return Prediction(scores=np.array([0.5, np.nan, 0.7], np.float32), maps=maps)
+
+    monkeypatch.setattr("promptad.audit.predict_rows", fake_predict_rows)
+    scorer = _Scorer.__new__(_Scorer)  # no model needed: predict_rows is replaced
+    scorer.model = None
+    batch = {"image_id": np.array(["a", "b", "c"], object), "category": np.array(["x"] * n, object),
+             "error": np.array(["", "", ""], object), "height": np.full(n, 4, np.int32),
+             "width": np.full(n, 6, np.int32), "input": np.zeros((n, size, size, 3), np.uint8)}
+    out = scorer(batch)
+    assert out["error"][0] == "" and len(out["map"][0]) == 4 * 4 * 6
+    assert out["error"][1].startswith("predict: non-finite image score")
+    assert out["error"][2] == "predict: anomaly map has non-finite values"
+    assert out["map"][1] == b"" and out["map"][2] == b""
+    assert "input" not in out
+
+
+def test_caption_says_score_threshold_decision_and_outcome():
+    assert caption("c/test/good/001.png", "good", 1.5, 1.0) == (
+        "c/test/good/001.png\nscore 1.5 | threshold 1 | decision: anomalous | truth: good "
+        "(false alarm)")
+    assert caption("x", "crack", 0.25, 1.0).endswith("decision: normal | truth: crack (missed)")
+    assert caption("x", "crack", 1.0, 1.0).endswith("(caught)")  # score >= threshold flags
+    assert caption("x", "good", 0.1, float("inf")).split("\n")[1].startswith(
+        "score 0.1 | threshold none (uncalibrated)")
+    long_id = "s3://bucket/" + "a" * 100 + "/000.png"
+    assert caption(long_id, "good", 0.1, 1.0).split("\n")[0].endswith("/000.png")
+    assert len(caption(long_id, "good", 0.1, 1.0).split("\n")[0]) == 72

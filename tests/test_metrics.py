@@ -10,14 +10,20 @@ from sklearn import metrics as skm
 from promptad.metrics import (
     AUPRO,
     PixelMetrics,
+    _tied_auroc,
     binary_stats,
+    bootstrap_auroc,
     f1_max,
     image_auroc,
     image_summary,
     label_regions,
     per_defect,
     pr_curve,
+    rates_at_threshold,
+    recall_at_fpr,
     roc_curve,
+    wilson_interval,
+    wilson_min_n,
 )
 
 EIGHT = np.ones((3, 3), dtype=int)
@@ -265,3 +271,108 @@ def test_aupro_edge_cases():
     no_normal = AUPRO()
     no_normal.update(maps, np.ones_like(masks))
     assert math.isnan(no_normal.compute())
+
+
+# --------------------------------------------------------------------------- confidence
+
+
+def test_wilson_interval_hand_computed():
+    # z = 1.96: 0/10 -> (0, z^2 / (10 + z^2)); 5/10 and 1/3 worked by hand from the formula
+    # (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n); 10/10 mirrors 0/10.
+    assert wilson_interval(0, 10) == (0.0, pytest.approx(0.27753, abs=1e-5))
+    assert wilson_interval(5, 10) == (pytest.approx(0.23659, abs=1e-5),
+                                      pytest.approx(0.76341, abs=1e-5))
+    assert wilson_interval(10, 10) == (pytest.approx(0.72247, abs=1e-5), 1.0)
+    assert wilson_interval(1, 3) == (pytest.approx(0.06149, abs=1e-5),
+                                     pytest.approx(0.79235, abs=1e-5))
+    assert wilson_interval(0, 0) == (0.0, 1.0)  # nothing measured, nothing known
+    lo, hi = wilson_interval(3, 7)
+    assert (1 - hi, 1 - lo) == (pytest.approx(wilson_interval(4, 7)[0]),
+                                pytest.approx(wilson_interval(4, 7)[1]))
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_wilson_min_n_is_the_first_sample_that_shows_the_rate():
+    # upper bound of 0/n is z^2 / (n + z^2) <= rate  <=>  n >= z^2 (1 - rate) / rate
+    assert wilson_min_n(0.01) == 381  # 3.8415 * 99 = 380.3
+    assert wilson_min_n(0.05) == 73  # 3.8415 * 19 = 72.99
+    assert wilson_interval(0, 381)[1] <= 0.01 < wilson_interval(0, 380)[1]
+    assert wilson_min_n(1.0) == 0 and wilson_min_n(0.0) is None
+    with pytest.raises(ValueError):
+        wilson_min_n(1.5)
+
+
+def test_rates_at_threshold_counts_and_intervals():
+    # 10 normals, none flagged; 10 defectives, 5 flagged
+    scores = np.r_[np.linspace(0.0, 0.4, 10), np.linspace(0.1, 1.0, 10)]
+    labels = np.r_[np.zeros(10), np.ones(10)].astype(int)
+    r = rates_at_threshold(scores, labels, 0.55)  # flags 0.6 .. 1.0
+    assert (r["tp"], r["fp"], r["tn"], r["fn"], r["normal"], r["anomalous"]) == (5, 0, 10, 5, 10, 10)
+    assert r["false_alarm_rate"] == 0.0 and r["miss_rate"] == 0.5 and r["recall"] == 0.5
+    assert r["false_alarm_ci"] == [0.0, pytest.approx(0.27753, abs=1e-5)]
+    for key in ("miss_ci", "recall_ci"):
+        assert r[key] == [pytest.approx(0.23659, abs=1e-5), pytest.approx(0.76341, abs=1e-5)]
+    only_defects = rates_at_threshold([0.9, 0.2], [1, 1], 0.5)
+    assert math.isnan(only_defects["false_alarm_rate"]) and only_defects["false_alarm_ci"] == [0, 1]
+    assert only_defects["recall"] == 0.5
+
+
+def test_resampled_auroc_equals_sklearn_with_sample_weights():
+    """A bootstrap resample is the data with integer weights: each resample's AUROC must be
+    sklearn's weighted AUROC, ties included."""
+    rng = np.random.default_rng(11)
+    s, y = tied_scores(rng, 120)
+    weights = rng.multinomial(s.size, np.full(s.size, 1 / s.size), size=6).astype(float)
+    got = _tied_auroc(s, y.astype(bool), weights)
+    for w, value in zip(weights, got):
+        assert value == pytest.approx(skm.roc_auc_score(y, s, sample_weight=w), abs=1e-12)
+
+
+def delong_se(scores: np.ndarray, labels: np.ndarray) -> float:
+    """DeLong's standard error of AUROC from its structural components (written here, not
+    taken from the code under test)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    v10, v01 = psi.mean(1), psi.mean(0)
+    return math.sqrt(v10.var(ddof=1) / pos.size + v01.var(ddof=1) / neg.size)
+
+
+def test_bootstrap_auroc_interval_is_seeded_contains_the_estimate_and_has_delong_width():
+    rng = np.random.default_rng(12)
+    labels = (rng.random(300) < 0.4).astype(int)
+    scores = rng.normal(labels * 1.0, 1.0)
+    auroc = image_auroc(scores, labels)
+    lo, hi = bootstrap_auroc(scores, labels, n_boot=2000, seed=0)
+    assert lo < auroc < hi
+    assert bootstrap_auroc(scores, labels, n_boot=2000, seed=0) == (lo, hi)  # deterministic
+    assert bootstrap_auroc(scores, labels, n_boot=2000, seed=1) != (lo, hi)
+    assert (hi - lo) == pytest.approx(2 * 1.96 * delong_se(scores, labels), rel=0.15)
+    # more resamples than one chunk holds give the same kind of interval
+    assert bootstrap_auroc(np.tile(scores, 40), np.tile(labels, 40), n_boot=50)[1] - \
+        bootstrap_auroc(np.tile(scores, 40), np.tile(labels, 40), n_boot=50)[0] < (hi - lo) / 3
+
+
+def test_bootstrap_auroc_edge_cases():
+    assert bootstrap_auroc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == (1.0, 1.0)  # separable
+    assert all(math.isnan(v) for v in bootstrap_auroc([0.1, 0.2], [0, 0]))
+    assert bootstrap_auroc(np.zeros(6), [0, 0, 0, 1, 1, 1]) == (0.5, 0.5)  # all tied
+
+
+def test_recall_at_fpr_hand_cases():
+    normals = np.round(np.arange(1, 11) / 10, 2)  # 0.1 .. 1.0
+    defects = np.array([0.55, 0.95, 1.5, 2.0])
+    scores = np.r_[normals, defects]
+    labels = np.r_[np.zeros(10), np.ones(4)].astype(int)
+    # one false alarm allowed (10 %): lowest threshold above the 9 lowest normals is 0.95
+    assert recall_at_fpr(scores, labels, 0.1) == {"target_fpr": 0.1, "threshold": 0.95,
+                                                  "fpr": 0.1, "recall": 0.75}
+    # none allowed (5 % of 10 normals < 1): the threshold must clear 1.0
+    assert recall_at_fpr(scores, labels, 0.05) == {"target_fpr": 0.05, "threshold": 1.5,
+                                                   "fpr": 0.0, "recall": 0.5}
+    # half allowed: 0.55 flags 5 normals (0.6 .. 1.0) and every defect
+    assert recall_at_fpr(scores, labels, 0.5) == {"target_fpr": 0.5, "threshold": 0.55,
+                                                  "fpr": 0.5, "recall": 1.0}
+    top_is_normal = recall_at_fpr([0.9, 0.1, 0.2], [0, 1, 1], 0.0)
+    assert top_is_normal["threshold"] == math.inf and top_is_normal["recall"] == 0.0
+    assert math.isnan(recall_at_fpr([0.1, 0.2], [0, 0], 0.01)["recall"])
