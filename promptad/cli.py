@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import textwrap
 import traceback
 from typing import Sequence
 
@@ -92,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=description, epilog=EXAMPLES[name],
-                              formatter_class=_Formatter)
+        return sub.add_parser(name, help=help, description=textwrap.fill(description, 96),
+                              epilog=EXAMPLES[name], formatter_class=_Formatter)
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--address", default=None, metavar="ADDR",

@@ -16,10 +16,10 @@ import threading
 
 from .errors import UserError
 
-PROBE_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 3.0
 # All of ray.init against an existing cluster; it normally takes 1-5 s. Override with
 # PROMPTAD_CONNECT_TIMEOUT_S for a cluster behind a slow link.
-CONNECT_TIMEOUT_S = 25.0
+CONNECT_TIMEOUT_S = 20.0
 
 
 def _connect_timeout() -> float:

@@ -111,7 +111,7 @@ class Plan:
     def lines(self) -> list[str]:
         n = self.todo.num_rows
         size = self.todo_bytes
-        read = f"{n:,} files, {_bytes(size)}" if size is not None else f"{n:,} files (bytes unknown: a manifest lists no sizes)"
+        read = f"{n:,} files, {human_bytes(size)}" if size is not None else f"{n:,} files (bytes unknown: a manifest lists no sizes)"
         if not self.input_uri.lower().endswith(MANIFEST_EXTENSIONS):
             versions = "from the listing (size + mtime, or S3 ETag)"
         elif self.versioned:
@@ -131,7 +131,8 @@ class Plan:
         ]
 
 
-def _bytes(n: int) -> str:
+def human_bytes(n: float) -> str:
+    """1,234 B, 58.7 KiB, 3.2 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
