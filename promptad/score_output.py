@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -58,6 +57,8 @@ TMP_DIR = "_tmp"  # local commits are staged here; '_' folders are skipped by py
 RUNS_DIR = "_runs"  # one JSON summary per run
 FILE = "__filename"  # pyarrow's scan column: the file a row came from
 REWRITE_THREADS = 8  # files rewritten at once when superseded rows are dropped (I/O bound)
+READ_THREADS_LOCAL = 8  # committed files read at once when planning and counting
+READ_THREADS_S3 = 32  # S3 reads wait on the network, not the CPU
 
 
 def committed_files(output_uri: str) -> list[str]:
@@ -70,23 +71,41 @@ def committed_files(output_uri: str) -> list[str]:
             and not any(part.startswith(("_", ".")) for part in storage.relative(f, output_uri).split("/"))]
 
 
+def _read_file(fs: pafs.FileSystem, path: str, columns: list[str]) -> pa.Table:
+    """`columns` of one committed file (cast to OUTPUT_SCHEMA; null where an older file lacks one)
+    plus FILE. Raises ArrowInvalid for a file that is not scoring output."""
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        names = set(pf.schema_arrow.names)
+        if "image_id" not in names:
+            raise pa.ArrowInvalid(f"{posixpath.basename(path)} has no image_id column")
+        table = pf.read(columns=[c for c in columns if c in names])
+    n = table.num_rows
+    out = [table[c].cast(OUTPUT_SCHEMA.field(c).type) if c in names else pa.nulls(n, OUTPUT_SCHEMA.field(c).type)
+           for c in columns]
+    return pa.table([*out, pa.array([path] * n, pa.string())], names=[*columns, FILE])
+
+
 def read_rows(output_uri: str, columns: list[str]) -> pa.Table:
     """`columns` of every committed row plus FILE (the filesystem path of its file).
 
     Only the named columns are read (never the maps). Files written before a column existed
-    (`source_version`) read as null there."""
+    (`source_version`) read as null there. File by file, a few at a time: a pyarrow dataset over
+    the ~14,000 files of 900,000 rows kept every file's metadata and peaked at 1 GB for a 100 MB
+    table."""
     files = committed_files(output_uri)
-    schema = pa.schema([OUTPUT_SCHEMA.field(c) for c in columns] + [(FILE, pa.string())])
     if not files:
-        return schema.empty_table()
+        return pa.schema([OUTPUT_SCHEMA.field(c) for c in columns] + [(FILE, pa.string())]).empty_table()
     fs, _ = storage.filesystem(output_uri)
     paths = [storage.filesystem(f)[1] for f in files]
+    threads = READ_THREADS_S3 if isinstance(fs, pafs.S3FileSystem) else READ_THREADS_LOCAL
     try:
-        dataset = pads.dataset(paths, filesystem=fs, format="parquet", schema=OUTPUT_SCHEMA)
-        return dataset.to_table(columns=[*columns, FILE])
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(lambda p: _read_file(fs, p, columns), paths))
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, KeyError) as e:
         raise UserError(f"--output {output_uri} holds Parquet files that are not scoring output "
                         f"({' '.join(str(e).split())[:160]}); pass an empty or new --output") from None
+    return pa.concat_tables(parts).combine_chunks()
 
 
 def newest_rows(rows: pa.Table) -> tuple[pa.Table, pa.Table]:

@@ -256,3 +256,15 @@ def test_planning_a_large_manifest(tmp_path):
     assert (plan.done, plan.new) == (n // 2, n // 2)
     assert plan.todo["image_id"][0].as_py() == "img0000001" and plan.todo["path"][0].as_py() == "/data/img0000001.png"
     assert len(list_inputs(str(manifest), ["tile"])) == n
+
+
+def test_progress_line_says_done_total_rate_eta_and_errors():
+    from promptad.score import Progress, Summary
+
+    progress = Progress(Summary(output="o", run_id="r", model_id="m", inputs=300, already_done=100), total=200)
+    progress.start -= 10  # ten seconds in
+    progress.add(50, ["read: not found", "decode: truncated image data"])
+    progress.add(50, [])
+    line = progress.line()
+    assert line.startswith("score: 100/200 rows (50 %), 10.0 rows/s, ETA 10 s, 2 errors"), line
+    assert progress.summary.errors_by_kind == {"read": 1, "decode": 1} and progress.summary.files == 2
