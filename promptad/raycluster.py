@@ -84,6 +84,15 @@ class _Deadline:
         self.timer.cancel()
 
 
+def _import_torch_first() -> None:
+    """torch is loaded before ray.init, never after: in the first job a fresh cluster runs (`ray job
+    submit` with a working_dir), `ray.init(); import torch` dies in torch's MKL initialization
+    ("Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so", torch 2.14.1, Ray 2.60; seen in
+    tests/test_two_node.py), while `import torch; ray.init()` works. Every command needs torch
+    right after connecting anyway; score's planning no longer imports it, so this keeps the order."""
+    import torch  # noqa: F401
+
+
 def connect(address: str | None = None) -> None:
     """Join `address` (e.g. 'auto', 'HOST:6379', 'ray://HOST:10001') or start a local Ray; reuse
     one already up. Inside `ray job submit` RAY_ADDRESS is set, so `--address` can be left out there.
@@ -105,6 +114,7 @@ def connect(address: str | None = None) -> None:
         session.prepare_for_ray()
     if address and address != "local":
         _probe(address, source)
+        _import_torch_first()
         with _Deadline(address, source, _connect_timeout()):
             try:
                 context = ray.init(address=address, **kwargs)
@@ -112,6 +122,7 @@ def connect(address: str | None = None) -> None:
                 reason = " ".join(str(e).split())[:200] or type(e).__name__
                 raise UserError(_unreachable(address, source, reason)) from None
     else:
+        _import_torch_first()
         # "local" always starts a new Ray: a bare ray.init() would join whatever cluster another
         # process on this machine started last (/tmp/ray/ray_current_cluster).
         context = ray.init(address="local", include_dashboard=False, **kwargs)
