@@ -9,7 +9,6 @@ import csv
 import io
 import math
 import posixpath
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any

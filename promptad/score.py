@@ -23,11 +23,9 @@ import argparse
 import hashlib
 import json
 import sys
-import threading
-import time
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
@@ -39,6 +37,7 @@ from . import artifact, storage
 from .score_output import (OUTPUT_SCHEMA, RUNS_DIR, TMP_DIR, clean_staging, commit_file,  # noqa: F401 (API)
                            committed_files, verify)
 from .score_plan import Plan, make_plan
+from .score_progress import Progress, Summary
 
 if TYPE_CHECKING:
     from .model import Calibration
@@ -57,7 +56,6 @@ MAX_READ_TASKS = 1000
 # 0.5 CPU, a 2-CPU machine still runs reads, the model and commits at the same time.
 READ_CPUS = 0.5
 COMMIT_CPUS = 0.25
-PROGRESS_INTERVAL_S = 10.0
 
 
 def object_store_budget(batch_size: int, actors: int, size: int) -> int:
@@ -214,94 +212,6 @@ def _plan_source(todo: pa.Table):
 
 
 # --------------------------------------------------------------------------- driver
-@dataclass
-class Summary:
-    """What a run did; printed at the end and written to OUTPUT/_runs/<run_id>.json."""
-
-    output: str
-    run_id: str
-    model_id: str
-    inputs: int
-    already_done: int
-    new: int = 0
-    changed: int = 0  # content version (or category) differed from the input's row: scored again
-    retried: int = 0  # the row was a read error (or any error, for an unversioned input)
-    scored: int = 0
-    errors: int = 0
-    errors_by_kind: dict[str, int] = field(default_factory=dict)
-    files: int = 0
-    superseded_dropped: int = 0
-    plan_seconds: float = 0.0
-    seconds: float = 0.0
-
-    def lines(self) -> list[str]:
-        rate = self.scored / self.seconds if self.seconds > 0 else 0.0
-        kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_kind.items())) or "none"
-        return [
-            f"score: done: {self.inputs} inputs, {self.already_done} were already in the output, "
-            f"{self.scored} scored now (new {self.new}, changed {self.changed}, retried {self.retried}) "
-            f"in {self.seconds:.1f} s ({rate:.1f} rows/s), {self.files} files; "
-            f"{self.superseded_dropped} superseded rows dropped",
-            f"score: errors this run: {self.errors} ({kinds})",
-            f"score: output {self.output} (model {self.model_id}, run {self.run_id})",
-        ]
-
-
-class Progress:
-    """Rows committed of those to score, rows/s, ETA and errors so far, printed to stderr every few
-    seconds from a thread (so a slow stretch still shows the job is alive)."""
-
-    def __init__(self, summary: Summary, total: int, interval: float = PROGRESS_INTERVAL_S):
-        self.summary = summary
-        self.total = total
-        self.interval = interval
-        self.lock = threading.Lock()
-        self.start = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="score-progress", daemon=True)
-
-    def add(self, rows: int, errors: list[str]) -> None:
-        with self.lock:
-            self.summary.scored += rows
-            self.summary.files += 1
-            self.summary.errors += len(errors)
-            for e in errors:
-                kind = e.split(":", 1)[0]
-                self.summary.errors_by_kind[kind] = self.summary.errors_by_kind.get(kind, 0) + 1
-
-    def line(self) -> str:
-        with self.lock:
-            s = self.summary
-            elapsed = time.monotonic() - self.start
-            rate = s.scored / max(elapsed, 1e-9)
-            left = self.total - s.scored
-            eta = _duration(left / rate) if rate > 0 else "unknown"
-            return (f"score: {s.scored:,}/{self.total:,} rows ({100 * s.scored / max(self.total, 1):.0f} %), "
-                    f"{rate:.1f} rows/s, ETA {eta}, {s.errors:,} errors")
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            print(self.line(), file=sys.stderr, flush=True)
-
-    def __enter__(self) -> Progress:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.summary.seconds = time.monotonic() - self.start
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
 def _warn_if_local_output_on_many_nodes(output_uri: str) -> None:
     """Commit tasks write where they run: a local --output on a multi-node cluster is only right on a
     filesystem every node shares (the final count would otherwise miss the other nodes' files)."""

@@ -47,8 +47,12 @@ def list_inputs(input_uri: str, categories: list[str]) -> pa.Table:
     prefix (image_id = its URI). category is null where neither the manifest nor a single-category
     model names one (those become error rows); size is null where the listing gives none (manifests)."""
     only = categories[0] if len(categories) == 1 else None
+    manifest = input_uri.lower().endswith(MANIFEST_EXTENSIONS)
+    if only is None and not manifest:  # before listing what may be millions of objects
+        raise UserError(f"the model scores several categories ({', '.join(categories)}) and a folder does not say "
+                        "which each image is; pass a manifest with a 'category' column as --input")
     try:
-        if input_uri.lower().endswith(MANIFEST_EXTENSIONS):
+        if manifest:
             if not storage.exists(input_uri):
                 raise UserError(f"--input {input_uri} does not exist; {_INPUT_HINT}")
             m = manifest_table(input_uri, ("image_id", "category", "version"))
@@ -64,9 +68,6 @@ def list_inputs(input_uri: str, categories: list[str]) -> pa.Table:
             raise UserError(f"--input {input_uri} does not exist; {_INPUT_HINT}")
     except FileNotFoundError as e:
         raise UserError(f"--input: {e}; {_INPUT_HINT}") from None
-    if only is None:
-        raise UserError(f"the model scores several categories ({', '.join(categories)}) and a folder does not say "
-                        "which each image is; pass a manifest with a 'category' column as --input")
     n = listed.num_rows
     return pa.table([listed["uri"], listed["uri"], pa.array([only] * n, pa.string()), listed["version"],
                      listed["size"]], schema=INPUT_SCHEMA)

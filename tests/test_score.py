@@ -327,7 +327,7 @@ def test_late_file_is_retried_and_a_decode_error_waits_for_a_new_version(ray_loc
     (folder / "ok.png").write_bytes(_png(_texture(1)))
     (folder / "half.png").write_bytes(_png(_texture(2))[:300])  # an upload still being written
     manifest = tmp_path / "tonight.csv"
-    manifest.write_text(f"path,image_id\ninbox/ok.png,ok\ninbox/late.png,late\n")
+    manifest.write_text("path,image_id\ninbox/ok.png,ok\ninbox/late.png,late\n")
     out = str(tmp_path / "from-manifest")
     first = score.score(models["one"], str(manifest), out, batch_size=4)
     assert first.errors_by_kind == {"read": 1}

@@ -259,7 +259,7 @@ def test_planning_a_large_manifest(tmp_path):
 
 
 def test_progress_line_says_done_total_rate_eta_and_errors():
-    from promptad.score import Progress, Summary
+    from promptad.score_progress import Progress, Summary
 
     progress = Progress(Summary(output="o", run_id="r", model_id="m", inputs=300, already_done=100), total=200)
     progress.start -= 10  # ten seconds in
