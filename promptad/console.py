@@ -69,11 +69,10 @@ class _Session:
         self._handler = logging.StreamHandler(self._log)
         self._handler.setLevel(logging.INFO)  # Ray Data's DEBUG lines are in its own file already
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        if self.verbose:
-            return
-        self._old_showwarning = warnings.showwarning
-        warnings.showwarning = self._showwarning
-        self._redirect_fd2()
+        if not self.verbose:
+            self._old_showwarning = warnings.showwarning
+            warnings.showwarning = self._showwarning
+            self._redirect_fd2()
         self.capture_ray_loggers()
 
     def _showwarning(self, message, category, filename, lineno, file=None, line=None) -> None:
@@ -97,19 +96,23 @@ class _Session:
         os.dup2(self._log.fileno(), 2)
 
     def capture_ray_loggers(self) -> None:
-        """Move the console handlers of Ray's Python loggers to the log file. Ray adds them when
-        it is imported, when Ray Data is imported and in ray.init, so connect calls this after each."""
-        if self.verbose or self._handler is None:
+        """Send Ray's Python loggers to the log file, and (unless --verbose) no longer to the
+        console. Ray adds its console handlers when it is imported, when Ray Data is imported and
+        in ray.init, so connect calls this after each."""
+        if self._handler is None:
             return
         names = ["ray"] + [n for n in list(logging.root.manager.loggerDict) if n.startswith("ray.")]
         for name in names:
             logger = logging.getLogger(name)
-            for h in list(logger.handlers):
-                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
-                        and h is not self._handler:
+            console = [h for h in logger.handlers if isinstance(h, logging.StreamHandler)
+                       and not isinstance(h, logging.FileHandler) and h is not self._handler]
+            if not console:
+                continue
+            if not self.verbose:
+                for h in console:
                     logger.removeHandler(h)
-                    if self._handler not in logger.handlers:
-                        logger.addHandler(self._handler)
+            if self._handler not in logger.handlers:
+                logger.addHandler(self._handler)
 
     def ray_started(self, context) -> None:
         info = getattr(context, "address_info", None) or {}
