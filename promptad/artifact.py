@@ -12,15 +12,20 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-
-from . import prompts, storage
+from . import storage
 from .errors import UserError
-from .model import Calibration, ModelConfig, PromptAD
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model import Calibration, PromptAD
+
+# torch, safetensors and the model are imported inside the functions that build or load a model:
+# reading and verifying an artifact (what `score` checks before Ray starts) then takes no torch
+# import, which alone is seconds on a small machine.
 
 FORMAT_VERSION = 1
 MANIFEST = "promptad.json"
@@ -53,6 +58,10 @@ def _json_safe(value):
 
 def save_artifact(model: PromptAD, uri: str, training: dict | None = None) -> str:
     """Write the artifact to `uri`; returns the model id."""
+    from safetensors.torch import save as st_save
+
+    from . import prompts
+
     missing = [c for c in model.categories if c not in model.banks]
     if missing:
         raise ValueError(f"no memory bank for {missing}; build memory banks before saving")
@@ -88,7 +97,11 @@ def read_manifest(uri: str) -> dict:
     try:
         manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
     except FileNotFoundError:
-        raise UserError(f"no model artifact at {uri} ({MANIFEST} missing); pass the --out of `promptad fit`") from None
+        if not storage.exists(uri):
+            raise UserError(f"no model artifact at {uri}: it does not exist; pass the --out folder of "
+                            "`promptad fit`") from None
+        raise UserError(f"no model artifact at {uri} ({MANIFEST} missing: not a model folder); pass the --out "
+                        "of `promptad fit`") from None
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"unreadable model artifact at {uri}: {MANIFEST} is not valid JSON" + _REFIT) from None
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -99,6 +112,8 @@ def read_manifest(uri: str) -> dict:
 
 def read_calibration(manifest: dict) -> dict[str, Calibration]:
     """Per-category calibration from a manifest, without loading weights (score's CPU tasks need only this)."""
+    from .model import Calibration
+
     out = {}
     for c, cal in manifest["calibration"].items():
         cal = {k: (float("inf") if v is None and k.endswith("threshold") else v) for k, v in cal.items()}
@@ -122,9 +137,13 @@ def read_verified(uri: str) -> tuple[dict, bytes, dict[str, bytes]]:
 
 def load_artifact(uri: str, device: str | torch.device = "cpu") -> PromptAD:
     """Rebuild the model from an artifact; raises UserError if it is missing, corrupt or altered."""
+    from safetensors.torch import load as st_load
+
+    from .backbones import create_backbone
+    from .model import ModelConfig, PromptAD
+
     manifest, weights, banks = read_verified(uri)
     cfg = ModelConfig(**manifest["model"])
-    from .backbones import create_backbone
 
     bb = manifest["backbone"]
     backbone = create_backbone(bb["spec"], layers=bb["layers"], input_size=bb["input_size"],

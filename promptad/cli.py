@@ -1,15 +1,19 @@
 """`promptad` command line: fit, score, audit, demo.
 
-A mistake the user can fix (UserError, bad flag values) prints one line and exits 2;
-a traceback only with --debug. A command may return its own status: `audit` returns 3 when a
-category misses a --max-false-alarm / --min-recall target. jobs/*.py call `main` with the same
-arguments and exit with its status.
+A mistake the user can fix (UserError, bad flag values) prints one line and exits 2; with
+--debug the traceback comes first and the exit code stays 2. A command may return its own status:
+`audit` returns 3 when a category misses a --max-false-alarm / --min-recall target. Every flag's
+help says what it does and its default; every command's help ends with examples. Each command runs
+in a console session (console.py): its own lines on the console, Ray's in a log file unless
+--verbose. jobs/*.py call `main` with the same arguments and exit with its status.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import textwrap
+import traceback
 from typing import Sequence
 
 from .errors import UserError
@@ -52,6 +56,20 @@ def _categories(text: str) -> list[str]:
     return cats
 
 
+def _location(text: str) -> str:
+    """A path or URI that must not be empty: '' would mean the current folder (`--input "$UNSET"`)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path or URI, got an empty string")
+    return text.strip()
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks; a little wider than argparse's default."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=32, width=100)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as UserError (one line, exit 2) instead of exiting."""
 
@@ -59,53 +77,129 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
+EXAMPLES = {
+    "fit": """examples:
+  promptad fit --data /data/mvtec_ad --category bottle --out runs/bottle-effnet
+  promptad fit --data s3://promptad-data/mvtec_ad --category bottle,cable --out s3://promptad-models/mvtec-v1 \\
+      --workers 4 --gpus-per-worker 1 --epochs 30 --address ray://head:10001""",
+    "score": """examples:
+  promptad score --model runs/bottle-effnet --input /data/incoming/bottle --output runs/scores-bottle
+  promptad score --model s3://promptad-models/mvtec-v1 --input s3://inspection-archive/images/ \\
+      --output s3://inspection-results/scores/mvtec-v1/ --dry-run""",
+    "audit": """examples:
+  promptad audit --model runs/bottle-effnet --data /data/mvtec_ad --category bottle --report runs/audit-bottle
+  promptad audit --model runs/bottle-effnet --data /data/mvtec_ad --report runs/audit-shifts --shifts all""",
+    "demo": """examples:
+  promptad demo
+  promptad demo --data /data/mvtec_ad --category bottle --epochs 30 --workdir runs/demo-bottle""",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="promptad", description="Industrial visual anomaly detection on Ray.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = _Parser(prog="promptad", formatter_class=_Formatter,
+                description="Industrial visual anomaly detection as Ray batch jobs.",
+                epilog="Run `promptad COMMAND --help` for a command's flags and examples.\n\n"
+                       "examples:\n  promptad demo\n"
+                       "  promptad score --model runs/m --input /data/incoming --output runs/scores --dry-run")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=textwrap.fill(description, 96),
+                              epilog=EXAMPLES[name], formatter_class=_Formatter)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--address", default=None,
-                        help="Ray cluster address (default: RAY_ADDRESS, else start a local Ray)")
-        sp.add_argument("--debug", action="store_true", help="show tracebacks")
+        sp.add_argument("--address", default=None, metavar="ADDR",
+                        help="Ray cluster to join: HOST:6379, ray://HOST:10001 or auto (default: RAY_ADDRESS "
+                             "if set, else start a local Ray for this command)")
+        sp.add_argument("--verbose", action="store_true",
+                        help="also show Ray's own logs on the console (default: off; they go to the log "
+                             "file the last line names)")
+        sp.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error, keeping its exit code (default: off)")
 
-    f = sub.add_parser("fit", help="train a model on normal images (Ray Train)")
-    f.add_argument("--data", required=True, help="MVTec AD root or manifest (local or s3://)")
-    f.add_argument("--category", required=True, type=_categories, help="NAME[,NAME...]")
-    f.add_argument("--backbone", default="effnet-lite0",
-                   help="effnet-lite0 | effnet-lite2 | clip:<model>:<tag or weight path>")
-    f.add_argument("--out", required=True, help="artifact directory (local or s3://)")
-    f.add_argument("--workers", type=_positive_int, default=1)
-    f.add_argument("--gpus-per-worker", type=_non_negative_float, default=0.0)
-    f.add_argument("--cpus-per-worker", type=_non_negative_float, default=0.5)
-    f.add_argument("--epochs", type=_positive_int, default=30)
-    f.add_argument("--batch-size", type=_positive_int, default=8)
-    f.add_argument("--seed", type=int, default=0)
+    f = command("fit", "train a model on normal images (Ray Train)",
+                "Train on the normal images of one or more categories with Ray Train, then write the model "
+                "artifact (weights, memory banks, calibrated thresholds) to --out.")
+    f.add_argument("--data", required=True, type=_location, metavar="URI",
+                   help="MVTec AD root (ROOT/CATEGORY/train/good/...) or a Parquet/CSV manifest, local or "
+                        "s3:// (required)")
+    f.add_argument("--category", required=True, type=_categories, metavar="NAME[,NAME]",
+                   help="categories to train, comma-separated; one model holds them all (required)")
+    f.add_argument("--backbone", default="effnet-lite0", metavar="SPEC",
+                   help="effnet-lite0 | effnet-lite2 | clip:<open_clip model>:<pretrained tag or weight "
+                        "file> (default: %(default)s, works offline)")
+    f.add_argument("--out", required=True, type=_location, metavar="URI",
+                   help="artifact folder to write, local or s3:// (required)")
+    f.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                   help="Ray Train workers (DDP) (default: %(default)s)")
+    f.add_argument("--gpus-per-worker", type=_non_negative_float, default=0.0, metavar="G",
+                   help="GPUs per worker; > 0 trains in fp16 on GPUs (default: %(default)g, CPU)")
+    f.add_argument("--cpus-per-worker", type=_non_negative_float, default=0.5, metavar="C",
+                   help="CPUs Ray reserves per worker (default: %(default)g)")
+    f.add_argument("--epochs", type=_positive_int, default=30, metavar="E",
+                   help="training epochs (default: %(default)s)")
+    f.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
+                   help="images per worker and step (default: %(default)s)")
+    f.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed of the data order, synthetic anomalies and initialization (default: %(default)s)")
     # Advanced: a smaller model input than the backbone's default (quick tests and benchmarks).
     f.add_argument("--input-size", type=_positive_int, default=None, help=argparse.SUPPRESS)
-    f.add_argument("--storage", default=None, help="checkpoint storage (local or s3://); default: next to --out")
-    f.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --storage")
+    f.add_argument("--storage", default=None, type=_location, metavar="URI",
+                   help="where epoch checkpoints go, local or s3:// (default: <--out>-checkpoints)")
+    f.add_argument("--resume", action="store_true",
+                   help="continue the newest run in --storage from its last checkpoint (default: off, "
+                        "start a new run)")
     common(f)
 
-    s = sub.add_parser("score", help="score images to a Parquet dataset (Ray Data)")
-    s.add_argument("--model", required=True, help="artifact directory (local or s3://)")
-    s.add_argument("--input", required=True, help="folder/prefix (recursive) or manifest (.parquet/.csv)")
-    s.add_argument("--output", required=True, help="Parquet dataset directory (local or s3://)")
-    s.add_argument("--actors", type=_positive_int, default=1)
-    s.add_argument("--gpus-per-actor", type=_non_negative_float, default=0.0)
-    s.add_argument("--cpus-per-actor", type=_non_negative_float, default=0.5)
-    s.add_argument("--batch-size", type=_positive_int, default=16)
-    s.add_argument("--run-id", default=None, help="id of this scoring run (default: generated)")
+    s = command("score", "score images to a Parquet dataset (Ray Data)",
+                "Score every input image to a Parquet dataset: one row per image with an anomaly score, a "
+                "decision and an anomaly map. Re-running into the same --output scores only what is new, "
+                "changed (another content version) or whose read failed before.")
+    s.add_argument("--model", required=True, type=_location, metavar="URI",
+                   help="artifact folder written by `promptad fit`, local or s3:// (required)")
+    s.add_argument("--input", required=True, type=_location, metavar="URI",
+                   help="folder or s3:// prefix of images (recursive), or a Parquet/CSV manifest with a 'path' "
+                        "column and optional image_id, category, version (required)")
+    s.add_argument("--output", required=True, type=_location, metavar="URI",
+                   help="folder or s3:// prefix of the Parquet dataset, created or resumed (required)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="print the plan (inputs, already done, changed, to retry, to score, files and bytes) "
+                        "and stop: nothing is read, scored or written, Ray does not start (default: off)")
+    s.add_argument("--actors", type=_positive_int, default=1, metavar="N",
+                   help="model actors scoring in parallel (default: %(default)s)")
+    s.add_argument("--gpus-per-actor", type=_non_negative_float, default=0.0, metavar="G",
+                   help="GPUs per actor (default: %(default)g, CPU)")
+    s.add_argument("--cpus-per-actor", type=_non_negative_float, default=0.5, metavar="C",
+                   help="CPUs Ray reserves per actor; whole CPUs become torch threads (default: %(default)g)")
+    s.add_argument("--batch-size", type=_positive_int, default=16, metavar="B",
+                   help="images per model batch (default: %(default)s)")
+    s.add_argument("--run-id", default=None, metavar="ID",
+                   help="id written in every row of this run, e.g. the scheduler's job id (default: "
+                        "generated from the time)")
     common(s)
 
-    a = sub.add_parser("audit", help="metrics, plots and visualizations on a labelled set")
-    a.add_argument("--model", required=True, help="artifact directory (local or s3://)")
-    a.add_argument("--data", required=True, help="MVTec AD root or manifest with label/mask_path")
-    a.add_argument("--category", type=_categories, default=None, help="NAME[,NAME...] (default: the model's)")
-    a.add_argument("--report", required=True, help="report directory (local)")
-    a.add_argument("--shifts", default="", help="comma-separated shifts, groups (lighting,camera,sensor) or 'all'")
-    a.add_argument("--batch-size", type=_positive_int, default=16)
-    a.add_argument("--actors", type=_positive_int, default=1)
-    a.add_argument("--gpus-per-actor", type=_non_negative_float, default=0.0)
+    a = command("audit", "metrics, plots and visualizations on a labelled set",
+                "Run the model over a labelled set and write report.html, report.json, scores.csv and "
+                "per-image visualizations to --report, optionally under lighting, camera and sensor shifts.")
+    a.add_argument("--model", required=True, type=_location, metavar="URI",
+                   help="artifact folder written by `promptad fit`, local or s3:// (required)")
+    a.add_argument("--data", required=True, type=_location, metavar="URI",
+                   help="MVTec AD root (its test split) or a manifest with label and mask_path columns "
+                        "(required)")
+    a.add_argument("--category", type=_categories, default=None, metavar="NAME[,NAME]",
+                   help="categories to audit (default: every category of the model)")
+    a.add_argument("--report", required=True, type=_location, metavar="DIR",
+                   help="local folder for the report (required)")
+    a.add_argument("--shifts", default="", metavar="LIST",
+                   help="comma-separated shifts (brightness, contrast, gamma, rotation, translation, scale, "
+                        "blur, noise, jpeg), groups (lighting, camera, sensor) or all (default: none, clean "
+                        "images only)")
+    a.add_argument("--batch-size", type=_positive_int, default=16, metavar="B",
+                   help="images per model batch (default: %(default)s)")
+    a.add_argument("--actors", type=_positive_int, default=1, metavar="N",
+                   help="model actors (default: %(default)s)")
+    a.add_argument("--gpus-per-actor", type=_non_negative_float, default=0.0, metavar="G",
+                   help="GPUs per actor (default: %(default)g, CPU)")
     a.add_argument("--max-false-alarm", type=_rate, default=None, metavar="RATE",
                    help="target per category: the 95%% upper bound of the false-alarm rate on normal "
                         "images must be <= RATE, else exit 3 (default: no target)")
@@ -114,11 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "must be >= RATE, else exit 3 (default: no target)")
     common(a)
 
-    d = sub.add_parser("demo", help="the whole flow on a generated dataset, locally")
-    d.add_argument("--data", default=None, help="use this MVTec AD root instead of generating one")
-    d.add_argument("--category", type=_categories, default=None)
-    d.add_argument("--workdir", default="demo_output", help="where data, model, scores and report go")
-    d.add_argument("--epochs", type=_positive_int, default=None)
+    d = command("demo", "the whole flow on a generated dataset, locally",
+                "Generate a small seeded dataset (unless --data), then fit, score and audit it on one "
+                "Ray; ends by printing where the model, the scores and the report are.")
+    d.add_argument("--data", default=None, type=_location, metavar="URI",
+                   help="MVTec AD root to use (default: generate a seeded one in <--workdir>/data)")
+    d.add_argument("--category", type=_categories, default=None, metavar="NAME[,NAME]",
+                   help="categories to use (default: tile when generating, else every category in --data)")
+    d.add_argument("--workdir", default="demo_output", type=_location, metavar="DIR",
+                   help="where data, model, scores, report and logs go; a re-run replaces its own outputs "
+                        "(default: %(default)s)")
+    d.add_argument("--epochs", type=_positive_int, default=None, metavar="E",
+                   help="training epochs (default: 15)")
     common(d)
     return p
 
@@ -129,16 +230,38 @@ COMMANDS = {"fit": "promptad.fit", "score": "promptad.score", "audit": "promptad
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
-        module = importlib.import_module(COMMANDS[args.command])
-        status = module.run(args)
-        return status if isinstance(status, int) else 0
+        args = parser.parse_args(argv)
     except UserError as e:
-        if debug:
-            raise
-        print(f"promptad: error: {e}", file=sys.stderr)
+        return _user_error(e, debug)
+    if args.command is None:  # bare `promptad`: what it can do, not a usage error
+        parser.print_help()
         return 2
-    except KeyboardInterrupt:
-        print("promptad: interrupted", file=sys.stderr)
-        return 130
+    from . import console
+
+    with console.session(args.command, verbose=args.verbose) as session:
+        try:
+            status = importlib.import_module(COMMANDS[args.command]).run(args)
+        except UserError as e:
+            return _user_error(e, debug)
+        except KeyboardInterrupt:
+            print("promptad: interrupted", file=sys.stderr)
+            return 130
+        except Exception:
+            traceback.print_exc()
+            closing = session.closing_line()
+            if closing:
+                print(closing, file=sys.stderr)
+            return 1
+        closing = session.closing_line()
+        if closing:
+            print(closing, file=sys.stderr)
+    return status if isinstance(status, int) else 0
+
+
+def _user_error(e: UserError, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"promptad: error: {e}", file=sys.stderr)
+    return 2

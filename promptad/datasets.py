@@ -13,6 +13,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from promptad import storage
@@ -171,6 +173,107 @@ def manifest_samples(uri: str, split: str | None = None) -> list[Sample]:
     if split is not None and "split" in columns:
         return [s for row_split, s in samples if row_split is not None and row_split.lower() == split.lower()]
     return [s for _, s in samples]
+
+
+# --------------------------------------------------------------------------- manifests as Arrow
+# `score` plans over millions of manifest rows: the same rules as manifest_samples, column-wise.
+_ABSOLUTE = r"^([a-zA-Z][a-zA-Z0-9+.-]*://|/)"
+
+
+def _text_column(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A manifest column as stripped text; empty cells, nulls and NaN become null (as _text)."""
+    if pa.types.is_floating(column.type):
+        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        column = pc.cast(column, pa.string())
+    column = pc.utf8_trim_whitespace(column.cast(pa.string()))
+    return pc.if_else(pc.equal(column, ""), pa.scalar(None, pa.string()), column)
+
+
+def _read_manifest_arrow(uri: str, wanted: tuple[str, ...]) -> tuple[list[str], pa.Table]:
+    """All column names and the `wanted` columns a manifest has (Parquet, or CSV read as text so
+    "007" keeps its zeros)."""
+    if uri.lower().endswith(".parquet"):
+        fs, path = storage.filesystem(uri)
+        try:
+            names = pq.ParquetFile(path, filesystem=fs).schema_arrow.names
+            return names, pq.read_table(path, filesystem=fs, columns=[c for c in wanted if c in names])
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"no such file or object: {uri}") from e
+    import pyarrow.csv as pacsv
+
+    data = storage.read_bytes(uri)
+    header = next(csv.reader(io.StringIO(data[:1 << 16].decode("utf-8-sig", errors="replace"))), [])
+    names = [c.strip() for c in header]
+    if not names:
+        return [], pa.table({})
+    table = pacsv.read_csv(
+        io.BytesIO(data),
+        read_options=pacsv.ReadOptions(column_names=names, skip_rows=1),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                             include_columns=[c for c in wanted if c in names]))
+    return names, table
+
+
+def _resolve_column(base: str, paths: pa.ChunkedArray) -> pa.ChunkedArray:
+    """storage.resolve for a column of manifest paths: absolute paths and URIs pass through;
+    relative ones are resolved per distinct folder (a handful), not per row."""
+    relative = pc.invert(pc.match_substring_regex(paths, _ABSOLUTE))
+    if not pc.any(relative).as_py():
+        return paths
+    parts = pc.extract_regex(paths, r"^(?P<dir>.*/)?(?P<name>[^/]*)$")
+    folders = pc.fill_null(pc.struct_field(parts, "dir"), "")
+    names = pc.struct_field(parts, "name")
+    odd = pc.or_(pc.is_in(names, value_set=pa.array(["", ".", ".."])), pc.invert(relative))
+    encoded = pc.dictionary_encode(folders).combine_chunks()
+    resolved_dirs = pa.array([storage.resolve(base, d or ".") for d in encoded.dictionary.to_pylist()], pa.string())
+    joined = pc.binary_join_element_wise(pc.take(resolved_dirs, encoded.indices), names, "/")
+    result = pc.if_else(odd, paths, joined)
+    if pc.any(pc.and_(odd, relative)).as_py():  # "a/..", "a/": rare; resolved one by one
+        py = result.to_pylist()
+        for i in pc.indices_nonzero(pc.and_(odd, relative)).to_pylist():
+            py[i] = storage.resolve(base, paths[i].as_py())
+        return pa.chunked_array([pa.array(py, pa.string())])
+    return result
+
+
+def manifest_table(uri: str, columns: tuple[str, ...] = ("image_id", "category")) -> pa.Table:
+    """A manifest as an Arrow table with `path` (resolved like manifest_samples) and `columns`
+    (text, null where empty or absent); image_id defaults to the path as written.
+
+    The same rules and one-line errors as manifest_samples, without a Python object per row: a
+    1,000,000-row manifest plans in seconds. Labels, masks and splits are not read (score needs none).
+    """
+    names, table = _read_manifest_arrow(uri, ("path", *columns))
+    if "path" not in names:
+        raise UserError(
+            f"manifest {uri} has no 'path' column (columns: {', '.join(names) or 'none'}); "
+            "add a 'path' column with each image's path or URI"
+        )
+    raw = _text_column(table["path"])
+    empty = pc.is_null(raw)
+    if pc.any(empty).as_py():
+        row = pc.index(empty, True).as_py() + 1
+        raise UserError(f"manifest {uri} row {row}: empty 'path'; give every row an image path or drop the row")
+    n = table.num_rows
+    out = {"path": _resolve_column(storage.parent(uri), raw)}
+    for name in columns:
+        out[name] = _text_column(table[name]) if name in table.column_names else pa.nulls(n, pa.string())
+    if "image_id" in out:
+        out["image_id"] = pc.coalesce(out["image_id"], raw)
+        counts = pc.value_counts(out["image_id"])
+        repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+        if len(repeated):
+            column = "image_id" if "image_id" in table.column_names else "path"
+            raise UserError(
+                f"manifest {uri} has {len(repeated)} duplicate {column} value(s), e.g. "
+                f"{repeated.field('values')[0].as_py()!r}; every image needs a unique image_id "
+                "(or path when there is no image_id column)"
+            )
+    return pa.table(out)
 
 
 def _is_manifest(uri: str) -> bool:

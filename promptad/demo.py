@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from . import datasets, raycluster
+from . import console, datasets, raycluster
 from .cli import build_parser
 from .errors import UserError
 from .synthesis import procedural_texture, synthesize_anomaly
@@ -31,7 +34,7 @@ SEED = 0
 DEFAULT_EPOCHS = 15
 # Written into --workdir so a re-run may replace the demo's own outputs and nothing else.
 MARKER = ".promptad-demo"
-OUTPUTS = ("model", "checkpoints", "scores", "report", "test_images.csv")
+OUTPUTS = ("model", "checkpoints", "scores", "report", "logs", "test_images.csv")
 
 
 def _crop(texture: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -137,7 +140,9 @@ def run(args: argparse.Namespace) -> None:
             make_dataset(workdir / "data", category=category, seed=SEED + i)
         data = str(workdir / "data")
     cats = ",".join(categories)
-    common = (["--address", args.address] if args.address else []) + (["--debug"] if args.debug else [])
+    common = (["--address", args.address] if args.address else []) + (["--debug"] if args.debug else []) \
+        + (["--verbose"] if args.verbose else [])
+    console.set_log_dir(str(workdir / "logs"))
     raycluster.connect(args.address)  # one Ray for the three steps
 
     model, scores, report = workdir / "model", workdir / "scores", workdir / "report"
@@ -161,6 +166,13 @@ def run(args: argparse.Namespace) -> None:
 [demo] done.
   model artifact   {model}
   scores (Parquet) {scores}
-      read it: python -c "import pandas as pd; print(pd.read_parquet('{scores}'))"
+      read it: {read_hint(scores)}
   audit report     {report / 'report.html'}  (metrics in {report / 'report.json'})
   visualizations   {report / audit.VIS_DIR}""")
+
+
+def read_hint(scores: Path) -> str:
+    """A shell command that prints the scores table, with this environment's Python (which has
+    pandas): a bare `python` outside the venv may have none."""
+    code = f"import pandas as pd; print(pd.read_parquet({json.dumps(str(scores))}))"
+    return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"

@@ -315,8 +315,11 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 
 def _progress_callback():
-    """One line per epoch on the driver's console (the Ray Train controller forwards it)."""
+    """One line per epoch on the driver's console (the callback runs in the Ray Train controller;
+    console.say relays the line to the driver, which does not forward Ray's own worker output)."""
     from ray.train import UserCallback
+
+    from .console import say
 
     class Progress(UserCallback):
         def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
@@ -324,8 +327,8 @@ def _progress_callback():
                 return
             m = metrics[0]
             loss = sum(x["loss"] for x in metrics) / len(metrics)
-            print(f"epoch {m['epoch']}/{m['epochs']}  loss {loss:.4f}  {max(x['seconds'] for x in metrics):.1f}s  "
-                  f"({int(m['steps'])} steps x {m['world']} workers)", flush=True)
+            say(f"epoch {m['epoch']}/{m['epochs']}  loss {loss:.4f}  {max(x['seconds'] for x in metrics):.1f}s  "
+                f"({int(m['steps'])} steps x {m['world']} workers)")
 
     return Progress()
 

@@ -13,6 +13,8 @@ import threading
 import uuid
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from promptad.errors import UserError
@@ -205,6 +207,109 @@ def list_files(uri: str, extensions: set[str] | None = None) -> list[str]:
         if info.type == pafs.FileType.File
         and (exts is None or posixpath.splitext(info.path)[1].lower() in exts)
     )
+
+
+VERSIONED_SCHEMA = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("version", pa.string())])
+
+
+def _extension_mask(paths: pa.Array, extensions: set[str] | None) -> pa.Array:
+    """True where a path ends in one of `extensions` (case-insensitive); vectorized, no per-path Python."""
+    if extensions is None:
+        return pa.array([True] * len(paths), pa.bool_())
+    alternatives = "|".join(re.escape(e.lower().lstrip(".")) for e in sorted(extensions))
+    return pc.match_substring_regex(pc.utf8_lower(paths), rf"\.({alternatives})$")
+
+
+def local_version(size: int, mtime_ns: int) -> str:
+    """Content version of a local file: size and modification time in ns ("<size>:<mtime_ns>")."""
+    return f"{size}:{mtime_ns}"
+
+
+def s3_version(etag: str, version_id: str | None) -> str:
+    """Content version of an S3 object: its ETag, plus ":<version id>" where the bucket is versioned."""
+    etag = etag.strip('"')
+    return f"{etag}:{version_id}" if version_id and version_id != "null" else etag
+
+
+def list_versions(uri: str, extensions: set[str] | None = None) -> pa.Table:
+    """(uri, size, version) of every file under a folder or prefix, recursively, sorted by uri.
+
+    The version is what the listing gives for free, so that `score` can tell a changed input from
+    a scored one without a request per object: local files, size and mtime in ns (pyarrow's
+    FileInfo); S3 objects, the ETag and, in a bucket with versioning enabled, the version id
+    (s3fs; pyarrow's S3 listing has no ETag).
+    """
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.S3FileSystem):
+        table = _s3_list_versions(uri, path)
+    else:
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"no such folder or prefix: {uri}") from e
+        files = [i for i in infos if i.type == pafs.FileType.File]
+        sizes = pa.array([i.size for i in files], pa.int64())
+        mtimes = pa.array([i.mtime_ns for i in files], pa.int64())
+        version = pc.binary_join_element_wise(pc.cast(sizes, pa.string()), pc.cast(mtimes, pa.string()), ":")
+        paths = pa.array([_to_uri(uri, i.path) for i in files], pa.string())
+        table = pa.table([paths, sizes, version], schema=VERSIONED_SCHEMA)
+    table = table.filter(_extension_mask(table["uri"], extensions))
+    return table.take(pc.sort_indices(table["uri"]))
+
+
+def file_version(uri: str) -> tuple[int, str]:
+    """(size, version) of one file or object, as list_versions gives it; FileNotFoundError if missing."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.S3FileSystem):
+        versioned = _s3_bucket_versioned(path.split("/", 1)[0])
+        try:
+            info = _s3fs(versioned).info(path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"no such object: {uri}") from e
+        return int(info["size"]), s3_version(info.get("ETag", ""), info.get("VersionId") if versioned else None)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"no such file: {uri}")
+    return int(info.size), local_version(info.size, info.mtime_ns)
+
+
+def _s3fs(version_aware: bool):
+    """An s3fs filesystem with the same endpoint, region and retries as pyarrow's (listings with ETags).
+
+    No listing cache: a nightly job lists once, and tests overwrite objects between listings."""
+    import s3fs
+
+    return s3fs.S3FileSystem(
+        client_kwargs={"endpoint_url": _s3_endpoint(), "region_name": _s3_region()},
+        config_kwargs={"retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}},
+        version_aware=version_aware, use_listings_cache=False, skip_instance_cache=True)
+
+
+def _s3_bucket_versioned(bucket: str) -> bool:
+    """Whether the bucket has versioning enabled; False when the role may not ask (ETags still
+    version the content, only identical re-uploads then keep their rows)."""
+    try:
+        return bool(_s3fs(False).is_bucket_versioned(bucket))
+    except (OSError, ValueError):  # PermissionError (AccessDenied) is an OSError
+        return False
+
+
+def _s3_list_versions(uri: str, path: str) -> pa.Table:
+    """ListObjectsV2, or ListObjectVersions (latest versions only) in a versioned bucket."""
+    bucket = path.split("/", 1)[0]
+    versioned = _s3_bucket_versioned(bucket)
+    prefix = path.rstrip("/") + "/"
+    try:
+        found = _s3fs(versioned).find(path, detail=True)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"no such folder or prefix: {uri}") from e
+    infos = [i for name, i in found.items() if i.get("type") == "file" and name.startswith(prefix)]
+    return pa.table([
+        pa.array(["s3://" + i["name"] for i in infos], pa.string()),
+        pa.array([int(i["size"]) for i in infos], pa.int64()),
+        pa.array([s3_version(i.get("ETag", ""), i.get("VersionId") if versioned else None) for i in infos],
+                 pa.string()),
+    ], schema=VERSIONED_SCHEMA)
 
 
 def list_dirs(uri: str) -> list[str]:

@@ -97,7 +97,39 @@ def demo_run(tmp_path_factory) -> dict:
     proc = subprocess.run([str(Path(sys.executable).with_name("promptad")), "demo"], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"cwd": cwd, "workdir": cwd / "demo_output", "stdout": proc.stdout}
+    return {"cwd": cwd, "workdir": cwd / "demo_output", "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+# What Ray prints of its own when it forwards workers' output or logs to the console.
+RAY_INTERNALS = re.compile(r"\(\w+ pid=\d+\)|core_worker\.cc|TrainingReport\(|PlacementGroupCleaner|"
+                           r"Deprecat|Started a local Ray|streaming_executor|logging_progress|"
+                           r"^\[?\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d")
+
+
+@pytest.mark.slow
+def test_demo_console_is_short_and_free_of_ray_internals(demo_run):
+    lines = (demo_run["stdout"] + demo_run["stderr"]).splitlines()
+    assert len(lines) <= 80, len(lines)
+    noisy = [line for line in lines if RAY_INTERNALS.search(line)]
+    assert not noisy, noisy[:5]
+    epochs = [line for line in lines if re.match(r"epoch \d+/\d+  loss ", line)]
+    assert len(epochs) == demo.DEFAULT_EPOCHS  # fit's lines come through from the Train controller
+    named = re.search(r"^promptad: Ray's logs: (\S+\.log)", demo_run["stderr"], re.M)
+    assert named, demo_run["stderr"][-1000:]
+    log = Path(named.group(1))
+    assert log.parent == demo_run["workdir"] / "logs"
+    assert "Started a local Ray instance" in log.read_text()  # Ray's own lines went there
+
+
+@pytest.mark.slow
+def test_demo_read_it_hint_runs_as_printed(demo_run):
+    hint = re.search(r"read it: (.+)$", demo_run["stdout"], re.M).group(1)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = "/usr/bin:/bin"  # as in a new shell, without the venv activated
+    proc = subprocess.run(["/bin/sh", "-c", hint], cwd=demo_run["cwd"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "image_id" in proc.stdout and "score" in proc.stdout
 
 
 @pytest.mark.slow
@@ -106,7 +138,7 @@ def test_demo_runs_the_whole_flow(demo_run):
     # The closing lines say where everything is.
     for path in ("model", "scores", "report/report.html", "report/visualization_results"):
         assert str(workdir / path) in out, path
-    assert "pd.read_parquet(" in out
+    assert "pd.read_parquet(" in out and sys.executable in out
 
     n_test = demo.N_TEST_GOOD + demo.N_TEST_DEFECT
     table = pads.dataset(str(workdir / "scores"), format="parquet").to_table()

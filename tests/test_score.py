@@ -30,6 +30,7 @@ from promptad.datasets import mvtec_samples
 from promptad.errors import UserError
 from promptad.images import decode_image, resize
 from promptad.predict import predict
+from promptad.score_plan import human_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -265,6 +266,116 @@ def test_user_errors_before_any_work(ray_local, models, tmp_path):
         score.score(models["one"], str(folder), str(tmp_path / "o4"), gpus_per_actor=1, local_ray=True)
 
 
+# --------------------------------------------------------------------------- versions: changed, late, retried
+def _rows_by_name(output: str) -> dict[str, dict]:
+    return {Path(r["image_id"]).name: r for r in _read(output).to_pylist()}
+
+
+def test_changed_local_file_is_scored_again_and_its_old_row_dropped(ray_local, models, tmp_path):
+    folder = tmp_path / "line"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(_png(_texture(i)))
+    out = str(tmp_path / "scores")
+    first = score.score(models["one"], str(folder), out, batch_size=4)
+    assert (first.new, first.scored) == (4, 4)
+    before = _rows_by_name(out)
+    assert before["2.png"]["source_version"] == storage.file_version(str(folder / "2.png"))[1]
+
+    (folder / "2.png").write_bytes(_png(_texture(99, 60, 70)))  # a camera reused the file name
+    again = score.score(models["one"], str(folder), out, batch_size=4)
+    assert (again.already_done, again.changed, again.scored, again.superseded_dropped) == (3, 1, 1, 1)
+    after = _rows_by_name(out)
+    assert len(_read(out)) == 4  # exactly one row each, the old row of 2.png is gone
+    assert after["2.png"]["source_version"] == storage.file_version(str(folder / "2.png"))[1]
+    assert (after["2.png"]["height"], after["2.png"]["width"]) == (60, 70)
+    assert after["2.png"]["run_id"] == again.run_id and after["0.png"]["run_id"] == first.run_id
+    np.testing.assert_allclose(after["2.png"]["score"], _reference(models["one"], [str(folder / "2.png")],
+                                                                   ["magnetic_tile"])[0], rtol=1e-4, atol=1e-5)
+    quiet = score.score(models["one"], str(folder), out, batch_size=4)
+    assert (quiet.scored, quiet.already_done) == (0, 4)
+
+
+def test_changed_s3_object_is_scored_again_also_when_only_its_version_changed(ray_local, models, s3_bucket,
+                                                                             s3_server):
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    bucket = s3_bucket[len("s3://"):]
+    for i in range(3):
+        s3.put_object(Bucket=bucket, Key=f"cam/{i}.png", Body=_png(_texture(i)))
+    out = f"{s3_bucket}/scores"
+    assert score.score(models["one"], f"{s3_bucket}/cam", out, batch_size=4).scored == 3
+    s3.put_object(Bucket=bucket, Key="cam/1.png", Body=_png(_texture(41)))  # overwritten: a new ETag
+    again = score.score(models["one"], f"{s3_bucket}/cam", out, batch_size=4)
+    assert (again.changed, again.scored, again.superseded_dropped) == (1, 1, 1)
+    rows = _rows_by_name(out)
+    etag = s3.head_object(Bucket=bucket, Key="cam/1.png")["ETag"].strip('"')
+    assert len(rows) == 3 and _read(out).num_rows == 3 and rows["1.png"]["source_version"] == etag
+
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    third = score.score(models["one"], f"{s3_bucket}/cam", out, batch_size=4)
+    assert third.changed == 0 and third.scored == 0  # versioning on, objects not rewritten: no version ids yet
+    s3.put_object(Bucket=bucket, Key="cam/0.png", Body=_png(_texture(0)))  # same bytes, a new version id
+    fourth = score.score(models["one"], f"{s3_bucket}/cam", out, batch_size=4)
+    version_id = s3.head_object(Bucket=bucket, Key="cam/0.png")["VersionId"]
+    assert (fourth.changed, fourth.scored) == (1, 1)
+    assert _rows_by_name(out)["0.png"]["source_version"].endswith(f":{version_id}") and _read(out).num_rows == 3
+
+
+def test_late_file_is_retried_and_a_decode_error_waits_for_a_new_version(ray_local, models, tmp_path):
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    (folder / "ok.png").write_bytes(_png(_texture(1)))
+    (folder / "half.png").write_bytes(_png(_texture(2))[:300])  # an upload still being written
+    manifest = tmp_path / "tonight.csv"
+    manifest.write_text("path,image_id\ninbox/ok.png,ok\ninbox/late.png,late\n")
+    out = str(tmp_path / "from-manifest")
+    first = score.score(models["one"], str(manifest), out, batch_size=4)
+    assert first.errors_by_kind == {"read": 1}
+    (folder / "late.png").write_bytes(_png(_texture(3)))  # the file arrives the next day
+    second = score.score(models["one"], str(manifest), out, batch_size=4)
+    assert (second.retried, second.scored, second.errors, second.already_done) == (1, 1, 0, 1)
+    got = {r["image_id"]: r for r in _read(out).to_pylist()}
+    assert len(got) == 2 and got["late"]["error"] is None and np.isfinite(got["late"]["score"])
+
+    listed = str(tmp_path / "from-folder")
+    assert score.score(models["one"], str(folder), listed, batch_size=4).errors_by_kind == {"decode": 1}
+    unchanged = score.score(models["one"], str(folder), listed, batch_size=4)
+    assert unchanged.scored == 0  # the same broken bytes: not retried
+    (folder / "half.png").write_bytes(_png(_texture(2)))  # the upload completes: a new version
+    fixed = score.score(models["one"], str(folder), listed, batch_size=4)
+    assert (fixed.changed, fixed.scored, fixed.errors) == (1, 1, 0)
+    rows = _rows_by_name(listed)
+    assert len(rows) == 3 and rows["half.png"]["error"] is None
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(ray_local, models, tmp_path, capsys):
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(_png(_texture(i)))
+    out = tmp_path / "scores"
+    assert cli.main(["score", "--model", models["one"], "--input", str(folder), "--output", str(out),
+                     "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert not out.exists()
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    for words in ("inputs                     3", "already done               0", "new                        3",
+                  "changed                    0", "to retry                   0",
+                  f"to score                   3   would read 3 files, {human_bytes(size)}", "nothing was read, scored or"):
+        assert words in printed, printed
+    score.score(models["one"], str(folder), str(out), batch_size=4)
+    (folder / "0.png").write_bytes(_png(_texture(5)))
+    (folder / "3.png").write_bytes(_png(_texture(6)))
+    files = sorted(os.listdir(out))
+    assert cli.main(["score", "--model", models["one"], "--input", str(folder), "--output", str(out),
+                     "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(os.listdir(out)) == files
+    for words in ("inputs                     4", "already done               2", "new                        1",
+                  "changed                    1", "to score                   2   would read 2 files"):
+        assert words in printed, printed
+
+
 def _session_pids(session: int) -> list[int]:
     """Processes of a session, from /proc (Ray started by this test process shares its session)."""
     pids = []
@@ -361,10 +472,81 @@ def test_killed_driver_then_rerun_scores_only_the_rest_exactly_once(models, tmp_
     cmd[-1] = "second"
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"{first.num_rows} were already in the output, {n - first.num_rows} scored now" in done.stdout
+    assert f"{first.num_rows} were already in the output, {n - first.num_rows} scored now " \
+           f"(new {n - first.num_rows}, changed 0, retried 0)" in done.stdout
     table = _read(str(out))
     ids = table["image_id"].to_pylist()
     assert len(ids) == n and len(set(ids)) == n
     assert set(ids) == set(storage.list_files(str(folder), storage.IMAGE_EXTENSIONS))
     assert table.filter(pa.compute.equal(table["run_id"], "first")).num_rows == first.num_rows
     assert not list((out / score.TMP_DIR).iterdir())
+
+
+@pytest.mark.slow
+def test_killed_rescoring_run_never_loses_a_row_and_the_rerun_supersedes_exactly_once(models, tmp_path):
+    """Every input changes; the re-scoring run is killed mid-way. While it runs and after the kill,
+    every input still has a row (old or new); the next run re-scores only the rest and leaves one
+    row per input, each from the current version."""
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    n = 300
+    for i in range(n):
+        (folder / f"{i:04d}.png").write_bytes(_png(_texture(i % 7)))
+    out = tmp_path / "scores"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    base = [sys.executable, str(REPO / "jobs" / "score.py"), "--model", models["one"], "--input", str(folder),
+            "--output", str(out), "--address", "local"]
+    done = subprocess.run([*base, "--batch-size", "8"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ids = set(storage.list_files(str(folder), storage.IMAGE_EXTENSIONS))
+    for i in range(n):  # every image replaced with new content: new size/mtime
+        (folder / f"{i:04d}.png").write_bytes(_png(_texture(100 + i % 7, 72, 88)))
+    old_files = set(score.committed_files(str(out)))
+
+    samples: list[tuple[int, int]] = []  # (distinct inputs, rows) as a reader sees the output mid-run
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                rows = pa.concat_tables([pq.read_table(f, columns=["image_id"])
+                                         for f in score.committed_files(str(out))])
+            except BaseException as e:  # noqa: BLE001 - reported below
+                failures.append(e)
+                return
+            samples.append((len(set(rows["image_id"].to_pylist()) & ids), rows.num_rows))
+            time.sleep(0.2)
+
+    proc = subprocess.Popen([*base, "--batch-size", "1", "--run-id", "killed"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 150
+        while proc.poll() is None and time.monotonic() < deadline and \
+                len(set(score.committed_files(str(out))) - old_files) < 2:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    finally:
+        _kill_session(proc)
+        stop.set()
+        watcher.join()
+    assert not failures and samples and all(distinct == n for distinct, _ in samples), (failures, samples[:5])
+    table = _read(str(out))
+    assert set(table["image_id"].to_pylist()) == ids  # after the kill: nobody lost a row
+    rescored = table.filter(pa.compute.equal(table["run_id"], "killed")).num_rows
+    assert 0 < rescored < n and table.num_rows == n + rescored  # old rows not dropped yet
+
+    again = subprocess.run([*base, "--batch-size", "8", "--run-id", "third"], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{n} inputs, {rescored} were already in the output, {n - rescored} scored now (new 0, " \
+           f"changed {n - rescored}, retried 0)" in again.stdout
+    assert f"{n} superseded rows dropped" in again.stdout  # rescored + (n - rescored) old rows
+    table = _read(str(out))
+    assert table.num_rows == n and set(table["image_id"].to_pylist()) == ids
+    current = {p: storage.file_version(p)[1] for p in ids}
+    assert all(r["source_version"] == current[r["image_id"]] for r in table.to_pylist())
+    assert set(table["run_id"].to_pylist()) == {"killed", "third"}
+    assert all(r["height"] == 72 for r in table.to_pylist())
