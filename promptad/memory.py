@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .numerics import float32_math
+
 
 def patch_features(layers: list[torch.Tensor], max_dim: int = 1024) -> torch.Tensor:
     """(N, C, h, w): each layer 3x3-averaged (local context), resized to the finest grid, concatenated."""
@@ -84,12 +86,15 @@ def build_bank(patches: torch.Tensor, ratio: float = 0.01, min_size: int = 1000,
     return flat[greedy_coreset(flat, size, seed=seed)].contiguous()
 
 
+@float32_math
 def nn_distance(patches: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """(N, h, w) Euclidean distance of each patch to its nearest bank entry.
+    """(N, h, w) float32 Euclidean distance of each patch to its nearest bank entry.
 
     The nearest entry is found with one matrix product; its distance is then recomputed directly,
     since |a|^2 - 2ab + |b|^2 cancels badly for near matches and its rounding depends on how the
-    BLAS blocks the batch: a score must not depend on which images share its batch.
+    BLAS blocks the batch: a score must not depend on which images share its batch. All of it runs
+    in fp32 with autocast off (numerics.float32_math): under fp16/bf16 autocast the product would
+    pick the wrong neighbour outright.
     """
     n, c, h, w = patches.shape
     q = patches.permute(0, 2, 3, 1).reshape(-1, c).float()

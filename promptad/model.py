@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .backbones import Backbone, Features, create_backbone
 from .memory import nn_distance, patch_features
+from .numerics import float32_math
 from .prompts import TextPromptLearner, handcrafted_text_features
 
 
@@ -170,8 +171,9 @@ class Trainable(nn.Module):
         return out
 
 
+@float32_math
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(N, H, W) separable Gaussian blur, reflect-padded."""
+    """(N, H, W) separable Gaussian blur, reflect-padded; fp32 under any autocast."""
     if sigma <= 0:
         return maps
     radius = max(1, int(round(4 * sigma)))
@@ -243,9 +245,11 @@ class PromptAD(nn.Module):
             comps["image_text"] = torch.sigmoid(out.image_text_logit.float())
         return comps
 
+    @float32_math
     def fuse(self, comps: dict[str, torch.Tensor], categories: list[str],
              fusion: dict[str, dict[str, float]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores (N,), maps (N, S, S)) from components; `fusion` overrides the calibrated weights."""
+        """(scores (N,), maps (N, S, S)) from components; `fusion` overrides the calibrated weights.
+        fp32 under any autocast (numerics.float32_math): the map that decides is never rounded to fp16."""
         head = comps["head"]
 
         def per_row(values: list[float]) -> torch.Tensor:  # one weight per image, broadcast over (h, w)

@@ -1,0 +1,56 @@
+"""fp32 islands inside mixed precision: the math a score is made of.
+
+On GPU, inference runs the backbone under fp16 autocast (training.autocast; bf16 on some CPUs).
+The nearest-neighbour search and the map fusion must not run in half precision: a memory
+distance is a small difference of large squared norms (|a|^2 - 2ab + |b|^2), which fp16's 10-bit
+and bf16's 7-bit mantissas cannot hold, and the blur's convolution and the interpolations would
+round the very map whose maximum is the score. Functions decorated with `float32_math` run with
+autocast off and their half-precision tensor arguments in float32, whatever autocast the caller
+has on.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any, Callable, Iterator, TypeVar
+
+import torch
+
+# Device types whose autocast state is switched off (each device type has its own).
+AUTOCAST_DEVICES = ("cuda", "cpu")
+_HALF = (torch.float16, torch.bfloat16)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def no_autocast() -> Iterator[None]:
+    """Autocast off for every device type where it is on; the caller's state returns on exit."""
+    with contextlib.ExitStack() as stack:
+        for device in AUTOCAST_DEVICES:
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
+def as_float32(obj: Any) -> Any:
+    """fp16/bf16 tensors as float32, also inside dicts, lists and tuples; anything else as is
+    (float64 stays float64: only precision that autocast took away is given back)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.dtype in _HALF else obj
+    if isinstance(obj, dict):
+        return {k: as_float32(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields") and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in obj):
+        return type(obj)(as_float32(v) for v in obj)
+    return obj
+
+
+def float32_math(fn: F) -> F:
+    """Decorator: `fn` runs with autocast off and its half-precision tensor arguments as float32.
+    The undecorated function stays reachable as `fn.__wrapped__` (tests compare against it)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with no_autocast():
+            return fn(*as_float32(args), **as_float32(kwargs))
+
+    return wrapper  # type: ignore[return-value]
