@@ -1,0 +1,67 @@
+"""What a user stores, against numbers computed by hand: score normalization (median -> 0.25,
+threshold -> 0.5, clipped to [0, 1]), the 8-bit map and the defect area."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from promptad.model import Calibration
+from promptad.postprocess import postprocess
+
+# centre 2, threshold 6: y = 0.25 + 0.25 * (x - 2) / 4 = x / 16 + 0.125, clipped to [0, 1]
+PIXEL = dict(pixel_center=2.0, pixel_threshold=6.0)
+# centre 1, threshold 3: y = 0.25 + 0.25 * (x - 1) / 2 = x / 8 + 0.125
+IMAGE = dict(image_center=1.0, image_threshold=3.0)
+
+
+@pytest.mark.parametrize("x, expected", [
+    (2.0, 0.25),    # centre
+    (6.0, 0.5),     # threshold: the decision boundary
+    (4.0, 0.375),
+    (10.0, 0.75),
+    (14.0, 1.0),
+    (30.0, 1.0),    # clipped
+    (0.0, 0.125),
+    (-2.0, 0.0),
+    (-9.0, 0.0),    # clipped
+])
+def test_normalize_map_by_hand(x, expected):
+    cal = Calibration(**PIXEL)
+    assert cal.normalize_map(np.array([x]))[0] == expected
+    assert cal.normalize_map(x) == expected  # a plain float too
+
+
+@pytest.mark.parametrize("s, expected", [(1.0, 0.25), (3.0, 0.5), (2.5, 0.4375), (0.0, 0.125), (7.0, 1.0),
+                                         (-1.0, 0.0), (-5.0, 0.0), (100.0, 1.0)])
+def test_normalize_score_by_hand(s, expected):
+    assert Calibration(**IMAGE).normalize_score(s) == expected
+
+
+def test_postprocess_of_a_hand_made_map():
+    cal = Calibration(**IMAGE, **PIXEL)
+    amap = np.array([[6.0, 2.0, 10.0, 14.0, 30.0],
+                     [-2.0, 5.99, 4.0, 0.0, -9.0]], np.float32)  # at the stored size: no resize
+    row = postprocess(cal, 2.5, amap, height=2, width=5)
+    # round(255 * y): 0.5 -> 127.5 -> 128; 0.25 -> 63.75 -> 64; 0.75 -> 191.25 -> 191; 5.99 ->
+    # 0.499375 -> 127.34 -> 127; 0.375 -> 95.625 -> 96; 0.125 -> 31.875 -> 32; clipped -> 0 / 255
+    expected = np.array([[128, 64, 191, 255, 255],
+                         [0, 127, 96, 32, 0]], np.uint8)
+    png = Image.open(io.BytesIO(row["map_png"]))
+    assert png.mode == "L" and png.size == (5, 2)
+    np.testing.assert_array_equal(np.asarray(png), expected)
+    assert (row["map_height"], row["map_width"]) == (2, 5)
+    assert row["defect_area"] == np.float32(0.4)  # 6, 10, 14, 30 are >= 6: 4 of 10 pixels
+    assert row["score_norm"] == np.float32(0.4375) and row["score"] == np.float32(2.5)
+    assert row["threshold"] == np.float32(3.0) and row["is_anomalous"] is False
+    assert postprocess(cal, 3.0, amap, 2, 5)["is_anomalous"] is True  # score >= threshold flags
+    assert postprocess(cal, 3.0, amap, 2, 5)["score_norm"] == np.float32(0.5)
+
+
+def test_postprocess_resizes_to_the_images_aspect_ratio():
+    cal = Calibration(**IMAGE, **PIXEL)
+    row = postprocess(cal, 1.0, np.full((8, 8), 6.0, np.float32), height=300, width=600)
+    png = np.asarray(Image.open(io.BytesIO(row["map_png"])))
+    assert png.shape == (128, 256) and (row["map_height"], row["map_width"]) == (128, 256)
+    assert (png == 128).all() and row["defect_area"] == 1.0  # all at the threshold
+    assert row["score_norm"] == np.float32(0.25)  # the median normal score
