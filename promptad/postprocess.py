@@ -18,6 +18,14 @@ def resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return F.interpolate(t, size=tuple(shape), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
+def is_anomalous(score: float, threshold: float) -> bool:
+    """score >= threshold, decided on the float32 values the output stores, so that a reader who
+    compares the `score` and `threshold` columns gets `is_anomalous` exactly. Compared in float64,
+    a threshold that float32 cannot hold and rounds down when stored would pass a score equal
+    to the stored threshold."""
+    return bool(np.float32(score) >= np.float32(threshold))
+
+
 def postprocess(cal: Calibration, score: float, amap: np.ndarray, height: int, width: int) -> dict:
     """Output fields of one scored image (see DESIGN.md, Scoring output)."""
     mh, mw = map_shape(height, width)
@@ -26,7 +34,7 @@ def postprocess(cal: Calibration, score: float, amap: np.ndarray, height: int, w
     return {
         "score": np.float32(score),
         "score_norm": np.float32(cal.normalize_score(float(score))),
-        "is_anomalous": bool(score >= cal.image_threshold),
+        "is_anomalous": is_anomalous(score, cal.image_threshold),
         "threshold": np.float32(cal.image_threshold),
         "map_png": encode_png(np.round(norm * 255).astype(np.uint8)),
         "map_height": np.int32(mh),

@@ -1,13 +1,17 @@
 """What a user stores, against numbers computed by hand: score normalization (median -> 0.25,
-threshold -> 0.5, clipped to [0, 1]), the 8-bit map and the defect area."""
+threshold -> 0.5, clipped to [0, 1]), the 8-bit map, the defect area and the decision as a
+reader re-computes it from the stored float32 columns."""
 import io
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from promptad import score
 from promptad.model import Calibration
-from promptad.postprocess import postprocess
+from promptad.postprocess import is_anomalous, postprocess
 
 # centre 2, threshold 6: y = 0.25 + 0.25 * (x - 2) / 4 = x / 16 + 0.125, clipped to [0, 1]
 PIXEL = dict(pixel_center=2.0, pixel_threshold=6.0)
@@ -65,3 +69,37 @@ def test_postprocess_resizes_to_the_images_aspect_ratio():
     assert png.shape == (128, 256) and (row["map_height"], row["map_width"]) == (128, 256)
     assert (png == 128).all() and row["defect_area"] == 1.0  # all at the threshold
     assert row["score_norm"] == np.float32(0.25)  # the median normal score
+
+
+def _thresholds_around(base: np.float32) -> dict[str, float]:
+    """float64 thresholds a quarter of a float32 step above and below `base`: neither is a float32
+    value; stored as float32 both become `base`."""
+    up = float(np.nextafter(base, np.float32(np.inf))) - float(base)
+    down = float(base) - float(np.nextafter(base, np.float32(-np.inf)))
+    return {"rounds down": float(base) + up / 4, "rounds up": float(base) - down / 4}
+
+
+def test_is_anomalous_agrees_with_the_stored_float32_columns(tmp_path):
+    """Scores one float32 step either side of (and at) a threshold that float32 cannot hold,
+    written as score writes them and read back with plain pyarrow: is_anomalous is exactly
+    score >= threshold on the stored columns."""
+    base = np.float32(0.7)
+    scores = [np.nextafter(base, np.float32(-1)), base, np.nextafter(base, np.float32(1))]
+    for name, threshold in _thresholds_around(base).items():
+        assert np.float32(threshold) == base and threshold != float(base), name
+        assert [is_anomalous(s, threshold) for s in scores] == [False, True, True], name
+        n = len(scores)
+        batch = {"image_id": np.array([f"{name}-{i}" for i in range(n)], object),
+                 "path": np.array([f"/x/{i}.png" for i in range(n)], object),
+                 "category": np.array(["c"] * n, object), "source_version": np.array([""] * n, object),
+                 "error": np.array([""] * n, object), "score": np.array(scores, np.float32),
+                 "map": np.zeros((n, 4, 4), np.float32), "height": np.full(n, 4, np.int32),
+                 "width": np.full(n, 4, np.int32)}
+        cal = {"c": Calibration(image_threshold=threshold, pixel_threshold=1.0)}
+        out = tmp_path / name.replace(" ", "_")
+        score.postprocess_and_commit(batch, str(out), cal, model_id="m", run_id="r")
+        table = pq.read_table(out)
+        s = np.asarray(table["score"].to_numpy(), np.float32)
+        t = np.asarray(table["threshold"].to_numpy(), np.float32)
+        assert table["score"].type == table["threshold"].type == pa.float32()
+        assert table["is_anomalous"].to_pylist() == list(s >= t) == [False, True, True], name
