@@ -31,15 +31,20 @@ def patch_features(layers: list[torch.Tensor], max_dim: int = 1024) -> torch.Ten
 
 
 def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, batch: int | None = None,
-                   seed: int = 0, slack: float = 0.8) -> torch.Tensor:
+                   seed: int = 0, slack: float = 0.9) -> torch.Tensor:
     """Indices of `size` rows chosen by greedy k-center on a random projection.
 
     Each round takes the `4 * batch` farthest points as candidates and picks among them as plain
-    greedy would, for as long as the best candidate is at least `slack` times as far as every
-    point outside the pool (whose distances can only shrink), then updates all distances with
-    one matrix product. slack=1 is exact greedy; slightly below 1 keeps the covering guarantee
-    within that factor while passes over the features, which dominate the cost, drop by ~batch
-    (200 images' patches in seconds on CPU).
+    greedy would, for as long as the best candidate is at least `slack` times as far (in distance,
+    not squared distance) as every point outside the pool (whose distances can only shrink), then
+    updates all distances with one matrix product. So every pick is at least `slack` times as far
+    from the points already chosen as the farthest point then was; slack=1 is exact greedy. The
+    covering guarantee follows within that factor: the covering radius (largest distance of a
+    point to its nearest chosen one, in the projected space) is at most 2 / slack times the best
+    possible with `size` points (exact greedy: 2), hence at most 2 / slack times exact greedy's.
+    Passes over the features, which dominate the cost, drop by ~batch (200 images' patches in
+    seconds on CPU). The default 0.9 (0.81 on squared distances) makes the banks the former
+    0.8-on-squared-distances default made, at the same speed.
     """
     n = features.shape[0]
     if size >= n:
@@ -64,7 +69,7 @@ def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, batch
         picked = []
         for _ in range(b):
             j = int(torch.argmax(cd))
-            if cd[j] <= 0 or (picked and float(cd[j]) < slack * bound):
+            if cd[j] <= 0 or (picked and float(cd[j]) < slack * slack * bound):  # cd, bound: squared
                 break
             picked.append(int(cand[j]))
             d = ((cx - cx[j]) ** 2).sum(1)

@@ -1,3 +1,6 @@
+import inspect
+
+import pytest
 import torch
 
 from promptad.memory import build_bank, greedy_coreset, nn_distance, patch_features
@@ -39,3 +42,84 @@ def test_patch_features_aggregate_and_reduce():
     layers = [torch.randn(2, 40, 16, 16), torch.randn(2, 112, 8, 8)]
     assert patch_features(layers).shape == (2, 152, 16, 16)
     assert patch_features(layers, max_dim=64).shape == (2, 64, 16, 16)
+
+
+# --------------------------------------------------------------------------- coreset vs exact greedy
+def exact_greedy(x: torch.Tensor, size: int, first: int) -> list[int]:
+    """Textbook greedy k-center (Gonzalez), in float64: each pick is the point farthest from
+    the points chosen so far."""
+    x = x.double()
+    d = (x - x[first]).norm(dim=1)
+    chosen = [first]
+    while len(chosen) < size:
+        j = int(d.argmax())
+        chosen.append(j)
+        d = torch.minimum(d, (x - x[j]).norm(dim=1))
+    return chosen
+
+
+def covering_radius(x: torch.Tensor, idx) -> float:
+    """Largest distance of a point to its nearest chosen point."""
+    return float(torch.cdist(x.double(), x[torch.as_tensor(idx)].double()).min(1).values.max())
+
+
+def pick_ratios(x: torch.Tensor, idx) -> torch.Tensor:
+    """For every pick after the first: its distance to the points chosen before it, over the
+    largest such distance of any point at that moment (1 for an exact greedy pick)."""
+    x = x.double()
+    idx = [int(i) for i in idx]
+    d = (x - x[idx[0]]).norm(dim=1)
+    ratios = []
+    for j in idx[1:]:
+        ratios.append(float(d[j] / d.max()))
+        d = torch.minimum(d, (x - x[j]).norm(dim=1))
+    return torch.tensor(ratios)
+
+
+def _first(n: int, seed: int) -> int:
+    """greedy_coreset's first point when no projection applies (its generator's first draw)."""
+    return int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
+
+
+def _clusters(seed: int, dims: int = 16) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(12, dims, generator=g) * 6
+    sizes = [150] * 4 + [10] * 8
+    return torch.cat([c + torch.randn(s, dims, generator=g) for c, s in zip(centers, sizes)])
+
+
+@pytest.mark.parametrize("seed, n, dims, size, batch", [(0, 400, 8, 40, 4), (1, 600, 16, 60, None),
+                                                         (2, 300, 3, 100, 8)])
+def test_coreset_with_slack_1_is_exact_greedy(seed, n, dims, size, batch):
+    x = torch.randn(n, dims, generator=torch.Generator().manual_seed(100 + seed))
+    idx = greedy_coreset(x, size, proj_dim=dims, batch=batch, seed=seed, slack=1.0)
+    assert int(idx[0]) == _first(n, seed)
+    assert idx.tolist() == exact_greedy(x, size, _first(n, seed))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_coreset_keeps_the_documented_covering_guarantee(seed):
+    """Default slack: every pick is at least `slack` times as far from the chosen points as the
+    farthest point then was, so the covering radius is within 2 / slack of exact greedy's."""
+    x = _clusters(seed)
+    size, slack = 48, inspect.signature(greedy_coreset).parameters["slack"].default
+    idx = greedy_coreset(x, size, proj_dim=x.shape[1], batch=8, seed=seed)
+    exact = exact_greedy(x, size, _first(len(x), seed))
+    assert len(set(idx.tolist())) == size
+    ratios = pick_ratios(x, idx)
+    assert ratios.min() >= slack * (1 - 1e-4)
+    assert ratios.min() < 1 - 1e-3  # the slack was used: not every pick was exact greedy's
+    assert covering_radius(x, idx) <= 2 / slack * covering_radius(x, exact)
+    # both checks can fail: a random subset of the same size breaks each of them
+    rand = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:size]
+    assert pick_ratios(x, rand).min() < slack
+    assert covering_radius(x, rand) > 2 / slack * covering_radius(x, exact)
+
+
+def test_coreset_slack_applies_to_distances():
+    """With slack 0.5, picks down to half the farthest distance are accepted (on squared
+    distances 0.5 would only allow 0.71 of it), and never below."""
+    x = _clusters(3)
+    ratios = pick_ratios(x, greedy_coreset(x, 48, proj_dim=x.shape[1], batch=16, seed=3, slack=0.5))
+    assert ratios.min() >= 0.5 * (1 - 1e-4)
+    assert ratios.min() < 0.5 ** 0.5
