@@ -16,6 +16,8 @@ from .training import autocast, resolve_precision
 class Prediction:
     scores: np.ndarray  # (N,) float32 raw image anomaly scores
     maps: np.ndarray  # (N, S, S) float32 fused anomaly maps at the model's input size
+    # predict_rows only: per row, why the model's output for it is unusable ("" when it is fine)
+    errors: list[str] | None = None
 
 
 def as_input(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -69,11 +71,30 @@ def load_for_worker(model_uri: str, device: str, threads: int) -> PromptAD:
 def predict_rows(model: PromptAD, images: np.ndarray, categories: Sequence[str],
                  errors: Sequence[str]) -> Prediction:
     """predict() over the rows of a batch that loaded; rows with an error get a NaN score and a
-    zero map, so every input keeps its row."""
+    zero map, so every input keeps its row.
+
+    The shared model stage of `score` and `audit`, and the one place that checks what the model
+    returned: a row whose score is not finite or whose map holds a non-finite value gets the
+    reason in `errors` (score writes it as a `model: ...` error row, audit as a `predict: ...`
+    error entry); the other rows of the batch are unaffected. Rows that came in with an error
+    keep "" there (their own error stands)."""
     n, size = len(images), images.shape[1]
-    out = Prediction(scores=np.full(n, np.nan, np.float32), maps=np.zeros((n, size, size), np.float32))
+    out = Prediction(scores=np.full(n, np.nan, np.float32), maps=np.zeros((n, size, size), np.float32),
+                     errors=[""] * n)
     ok = np.array([not e for e in errors], dtype=bool)
     if ok.any():
         pred = predict(model, images[ok], [str(c) for c in np.asarray(categories)[ok]])
         out.scores[ok], out.maps[ok] = pred.scores, pred.maps
+        for i in np.flatnonzero(ok):
+            out.errors[i] = output_problem(out.scores[i], out.maps[i])
     return out
+
+
+def output_problem(score: float, amap: np.ndarray) -> str:
+    """Why one image's model output cannot be used ("" when it can)."""
+    if not np.isfinite(score):
+        return f"non-finite image score ({float(score)})"
+    bad = amap.size - int(np.isfinite(amap).sum())
+    if bad:
+        return f"anomaly map has non-finite values ({bad} of {amap.size})"
+    return ""

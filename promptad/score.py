@@ -126,8 +126,13 @@ def read_and_decode(batch: pa.Table, size: int, categories: list[str]) -> dict[s
     }
 
 
+MODEL_ERROR = "model: "  # prefix of the error of a row the model returned a non-finite score or map for
+
+
 class Predictor:
-    """The model stage: one artifact load per actor (and per restart), then predict() per batch."""
+    """The model stage: one artifact load per actor (and per restart), then predict() per batch.
+    A row whose model output is not finite becomes a `model: ...` error row (results null), never
+    an exception: the rest of its batch is written as usual."""
 
     def __init__(self, model_uri: str, device: str, threads: int):
         from .predict import load_for_worker
@@ -139,6 +144,8 @@ class Predictor:
 
         pred = predict_rows(self.model, batch.pop("image"), batch["category"], batch["error"])
         batch["score"], batch["map"] = pred.scores, pred.maps
+        batch["error"] = np.asarray([str(e) or (MODEL_ERROR + why if why else "")
+                                     for e, why in zip(batch["error"], pred.errors)], dtype=object)
         return batch
 
 

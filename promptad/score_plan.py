@@ -11,7 +11,7 @@ in the output (the newest by scored_at, score_output.newest_rows) then decides:
     row is a `read:` error                   -> retry     (every run: throttling, permissions, a late file)
     row is another error, input has no version
       (manifest without `version`)           -> retry     (nothing tells whether the file was fixed)
-    anything else                            -> done      (a `decode:` error waits for a new version;
+    anything else                            -> done      (a `decode:` or `model:` error waits for a new version;
                                                            a `category:` error for a new category)
 
 Planning never sends a request per input: a manifest row without a version is re-scored only when

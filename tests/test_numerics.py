@@ -1,4 +1,4 @@
-"""fp32 where a score is made, whatever autocast is on.
+"""fp32 where a score is made, whatever autocast is on; non-finite outputs become per-row errors.
 
 bf16 autocast on CPU stands in for the GPU's fp16: it rounds matmuls and convolutions the same
 way (with a shorter mantissa still), and runs on the test machine.
@@ -10,6 +10,7 @@ import torch
 from promptad.memory import nn_distance, patch_features
 from promptad.model import ModelConfig, PromptAD, gaussian_blur
 from promptad.numerics import as_float32, no_autocast
+from promptad.predict import Prediction, output_problem, predict, predict_rows
 
 SIZE = 64
 
@@ -119,3 +120,74 @@ def test_as_float32_and_no_autocast_leave_everything_else_alone():
         with no_autocast():
             assert not torch.is_autocast_enabled("cpu")
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+# --------------------------------------------------------------------------- non-finite outputs
+def _images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def _with_nan_bank(model: PromptAD, category: str) -> PromptAD:
+    """A copy of `model` whose `category` bank has one NaN entry: every patch of that category's
+    images is then NaN (the nearest-entry search propagates it), other categories are untouched."""
+    import copy
+
+    broken = copy.copy(model)
+    broken.banks = dict(model.banks)
+    bank = model.banks[category].clone()
+    bank[0, 0] = float("nan")
+    broken.banks[category] = bank
+    return broken
+
+
+def test_predict_rows_names_non_finite_rows_and_scores_the_rest(untrained):
+    images = _images(4, 1)
+    cats = np.array(["tile", "wood", "tile", "tile"], object)
+    broken = _with_nan_bank(untrained, "wood")
+    got = predict_rows(broken, images, cats, ["", "", "decode: truncated image data", ""])
+    assert got.errors == ["", "non-finite image score (nan)", "", ""]
+    ref = predict(untrained, images[[0, 3]], ["tile", "tile"])
+    np.testing.assert_array_equal(got.scores[[0, 3]], ref.scores)
+    np.testing.assert_array_equal(got.maps[[0, 3]], ref.maps)
+    assert np.isnan(got.scores[2]) and not got.maps[2].any()  # the row that came in with an error
+    fine = predict_rows(untrained, images, cats, [""] * 4)
+    assert fine.errors == [""] * 4 and np.isfinite(fine.scores).all()
+
+
+def test_output_problem_checks_score_and_every_map_value():
+    amap = np.ones((4, 4), np.float32)
+    assert output_problem(np.float32(0.3), amap) == ""
+    assert output_problem(np.float32("inf"), amap) == "non-finite image score (inf)"
+    amap[1, 2], amap[3, 3] = np.nan, -np.inf
+    assert output_problem(np.float32(0.3), amap) == "anomaly map has non-finite values (2 of 16)"
+
+
+def test_audit_scorer_uses_the_errors_predict_rows_names(monkeypatch, untrained):
+    """audit's model stage reads Prediction.errors: a reason predict_rows gives becomes the
+    row's `predict: ...` error entry even where audit's own check would find nothing."""
+    from promptad.audit import _Scorer
+
+    n = 3
+
+    def fake_predict_rows(model, images, categories, errors):
+        return Prediction(scores=np.full(n, 0.5, np.float32), maps=np.ones((n, 8, 8), np.float32),
+                          errors=["", "named by predict_rows", ""])
+
+    batch = {"image_id": np.array(["a", "b", "c"], object), "category": np.array(["tile"] * n, object),
+             "error": np.array(["", "", ""], object), "height": np.full(n, 4, np.int32),
+             "width": np.full(n, 6, np.int32), "input": np.zeros((n, 8, 8, 3), np.uint8)}
+    scorer = _Scorer.__new__(_Scorer)
+    with monkeypatch.context() as mp:
+        mp.setattr("promptad.audit.predict_rows", fake_predict_rows)
+        scorer.model = None
+        out = scorer(dict(batch))
+    assert list(out["error"]) == ["", "predict: named by predict_rows", ""]
+    assert out["map"][1] == b"" and len(out["map"][0]) == 4 * 4 * 6
+
+    # and with the real predict_rows, a NaN bank makes exactly its category's row an error entry
+    scorer.model = _with_nan_bank(untrained, "wood")
+    real = dict(batch, category=np.array(["tile", "wood", "tile"], object),
+                input=_images(n, 2))
+    out = scorer(real)
+    assert list(out["error"]) == ["", "predict: non-finite image score (nan)", ""]
+    assert np.isfinite(out["score"][[0, 2]]).all() and len(out["map"][2]) == 4 * 4 * 6

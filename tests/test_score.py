@@ -189,6 +189,40 @@ def test_manifest_with_two_categories_uses_each_categorys_bank_and_threshold(ray
         assert got[i]["score_norm"] == pytest.approx(cal[cat].normalize_score(got[i]["score"]), abs=1e-6)
 
 
+def test_non_finite_model_output_is_an_error_row_and_its_batch_scores(ray_local, models, datasets_root, tmp_path):
+    """A model whose cookie bank holds a NaN returns a NaN score and map for every cookie image:
+    that row becomes a `model:` error row; the magnetic_tile rows of the same batch score as the
+    intact model scores them, and the run completes."""
+    model = artifact.load_artifact(models["two"])
+    bank = model.banks["cookie"].clone()
+    bank[0, 0] = float("nan")
+    model.banks["cookie"] = bank
+    broken = str(tmp_path / "nan_model")
+    artifact.save_artifact(model, broken)
+    mt = [s.path for s in mvtec_samples(str(datasets_root), "magnetic_tile", "test")[:3]]
+    ck = mvtec_samples(str(datasets_root), "cookie", "test")[0].path
+    rows = [{"image_id": f"mt-{i}", "path": p, "category": "magnetic_tile"} for i, p in enumerate(mt)]
+    rows.insert(1, {"image_id": "ck", "path": ck, "category": "cookie"})
+    manifest = tmp_path / "batch.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    out = str(tmp_path / "scores")
+    summary = score.score(broken, str(manifest), out, batch_size=4)  # all four rows in one model batch
+    assert (summary.inputs, summary.scored, summary.errors_by_kind) == (4, 4, {"model": 1})
+
+    got = {r["image_id"]: r for r in _read(out).to_pylist()}
+    assert got["ck"]["error"] == "model: non-finite image score (nan)"
+    assert all(got["ck"][c] is None for c in ("score", "score_norm", "is_anomalous", "threshold", "map_png",
+                                              "map_height", "map_width", "defect_area"))
+    with Image.open(ck) as im:  # the image was decoded: its size is known
+        assert (got["ck"]["width"], got["ck"]["height"]) == im.size
+    ids = [f"mt-{i}" for i in range(3)]
+    assert all(got[i]["error"] is None and got[i]["map_png"] for i in ids)
+    np.testing.assert_allclose([got[i]["score"] for i in ids], _reference(models["two"], mt, ["magnetic_tile"] * 3),
+                               rtol=1e-4, atol=1e-5)
+    again = score.score(broken, str(manifest), out)  # a versionless manifest: the error row is tried again
+    assert (again.retried, again.errors_by_kind) == (1, {"model": 1}) and _read(out).num_rows == 4
+
+
 def test_bad_inputs_become_error_rows_and_odd_modes_score(ray_local, models, tmp_path):
     folder = tmp_path / "inbox"
     folder.mkdir()
