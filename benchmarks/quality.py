@@ -1,45 +1,96 @@
-"""Detection quality of the full model vs a plain PatchCore-style baseline, same backbone and data.
+"""Detection quality and fit cost, side by side with the reference PatchCore, same weights and data.
 
-    python benchmarks/quality.py --data ../shared/datasets --category magnetic_tile \
-        --backbone effnet-lite0 [--epochs 30] [--json out.json]
+    python benchmarks/quality.py --data ../shared/datasets --category magnetic_tile [--backbone effnet-lite0]
+        [--epochs E] [--train-limit N] [--json out.json]
 
-Fits on ROOT/NAME/train/good (in-process: the same steps `promptad fit` distributes) and evaluates
-on ROOT/NAME/test. The baseline is the memory bank alone (same backbone, layers, fit images,
-coreset and nearest neighbour, same map smoothing; image score = map maximum), computed from the
-same forward pass: it is the model with fusion weights {memory: 1, head: 0, text: 0}.
-Pixel metrics are computed at the model's input resolution over all test pixels (exact, sorted).
+Fits on ROOT/NAME/train/good in-process (pipeline.fit_in_process: the steps `promptad fit`
+distributes: decode, features, memory, training, calibration; its fit time counts all of them) and
+evaluates on ROOT/NAME/test. Then runs the reference, `../shared/tools/ref_patchcore.py`, unchanged,
+as a subprocess on the same images (with --train-limit, on a temporary MVTec layout of links to
+the same subset) and prints one table:
+
+    model        the full model at its defaults
+    memory-only  the same fit, fusion {memory: 1, regional: 1, head: 0, text: 0, global: 0}
+    reference    ref_patchcore.py (it reports no AUPRO)
+
+Pixel metrics are computed at the model's input size over every test pixel (exact, sorted), as the
+reference does at 256 x 256. Also reported: the false-alarm rate of the deployed threshold on the
+test normals against its target, and image AUROC of normal test images vs whole-image defects made
+from them (shifts.WHOLE_IMAGE_DEFECTS), with and without the global branch.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
+from promptad import storage  # noqa: E402
 from promptad.datasets import load_samples  # noqa: E402
 from promptad.images import decode_mask, resize_mask  # noqa: E402
-from promptad.metrics import f1_max, image_auroc  # noqa: E402
-from promptad.model import ModelConfig  # noqa: E402
+from promptad.metrics import AUPRO, f1_max, image_auroc  # noqa: E402
+from promptad.model import MEMORY_ONLY, ModelConfig  # noqa: E402
 from promptad.pipeline import fit_in_process, load_images  # noqa: E402
 from promptad.predict import predict_components  # noqa: E402
-from promptad import storage  # noqa: E402
+from promptad.shifts import WHOLE_IMAGE_DEFECTS  # noqa: E402
 from promptad.training import TrainConfig  # noqa: E402
 
+REFERENCE = REPO.parent / "shared" / "tools" / "ref_patchcore.py"
 
-def evaluate(scores: np.ndarray, labels: np.ndarray, maps: list[np.ndarray], masks: list[np.ndarray]) -> dict:
-    out = {"image_auroc": image_auroc(scores, labels), "image_f1_max": f1_max(scores, labels)[0]}
-    if masks:
-        out["pixel_auroc"] = image_auroc(np.concatenate([m.ravel() for m in maps]),
-                                         np.concatenate([m.ravel() for m in masks]).astype(np.int64))
-    else:
-        out["pixel_auroc"] = float("nan")
+
+def run_reference(root: str, category: str, lite: int) -> dict:
+    """The reference's one JSON line (its own fit timing included)."""
+    out = subprocess.run([sys.executable, str(REFERENCE), root, category, "--lite", str(lite)],
+                         capture_output=True, text=True, check=True)
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def subset_root(data: str, category: str, train: list, tmp: str) -> str:
+    """A temporary MVTec layout: links to the chosen train images, the whole test and ground truth."""
+    base = Path(tmp) / category
+    (base / "train" / "good").mkdir(parents=True)
+    for s in train:
+        os.symlink(os.path.abspath(s.path), base / "train" / "good" / os.path.basename(s.path))
+    for sub in ("test", "ground_truth"):
+        src = Path(data) / category / sub
+        if src.exists():
+            os.symlink(src.resolve(), base / sub)
+    return tmp
+
+
+def evaluate(scores: np.ndarray, labels: np.ndarray, maps: np.ndarray | None, masks: np.ndarray | None) -> dict:
+    out = {"image_auroc": image_auroc(scores, labels), "image_f1_max": f1_max(scores, labels)[0],
+           "pixel_auroc": float("nan"), "aupro": float("nan")}
+    if maps is not None:
+        out["pixel_auroc"] = image_auroc(maps.ravel().astype(np.float64), masks.ravel().astype(np.int64))
+        lo, hi = float(maps.min()), float(maps.max())
+        pro = AUPRO()
+        for s in range(0, len(maps), 32):
+            pro.update((maps[s:s + 32] - lo) / max(hi - lo, 1e-12), masks[s:s + 32])
+        out["aupro"] = pro.compute()
     return out
+
+
+def false_alarms(scores: np.ndarray, labels: np.ndarray, threshold: float, target: float) -> dict:
+    """Measured false-alarm rate on test normals and the 95 % range a rate of `target` would give."""
+    from scipy.stats import binom
+
+    normal = scores[labels == 0].astype(np.float32)
+    n = int(normal.size)
+    flagged = int((normal >= np.float32(threshold)).sum())
+    lo, hi = binom.ppf(0.025, n, target), binom.ppf(0.975, n, target)
+    return {"normals": n, "flagged": flagged, "rate": flagged / max(n, 1), "target": target,
+            "expected_range": [lo / n, hi / n], "within": bool(lo <= flagged <= hi)}
 
 
 def main() -> None:
@@ -47,63 +98,113 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--category", required=True)
     ap.add_argument("--backbone", default="effnet-lite0")
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-limit", type=int, default=None, help="fit on the first N train images")
+    ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
-    train = load_samples(args.data, [args.category], "train")
+    train = load_samples(args.data, [args.category], "train")[: args.train_limit]
     test = load_samples(args.data, [args.category], "test")
+    reference = None
+    if not args.no_reference:
+        lite = int(args.backbone[-1]) if args.backbone.startswith("effnet-lite") else 0
+        with tempfile.TemporaryDirectory() as tmp:
+            root = subset_root(args.data, args.category, train, tmp) if args.train_limit else args.data
+            reference = run_reference(root, args.category, lite)
+
     cfg = ModelConfig(backbone=args.backbone)
+    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     from promptad.backbones import create_backbone
 
     size = create_backbone(args.backbone).input_size
     images = load_images(train, size)
-    model = fit_in_process({args.category: images}, cfg, TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
-                                                                     seed=args.seed),
-                           log=lambda m: print(m, file=sys.stderr))
+    timings["decode"] = time.perf_counter() - t0
+    model = fit_in_process({args.category: images}, cfg, TrainConfig(epochs=args.epochs, seed=args.seed),
+                           log=lambda m: print(m, file=sys.stderr), timings=timings)
     fit_s = time.perf_counter() - t0
+    cal = model.calibration[args.category]
 
     t0 = time.perf_counter()
     labels = np.array([s.label for s in test], dtype=np.int64)
-    variants = {"model": None, "baseline": {args.category: {"memory": 1.0, "head": 0.0, "text": 0.0}}}
+    cats = [args.category]
+    variants = {"model": None, "memory-only": {args.category: MEMORY_ONLY},
+                "model-no-global": {args.category: {**cal.fusion, "global": 0.0}}}
     scores = {k: [] for k in variants}
-    maps = {k: [] for k in variants}
-    masks: list[np.ndarray] = []
+    maps = {k: [] for k in ("model", "memory-only")}
     has_masks = any(s.mask_path for s in test)
+    masks, normals = [], []
     for start in range(0, len(test), 16):
         chunk = test[start:start + 16]
         x = load_images(chunk, size)
-        comps = predict_components(model, x, [args.category] * len(chunk))
+        normals.extend(x[labels[start:start + 16] == 0])
+        comps = predict_components(model, x, cats * len(chunk))
         for name, fusion in variants.items():
-            s, m = model.fuse(comps, [args.category] * len(chunk), fusion)
-            scores[name].append(s.numpy())
-            if has_masks:
-                maps[name].extend(m.numpy().astype(np.float32))
+            fused = model.fuse(comps, cats * len(chunk), fusion)
+            scores[name].append(fused.scores.numpy())
+            if has_masks and name in maps:
+                maps[name].append(fused.maps.numpy().astype(np.float32))
         if has_masks:
-            for smp in chunk:
-                if smp.mask_path:
-                    masks.append(resize_mask(decode_mask(storage.read_bytes(smp.mask_path)), size))
-                else:
-                    masks.append(np.zeros((size, size), bool))
+            masks.extend(resize_mask(decode_mask(storage.read_bytes(s.mask_path)), size) if s.mask_path
+                         else np.zeros((size, size), bool) for s in chunk)
     test_s = time.perf_counter() - t0
+    masks_arr = np.stack(masks) if has_masks else None
+    result: dict = {}
+    for name in ("model", "memory-only"):
+        r = evaluate(np.concatenate(scores[name]), labels,
+                     np.concatenate(maps[name]) if has_masks else None, masks_arr)
+        result[name.replace("-", "_")] = {**r, "fit_s": round(fit_s, 1), "test_s": round(test_s, 1)}
+    result["model"]["image_auroc_without_global"] = image_auroc(np.concatenate(scores["model-no-global"]), labels)
+    if reference:
+        result["reference"] = {k: reference.get(k) for k in ("image_auroc", "pixel_auroc", "image_f1_max", "fit_s")}
+        result["reference"]["aupro"] = None
+        result["fit_cost_ratio"] = round(fit_s / reference["fit_s"], 2)
+    result["false_alarms"] = false_alarms(np.concatenate(scores["model"]), labels, cal.image_threshold,
+                                          cal.stats.get("image_fpr_target", 0.01))
+    result["false_alarms"]["promised"] = cal.stats.get("image_fpr_promised")
 
-    result = {}
-    for name in variants:
-        result[name] = evaluate(np.concatenate(scores[name]), labels, maps[name], masks if has_masks else [])
-        result[name].update(fit_s=round(fit_s, 1), test_s=round(test_s, 1))
+    # Whole-image defects made from the normal test images: memory alone vs with the global branch.
+    normal_imgs = np.stack(normals)
+    whole = {}
+    for name, fn in WHOLE_IMAGE_DEFECTS.items():
+        shifted = np.stack([fn(img) for img in normal_imgs])
+        lab = np.r_[np.zeros(len(normal_imgs)), np.ones(len(shifted))].astype(np.int64)
+        both = np.concatenate([normal_imgs, shifted])
+        row = {}
+        for variant in ("memory-only", "model-no-global", "model"):
+            s = []
+            for start in range(0, len(both), 16):
+                comps = predict_components(model, both[start:start + 16], cats * len(both[start:start + 16]))
+                s.append(model.fuse(comps, cats * len(both[start:start + 16]), variants[variant]).scores.numpy())
+            row[variant] = image_auroc(np.concatenate(s), lab)
+        whole[name] = row
+    result["whole_image_defects"] = whole
+    result["timings"] = {k: round(v, 1) for k, v in timings.items()}
     result["settings"] = {"data": args.data, "category": args.category, "backbone": args.backbone,
                           "epochs": args.epochs, "seed": args.seed, "train_images": len(train),
-                          "test_images": len(test), "fusion": model.calibration[args.category].fusion,
-                          "calibration": model.calibration[args.category].stats}
-    print(f"{'':10s} {'image_auroc':>12s} {'pixel_auroc':>12s} {'image_f1_max':>13s}")
-    for name in variants:
-        r = result[name]
-        print(f"{name:10s} {r['image_auroc']:12.4f} {r['pixel_auroc']:12.4f} {r['image_f1_max']:13.4f}")
-    print(f"fit {fit_s:.0f} s (shared by both), test {test_s:.0f} s (one forward for both)")
+                          "test_images": len(test), "calibration": cal.stats,
+                          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                          "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
+
+    def cell(v):
+        return "   n/a" if v is None or v != v else f"{v:6.3f}"
+
+    print(f"{args.category} ({len(train)} train, {len(test)} test, {args.backbone}, {args.epochs} epochs)")
+    print(f"{'':12s} {'I-AUROC':>8s} {'P-AUROC':>8s} {'AUPRO':>8s} {'F1-max':>8s} {'fit s':>8s}")
+    for name in ("model", "memory_only", "reference"):
+        r = result.get(name)
+        if r:
+            print(f"{name:12s} {cell(r['image_auroc']):>8s} {cell(r['pixel_auroc']):>8s} {cell(r['aupro']):>8s} "
+                  f"{cell(r['image_f1_max']):>8s} {r['fit_s']:8.1f}")
+    fa = result["false_alarms"]
+    print(f"false alarms on {fa['normals']} test normals: {fa['flagged']} ({fa['rate']:.3f}; target {fa['target']}, "
+          f"95 % range {fa['expected_range'][0]:.3f}-{fa['expected_range'][1]:.3f})")
+    for name, row in whole.items():
+        print(f"whole-image {name:16s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))
+    print("fit steps (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

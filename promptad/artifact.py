@@ -3,7 +3,8 @@
     promptad.json                  format version, model config, backbone (+ weight sha256),
                                    categories, prompts, calibration, training metadata, model_id
     weights.safetensors            trainable parameters and buffers (prompts, head)
-    memory/<category>.safetensors  memory bank per category
+    memory/<category>.safetensors  memory per category: local and regional coreset banks (with the
+                                   training image of each entry) and the global Gaussian
 
 Nothing is unpickled on load; the model id is a content hash that load verifies.
 """
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 # reading and verifying an artifact (what `score` checks before Ray starts) then takes no torch
 # import, which alone is seconds on a small machine.
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: local + regional banks with entry sources, global Gaussian (PromptAD 0.2)
 MANIFEST = "promptad.json"
 WEIGHTS = "weights.safetensors"
 _REFIT = "; pass the --out folder of a finished `promptad fit` (or run it again)"
@@ -56,18 +57,35 @@ def _json_safe(value):
     return value
 
 
+def memory_tensors(memory) -> dict:
+    """A category's memory as the flat tensor dict of memory/<category>.safetensors."""
+    out = {"local": memory.local.entries.float(), "local_source": memory.local.source.long(),
+           "regional": memory.regional.entries.float(), "regional_source": memory.regional.source.long(),
+           **memory.gaussian.tensors()}
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+def memory_from_tensors(t: dict):
+    from .gaussian import Gaussian
+    from .memory import Bank
+    from .model import CategoryMemory
+
+    return CategoryMemory(local=Bank(t["local"], t["local_source"]), regional=Bank(t["regional"], t["regional_source"]),
+                          gaussian=Gaussian.from_tensors(t))
+
+
 def save_artifact(model: PromptAD, uri: str, training: dict | None = None) -> str:
     """Write the artifact to `uri`; returns the model id."""
     from safetensors.torch import save as st_save
 
     from . import prompts
 
-    missing = [c for c in model.categories if c not in model.banks]
+    missing = [c for c in model.categories if c not in model.memory]
     if missing:
-        raise ValueError(f"no memory bank for {missing}; build memory banks before saving")
+        raise ValueError(f"no memory for {missing}; build memory banks before saving")
     state = {k: v.detach().cpu().contiguous() for k, v in model.trainable.state_dict().items()}
     weights = st_save(state)
-    banks = {c: st_save({"bank": model.banks[c].detach().cpu().float().contiguous()}) for c in model.categories}
+    banks = {c: st_save(memory_tensors(model.memory[c])) for c in model.categories}
     manifest = {
         "format_version": FORMAT_VERSION,
         "model": model.cfg.to_dict(),
@@ -151,7 +169,7 @@ def load_artifact(uri: str, device: str | torch.device = "cpu") -> PromptAD:
     model = PromptAD(cfg, backbone=backbone)
     try:
         model.trainable.load_state_dict(st_load(weights), strict=True)
-        model.banks = {c: st_load(data)["bank"] for c, data in banks.items()}
+        model.memory = {c: memory_from_tensors(st_load(data)) for c, data in banks.items()}
     except Exception as e:  # safetensors header errors, shape mismatches
         raise UserError(f"unreadable model artifact at {uri}: {str(e).splitlines()[0][:200]}" + _REFIT) from None
     model.calibration.update(read_calibration(manifest))

@@ -30,11 +30,32 @@ OFFLINE_HINT = (
 
 @dataclass
 class Features:
-    """What a backbone gives the model for one batch."""
+    """What the frozen backbone gives for one batch; it never depends on anything trained, so a
+    fit computes it once per image and trains, builds memory banks and calibrates from it.
+
+    CLIP also keeps `tokens`, the token sequence entering its last transformer block: the vision
+    prompts enter there (`CLIPBackbone.joint`), so the prompted, trainable part of the image tower
+    is one block run on cached tokens, and memory features never see the prompts.
+    """
 
     layers: list[torch.Tensor]  # dense features per chosen layer, (N, C_l, H_l, W_l)
-    patch_embed: torch.Tensor | None = None  # (N, D, h, w) in the joint space (CLIP only)
-    image_embed: torch.Tensor | None = None  # (N, D) in the joint space (CLIP only)
+    tokens: torch.Tensor | None = None  # (N, 1 + h*w, D) input of CLIP's last block (CLIP only)
+
+    def select(self, idx) -> "Features":
+        """The rows `idx` (a slice, index tensor or list) of every tensor."""
+        return Features([t[idx] for t in self.layers], None if self.tokens is None else self.tokens[idx])
+
+    def to(self, *args, **kwargs) -> "Features":
+        return Features([t.to(*args, **kwargs) for t in self.layers],
+                        None if self.tokens is None else self.tokens.to(*args, **kwargs))
+
+    @staticmethod
+    def cat(parts: "list[Features]") -> "Features":
+        tokens = None if parts[0].tokens is None else torch.cat([p.tokens for p in parts])
+        return Features([torch.cat([p.layers[i] for p in parts]) for i in range(len(parts[0].layers))], tokens)
+
+    def __len__(self) -> int:
+        return int(self.layers[0].shape[0])
 
 
 class Backbone(nn.Module):
@@ -60,7 +81,7 @@ class Backbone(nn.Module):
         # Frozen means BatchNorm statistics and dropout stay as pretrained, whatever the caller asks.
         return super().train(False)
 
-    def forward(self, x: torch.Tensor, vision_prompts: torch.Tensor | None = None) -> Features:
+    def forward(self, x: torch.Tensor) -> Features:
         raise NotImplementedError
 
 
@@ -127,7 +148,7 @@ class EffNetLite(Backbone):
         self.weight_sha256 = digest
         self.freeze()
 
-    def forward(self, x: torch.Tensor, vision_prompts: torch.Tensor | None = None) -> Features:
+    def forward(self, x: torch.Tensor) -> Features:
         x = (x * 255.0 - 127.0) / 128.0  # the normalization these weights were trained with
         x = self.stem(x)
         out: list[torch.Tensor] = []
@@ -148,7 +169,8 @@ class CLIPBackbone(Backbone):
     Dense features are the patch tokens of chosen transformer blocks. The patch tokens matched
     against text come from a value-value attention path through the last block: plain CLIP patch
     tokens attend to a few global tokens and localize poorly, v-v attention keeps them local.
-    Vision prompts (learnable tokens) are inserted after the class token and removed from outputs.
+    Vision prompts (learnable tokens) enter at the last block (see Features) and are removed from
+    the outputs.
     """
 
     def __init__(self, model_name: str, pretrained: str | None, layers: list[int] | None = None,
@@ -181,8 +203,9 @@ class CLIPBackbone(Backbone):
                             f"drop the input size override")
         self.input_size = native
         depth = len(visual.transformer.resblocks)
+        # Memory layers end one block before the last, whose input the prompted path starts from.
         self.layers = list(layers) if layers is not None else sorted(
-            {max(0, depth // 3 - 1), max(0, 2 * depth // 3 - 1), depth - 1})
+            {max(0, depth // 3 - 1), max(0, 2 * depth // 3 - 1), max(0, depth - 2)})
         if max(self.layers) >= depth or min(self.layers) < 0:
             raise UserError(f"backbone {self.spec}: layers must be within 0..{depth - 1}")
         width = visual.transformer.width
@@ -199,41 +222,56 @@ class CLIPBackbone(Backbone):
         self.freeze()
 
     # -- image side
-    def forward(self, x: torch.Tensor, vision_prompts: torch.Tensor | None = None) -> Features:
+    def forward(self, x: torch.Tensor) -> Features:
+        """Frozen pass: the chosen blocks' patch tokens as grids, and the input of the last block.
+        (A chosen last block is its plain output: memory features never depend on prompts.)"""
         visual = self.clip.visual
-        n, _, h, w = x.shape
-        gh, gw = h // visual.patch_size[0], w // visual.patch_size[1]
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        tokens = visual._embeds(x.to(visual.conv1.weight.dtype))  # (N, 1 + gh*gw, D), ln_pre applied
-        p = 0
-        if vision_prompts is not None:
-            p = vision_prompts.shape[0]
-            prompts = vision_prompts.to(tokens.dtype).unsqueeze(0).expand(n, -1, -1)
-            tokens = torch.cat([tokens[:, :1], prompts, tokens[:, 1:]], dim=1)
+        t = visual._embeds(x.to(visual.conv1.weight.dtype))  # (N, 1 + gh*gw, D), ln_pre applied
         blocks = visual.transformer.resblocks
         batch_first = getattr(visual.transformer, "batch_first", True)
-        t = tokens if batch_first else tokens.transpose(0, 1)
+        t = t if batch_first else t.transpose(0, 1)
         layers: list[torch.Tensor] = []
         last_in = t
         for i, block in enumerate(blocks):
             if i == len(blocks) - 1:
                 last_in = t
+                if i not in self.layers:
+                    break
             t = block(t)
             if i in self.layers:
                 layers.append(t if batch_first else t.transpose(0, 1))
-        final = t if batch_first else t.transpose(0, 1)
         last_in = last_in if batch_first else last_in.transpose(0, 1)
+        return Features(layers=[self._to_grid(l, 0) for l in layers], tokens=last_in)
 
-        def grid(seq: torch.Tensor) -> torch.Tensor:
-            return seq[:, 1 + p:].reshape(n, gh, gw, -1).permute(0, 3, 1, 2).float()
+    def _to_grid(self, seq: torch.Tensor, skip: int) -> torch.Tensor:
+        """(N, 1 + skip + h*w, D) tokens -> (N, D, h, w) patch grid (class token and prompts dropped;
+        inputs are square, so the grid is too)."""
+        n, length, d = seq.shape
+        side = int(round((length - 1 - skip) ** 0.5))
+        return seq[:, 1 + skip:].reshape(n, side, side, d).permute(0, 3, 1, 2).float()
 
+    def joint(self, tokens: torch.Tensor, vision_prompts: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainable image path on cached last-block inputs: (patch embeddings (N, E, h, w) from
+        v-v attention, image embedding (N, E)), both in the joint image-text space. Vision prompts are
+        inserted after the class token here and removed from the outputs."""
+        visual = self.clip.visual
+        block = visual.transformer.resblocks[-1]
+        batch_first = getattr(visual.transformer, "batch_first", True)
+        t = tokens.to(visual.conv1.weight.dtype)
+        p = 0
+        if vision_prompts is not None:
+            p = vision_prompts.shape[0]
+            prompts = vision_prompts.to(t.dtype).unsqueeze(0).expand(t.shape[0], -1, -1)
+            t = torch.cat([t[:, :1], prompts, t[:, 1:]], dim=1)
+        final = block(t if batch_first else t.transpose(0, 1))
+        final = final if batch_first else final.transpose(0, 1)
         pooled, _ = visual._pool(final)
         image_embed = pooled @ visual.proj if visual.proj is not None else pooled
-        vv = self._vv_attention(blocks[-1], last_in)
-        vv = visual.ln_post(vv)
+        vv = visual.ln_post(self._vv_attention(block, t))
         vv = vv @ visual.proj if visual.proj is not None else vv
-        return Features(layers=[grid(l) for l in layers], patch_embed=grid(vv),
-                        image_embed=image_embed.float())
+        return self._to_grid(vv, p), image_embed.float()
 
     @staticmethod
     def _vv_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:

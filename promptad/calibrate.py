@@ -1,73 +1,146 @@
-"""Deployment numbers per category from held-out normal images and synthetic anomalies.
+"""Deployment numbers per category from held-out scores of normal images; real anomalies are never
+used (a line rarely has labelled defects when a model is deployed).
 
-Real anomalies are never used here: a line rarely has labelled defects when a model is deployed.
-- memory scale: the 99th percentile of normal patch distances, so fused components share a scale;
-- fusion weights are NOT tuned here: synthetic anomalies flatter the head that was trained on
-  them, and a search on them picked mixtures that lost to the memory bank alone on real defects
-  (benchmarks/RESULTS.md); the fixed rule in model.py is used, and how well it separates normals
-  from synthetic anomalies is recorded in the stats;
-- image threshold: the (1 - image_fpr) quantile of normal image scores (a target false-reject
-  rate), pixel threshold: the (1 - pixel_fpr) quantile of normal map values.
+Every normal training image informs the threshold without being in its own memory: it is scored
+against the banks without the entries taken from it (leave-one-out, memory.nn_distance `exclude`)
+and against a Gaussian fitted without its fold (gaussian.held_out_scores). Those held-out scores
+stand for new normal images, and set
+- the memory scales: the 99th percentile of normal local and regional patch distances;
+- z(local) and z(global) (model.py): robust standard scores (median, 1.4826 x MAD);
+- the image threshold: the conformal order statistic. With n held-out scores and a target
+  false-alarm rate a, the threshold is the k-th smallest score, k = ceil((n + 1)(1 - a)); a new
+  normal image, exchangeable with them, then scores at or above it with probability
+  (n + 1 - k) / (n + 1) <= a. When n < 1/a - 1 no k exists: the threshold is the largest score,
+  which promises 1/(n + 1), and the calibration says so in `stats["warnings"]`;
+- the pixel threshold: the same rule over normal map pixels at a 0.1 % target (a pixel grid of
+  every 4th pixel; the maps are smooth at that scale);
+- score_norm and map normalization: median normal value -> 0.25, threshold -> 0.5.
+
+Leave-one-out against the coreset is slightly conservative: a left-out image also loses the
+entries that covered it and that a bank built without it would have drawn from other images, so
+its distances run a little high and the threshold errs towards fewer false alarms
+(benchmarks/RESULTS.md compares the promised rate with the rate measured on test normals).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-from .metrics import image_auroc
+from .backbones import Features
+from .gaussian import held_out_scores
 from .model import Calibration, PromptAD
-from .predict import predict_components
-from .synthesis import synthesize_anomaly
+from .predict import components_of
+
+IMAGE_FPR = 0.01  # target false-alarm rate on normal images
+PIXEL_FPR = 0.001  # target false-positive rate on normal pixels
+PIXEL_STRIDE = 4  # pixel grid for the pixel threshold
 
 
-def _components(model: PromptAD, images: np.ndarray, category: str, batch_size: int) -> dict[str, torch.Tensor]:
+def conformal_threshold(scores: np.ndarray, target: float) -> tuple[float, float]:
+    """(threshold, promised false-alarm rate) from held-out normal scores (see module docstring).
+
+    The threshold is one of the scores (the float32 values the model produced), so a reader of the
+    stored float32 columns reaches the same decisions."""
+    s = np.sort(np.asarray(scores, dtype=np.float32).ravel())
+    n = s.size
+    if n == 0:
+        raise ValueError("no held-out normal scores to calibrate on")
+    k = math.ceil((n + 1) * (1 - target))
+    if k > n:
+        return float(s[-1]), 1.0 / (n + 1)
+    return float(s[k - 1]), (n + 1 - k) / (n + 1)
+
+
+def _robust_z(values: torch.Tensor) -> tuple[float, float]:
+    """(median, 1.4826 x median absolute deviation) of held-out normal values: the z() of model.py,
+    a standard score that one outlying normal image among few cannot stretch (a 99th percentile of
+    31 cookie images is their maximum, and one odd image set it 4x too wide)."""
+    v = values.float().flatten()
+    center = float(v.median())
+    spread = 1.4826 * float((v - center).abs().median())
+    return center, spread if spread > 1e-6 else max(abs(center), 1.0)
+
+
+def _scale(values: torch.Tensor) -> float:
+    """99th percentile of normal distances; 1 where it is ~0 (no left-out image to measure)."""
+    v = values.float().flatten()
+    v = v[torch.isfinite(v)]
+    q = float(torch.quantile(v[:: max(1, v.numel() // 2_000_000)], 0.99)) if v.numel() else 0.0
+    return q if q > 1e-6 else 1.0
+
+
+def held_out_components(model: PromptAD, category: str, feats: Features, batch_size: int = 32
+                        ) -> dict[str, torch.Tensor]:
+    """Components of every normal image of a category, each scored without its own memory entries
+    (its row index is its source in the banks) and its global distance from a Gaussian of the
+    other folds. Maps stay at their patch grids (small)."""
+    n = len(feats)
     parts: dict[str, list[torch.Tensor]] = {}
-    for s in range(0, len(images), batch_size):
-        chunk = images[s:s + batch_size]
-        for k, v in predict_components(model, chunk, [category] * len(chunk)).items():
+    for s in range(0, n, batch_size):
+        idx = torch.arange(s, min(n, s + batch_size))
+        comps = components_of(model, feats.select(slice(s, s + len(idx))), [category] * len(idx),
+                              exclude=idx if n >= 2 else None)
+        for k, v in comps.items():
             parts.setdefault(k, []).append(v.float().cpu())
-    return {k: torch.cat(v) for k, v in parts.items()}
+    out = {k: torch.cat(v) for k, v in parts.items()}
+    pooled = model.pooled_features(feats)
+    out["global"] = held_out_scores(pooled) if n >= 3 else model.memory[category].gaussian.score(pooled).cpu()
+    return out
 
 
-def _pixel_auroc(maps: torch.Tensor, masks: np.ndarray, rng: np.random.Generator, n: int = 200_000) -> float:
-    flat, lab = maps.numpy().ravel(), masks.ravel()
-    idx = rng.choice(flat.size, size=min(n, flat.size), replace=False)
-    return float(image_auroc(flat[idx], lab[idx].astype(np.int64)))
+def _fused(model: PromptAD, comps: dict[str, torch.Tensor], category: str, batch_size: int = 64):
+    """model.fuse over the held-out components in batches: (scores, local, global, pixel sample)."""
+    n = comps["memory"].shape[0]
+    out: dict[str, list] = {"scores": [], "local": [], "global": [], "pixels": []}
+    for s in range(0, n, batch_size):
+        part = {k: v[s:s + batch_size] for k, v in comps.items()}
+        f = model.fuse(part, [category] * part["memory"].shape[0])
+        out["scores"].append(f.scores.cpu())
+        out["local"].append(f.local.cpu())
+        out["global"].append(f.global_.cpu())
+        out["pixels"].append(f.maps[:, ::PIXEL_STRIDE, ::PIXEL_STRIDE].reshape(-1).cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
-def calibrate_category(model: PromptAD, category: str, normals: np.ndarray, seed: int = 0,
-                       batch_size: int = 16, image_fpr: float = 0.01, pixel_fpr: float = 0.001) -> Calibration:
-    """Calibration for one category from held-out normal images (N, S, S, 3) uint8."""
-    if len(normals) == 0:
-        raise ValueError(f"no held-out normal images to calibrate category {category!r}")
-    rng = np.random.default_rng([seed, 7])
-    pairs = [synthesize_anomaly(img, rng) for img in normals]
-    synth = np.stack([p[0] for p in pairs])
-    masks = np.stack([p[1] > 0.5 for p in pairs])
-    normal_c = _components(model, normals, category, batch_size)
-    synth_c = _components(model, synth, category, batch_size)
-    mem_scale = float(np.quantile(normal_c["memory"].numpy(), 0.99))
-    # ~0 when the calibration images are in the bank (tiny categories calibrate on their fit images)
-    cal = replace(model.calibration[category], memory_scale=mem_scale if mem_scale > 1e-6 else 1.0)
+def calibrate_category(model: PromptAD, category: str, feats: Features, image_fpr: float = IMAGE_FPR,
+                       pixel_fpr: float = PIXEL_FPR, batch_size: int = 32) -> Calibration:
+    """Calibration of one category from the backbone features of all its normal training images,
+    the same images (in the same order) its memory was built from. Needs model.memory[category]
+    and the trained head."""
+    n = len(feats)
+    if n == 0:
+        raise ValueError(f"no normal images to calibrate category {category!r}")
+    comps = held_out_components(model, category, feats, batch_size)
+    base = model.calibration[category]
+    cal = replace(base, memory_scale=_scale(comps["memory"]), regional_scale=_scale(comps["regional"]),
+                  local_center=0.0, local_scale=1.0, global_center=0.0, global_scale=1.0)
     model.calibration[category] = cal
-    cats = [category] * len(normals)
-
-    s_n, m_n = model.fuse(normal_c, cats)
-    s_a, m_a = model.fuse(synth_c, cats)
-    labels = np.r_[np.zeros(len(s_n)), np.ones(len(s_a))].astype(np.int64)
-    img = float(image_auroc(torch.cat([s_n, s_a]).numpy(), labels))
-    pix = _pixel_auroc(torch.cat([m_n, m_a]), np.concatenate([np.zeros_like(masks), masks]), rng)
-    scores = s_n.numpy()
-    pixels = m_n.numpy().ravel()
-    image_threshold = float(np.quantile(scores, 1 - image_fpr))
-    pixel_threshold = float(np.quantile(pixels, 1 - pixel_fpr))
+    first = _fused(model, comps, category)
+    lc, ls = _robust_z(first["local"])
+    gc, gs = _robust_z(first["global"])
+    cal = replace(cal, local_center=lc, local_scale=ls, global_center=gc, global_scale=gs)
+    model.calibration[category] = cal
+    fused = _fused(model, comps, category)
+    scores, pixels = fused["scores"].numpy(), fused["pixels"].numpy()
+    image_threshold, promised = conformal_threshold(scores, image_fpr)
+    pixel_threshold, _ = conformal_threshold(pixels, pixel_fpr)
+    warnings = []
+    if n < 2:
+        warnings.append(f"only {n} normal image: it is in its own memory bank, so its score is ~0 and the "
+                        "threshold flags almost everything; fit on more normal images")
+    if promised > image_fpr + 1e-12:
+        need = math.ceil(1 / image_fpr) - 1
+        warnings.append(f"{n} normal images cannot support a {image_fpr:.1%} false-alarm target: the threshold "
+                        f"is their highest score, which promises {promised:.1%}; at least {need} are needed")
+    stats = {"n_normal": int(n), "image_fpr_target": image_fpr, "image_fpr_promised": promised,
+             "image_fpr_achievable": 1.0 / (n + 1), "pixel_fpr_target": pixel_fpr,
+             "held_out_fpr_at_threshold": float((scores >= image_threshold).mean()),
+             "threshold_rule": "conformal order statistic of leave-one-out normal scores",
+             "warnings": warnings}
     cal = replace(cal, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
-                  image_center=float(np.median(scores)), pixel_center=float(np.median(pixels)),
-                  stats={"n_normal": int(len(normals)), "synthetic_image_auroc": img,
-                         "synthetic_pixel_auroc": pix, "image_fpr_target": image_fpr,
-                         "pixel_fpr_target": pixel_fpr,
-                         "synthetic_recall_at_threshold": float((s_a.numpy() >= image_threshold).mean())})
+                  image_center=float(np.median(scores)), pixel_center=float(np.median(pixels)), stats=stats)
     model.calibration[category] = cal
     return cal

@@ -1,33 +1,19 @@
-"""Memory bank of normal patch features and its greedy coreset (PatchCore-style).
+"""Memory banks of normal patch features and their greedy coreset (PatchCore-style).
 
-The bank holds locally aggregated multi-layer patch features of normal images; an image's patch
-is as anomalous as it is far from its nearest neighbour in the bank.
+A bank holds patch features of normal images (features.py: local or regional); a patch is as
+anomalous as it is far from its nearest neighbour in the bank. Every entry remembers which
+training image it came from (`source`), so calibration can score each normal image against the
+bank without its own entries (leave-one-out): a normal image scored against a bank that holds it
+would score ~0 and set a threshold far too low.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .numerics import float32_math
-
-
-def patch_features(layers: list[torch.Tensor], max_dim: int = 1024) -> torch.Tensor:
-    """(N, C, h, w): each layer 3x3-averaged (local context), resized to the finest grid, concatenated."""
-    h, w = max((t.shape[-2], t.shape[-1]) for t in layers)
-    parts = []
-    for t in layers:
-        t = F.avg_pool2d(t.float(), 3, stride=1, padding=1, count_include_pad=False)
-        if t.shape[-2:] != (h, w):
-            t = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
-        parts.append(t)
-    feats = torch.cat(parts, dim=1)
-    if feats.shape[1] > max_dim:  # average neighbouring channels down to max_dim
-        n = feats.shape[0]
-        flat = feats.permute(0, 2, 3, 1).reshape(-1, 1, feats.shape[1])
-        feats = F.adaptive_avg_pool1d(flat, max_dim).reshape(n, h, w, max_dim).permute(0, 3, 1, 2)
-    return feats.contiguous()
 
 
 def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, batch: int | None = None,
@@ -83,17 +69,42 @@ def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, batch
     return torch.tensor(chosen[:size])
 
 
-def build_bank(patches: torch.Tensor, ratio: float = 0.01, min_size: int = 1000, max_size: int = 20000,
-               seed: int = 0) -> torch.Tensor:
-    """(M, C) coreset of (N, C, h, w) normal patch features."""
-    flat = patches.permute(0, 2, 3, 1).reshape(-1, patches.shape[1])
-    size = int(min(max(min_size, ratio * flat.shape[0]), max_size, flat.shape[0]))
-    return flat[greedy_coreset(flat, size, seed=seed)].contiguous()
+@dataclass
+class Bank:
+    """Coreset entries (M, C) and the index of the training image each came from (M,) int64."""
+
+    entries: torch.Tensor
+    source: torch.Tensor
+
+    def to(self, device) -> "Bank":
+        return Bank(self.entries.to(device), self.source.to(device))
+
+
+def bank_size(patches: int, ratio: float = 0.01, min_size: int = 1000, max_size: int = 20000) -> int:
+    """1 % of the patches (PatchCore's default), at least 1,000 so that tiny categories keep every
+    normal appearance they have, at most 20,000 so nearest-neighbour search stays cheap."""
+    return int(min(max(min_size, ratio * patches), max_size, patches))
+
+
+def build_bank(feats: torch.Tensor, source: torch.Tensor | None = None, ratio: float = 0.01,
+               seed: int = 0) -> Bank:
+    """Coreset bank of (N, C, h, w) normal patch features; `source` (N,) names each image
+    (default 0..N-1)."""
+    n, c, h, w = feats.shape
+    flat = feats.float().permute(0, 2, 3, 1).reshape(-1, c)
+    src = (torch.arange(n) if source is None else torch.as_tensor(source)).long().repeat_interleave(h * w)
+    idx = greedy_coreset(flat, bank_size(flat.shape[0], ratio), seed=seed)
+    return Bank(flat[idx].contiguous(), src[idx].contiguous())
 
 
 @float32_math
-def nn_distance(patches: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+def nn_distance(patches: torch.Tensor, bank: torch.Tensor, chunk: int = 4096,
+                bank_source: torch.Tensor | None = None, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """(N, h, w) float32 Euclidean distance of each patch to its nearest bank entry.
+
+    With `bank_source` (M,) and `exclude` (N,), image i ignores the entries whose source is
+    exclude[i] (leave-one-out scoring of the bank's own training images); a patch with no entry
+    left is at distance inf.
 
     The nearest entry is found with one matrix product; its distance is then recomputed directly,
     since |a|^2 - 2ab + |b|^2 cancels badly for near matches and its rounding depends on how the
@@ -105,9 +116,17 @@ def nn_distance(patches: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) ->
     q = patches.permute(0, 2, 3, 1).reshape(-1, c).float()
     bank = bank.to(q.device, torch.float32)
     bank_sq = (bank * bank).sum(1)
+    owner = None
+    if exclude is not None:
+        owner = torch.as_tensor(exclude, device=q.device).long().repeat_interleave(h * w)
+        bank_source = bank_source.to(q.device).long()
     out = torch.empty(q.shape[0], device=q.device)
     for s in range(0, q.shape[0], chunk):
         part = q[s:s + chunk]
-        nearest = (bank_sq[None] - 2 * part @ bank.T).argmin(1)
-        out[s:s + chunk] = (part - bank[nearest]).norm(dim=1)
+        d2 = bank_sq[None] - 2 * part @ bank.T
+        if owner is not None:
+            d2 = d2.masked_fill(owner[s:s + chunk, None] == bank_source[None], float("inf"))
+        best, nearest = d2.min(1)
+        dist = (part - bank[nearest]).norm(dim=1)
+        out[s:s + chunk] = dist if owner is None else dist.masked_fill(torch.isinf(best), float("inf"))
     return out.view(n, h, w)

@@ -1,18 +1,29 @@
-"""The PromptAD model: frozen backbone, learned prompts, localization head, memory banks, fusion.
+"""The PromptAD model: frozen backbone, memory banks, a localization head, learned prompts, fusion.
 
-Three anomaly maps at the backbone's patch grid are fused into one pixel map:
-- memory: distance of each patch to its nearest normal patch (per-category memory bank);
-- head:   the localization head's probability (trained on synthetic anomalies);
-- text:   probability that a patch matches the anomaly prompts rather than the normal ones (CLIP).
+Evidence per image, all computed from one frozen backbone pass (backbones.Features):
+- memory:   distance of each local patch (features.local_embedding) to its nearest normal patch in
+            the category's local bank, divided by the calibrated `memory_scale`;
+- regional: the same for wide-window features (features.regional_embedding) and the regional bank;
+- head:     the localization head's probability, trained on feature-space synthetic anomalies;
+- text:     for CLIP, how much a patch matches the anomaly prompts rather than the normal ones;
+- global:   Mahalanobis distance of the pooled features under the category's Gaussian (gaussian.py).
 
-    map = memory * (memory distance / memory_scale) * (1 + head * head_probability) + text * text_probability
+    map    = max(memory, regional) * (1 + head * p_head) + text * p_text          (pixel map)
+    local  = max over the blurred map of memory * (1 + head * p_head) + text * p_text (+ image text)
+    score  = z(local) + global * max(0, z(global) - 3)
 
-The head modulates the memory evidence instead of being added to it: a patch that looks like
-normal data stays normal whatever the head says, where the head confirms a deviation it is
-amplified. On real magnetic-tile defects this beat both the memory bank alone and additive
-mixtures, whose pixel ranking the head (trained on synthetic defects) degraded
-(benchmarks/RESULTS.md). The image score is the maximum of the smoothed fused map, plus the
-weighted text image score for CLIP.
+z() is a robust standard score against held-out normal images (median, 1.4826 x MAD).
+Why this shape (benchmarks/RESULTS.md has the measurements):
+- the two memory scales are combined by max: either scale's evidence counts, and small defects
+  keep the fine-scale map (a mean of the two blurred them on cookie's thin cracks);
+- the image score keeps the fine scale only: the wide window flags large regions in the map but
+  its maximum over normal images is noisy, and adding it cost image AUROC on magnetic_tile;
+- the head modulates memory evidence instead of being added to it: a patch that looks like normal
+  data stays normal whatever the head says; where the head confirms a deviation it is amplified;
+- the global branch joins only beyond three robust standard deviations of its normal values (a
+  hinge), so it catches whole-image anomalies without lending normal images' global variation to
+  the local ranking of local defects.
+Fusion weights {memory: 1, regional: 1, head: 0, text: 0, global: 0} are the memory banks alone.
 """
 from __future__ import annotations
 
@@ -24,7 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbones import Backbone, Features, create_backbone
-from .memory import nn_distance, patch_features
+from .features import local_embedding, pooled_stats, regional_embedding
+from .gaussian import Gaussian
+from .memory import Bank, nn_distance
 from .numerics import float32_math
 from .prompts import TextPromptLearner, handcrafted_text_features
 
@@ -47,22 +60,29 @@ class ModelConfig:
         return asdict(self)
 
 
-# Fusion weights (see the module docstring). {"memory": 1, "head": 0, "text": 0} is plain PatchCore.
-FUSION_NO_TEXT = {"memory": 1.0, "head": 1.0, "text": 0.0}
-FUSION_TEXT = {"memory": 1.0, "head": 1.0, "text": 0.5}
+FUSION_NO_TEXT = {"memory": 1.0, "regional": 1.0, "head": 1.0, "text": 0.0, "global": 1.0}
+FUSION_TEXT = {"memory": 1.0, "regional": 1.0, "head": 1.0, "text": 0.5, "global": 1.0}
+GLOBAL_HINGE = 3.0  # robust standard deviations of normal global distances before they count
+MEMORY_ONLY = {"memory": 1.0, "regional": 1.0, "head": 0.0, "text": 0.0, "global": 0.0}
 
 
 @dataclass
 class Calibration:
-    """Per-category deployment numbers, fitted on held-out normal images (never on real anomalies)."""
+    """Per-category deployment numbers, fitted on held-out scores of normal images (never on real
+    anomalies): each normal image scored against memory without its own entries (calibrate.py)."""
 
-    memory_scale: float = 1.0  # divides memory distances so normal patches sit below ~1
+    memory_scale: float = 1.0  # divides local memory distances: normal patches sit below ~1
+    regional_scale: float = 1.0  # the same for regional distances
     fusion: dict[str, float] = field(default_factory=lambda: dict(FUSION_NO_TEXT))
+    local_center: float = 0.0  # z(local): median of normal local scores ...
+    local_scale: float = 1.0  # ... and 1.4826 x their median absolute deviation
+    global_center: float = 0.0  # z(global), the same for the global distance
+    global_scale: float = 1.0
     image_threshold: float = float("inf")
     pixel_threshold: float = float("inf")
     image_center: float = 0.0  # median normal image score: maps to score_norm 0.25
     pixel_center: float = 0.0  # median normal pixel value: maps to map value 0.25
-    stats: dict[str, float] = field(default_factory=dict)  # what calibration measured (for the record)
+    stats: dict = field(default_factory=dict)  # what calibration measured and warns about
 
     def normalize_score(self, score):
         return _normalize(score, self.image_center, self.image_threshold)
@@ -76,6 +96,19 @@ def _normalize(x, center: float, threshold: float):
     span = max(threshold - center, 1e-12)
     y = 0.25 + 0.25 * (x - center) / span
     return y.clip(0.0, 1.0) if hasattr(y, "clip") else min(max(y, 0.0), 1.0)
+
+
+@dataclass
+class CategoryMemory:
+    """What a category keeps of its normal images: two coreset banks and a Gaussian."""
+
+    local: Bank
+    regional: Bank
+    gaussian: Gaussian
+
+    def to(self, device) -> "CategoryMemory":
+        g = Gaussian([m.to(device) for m in self.gaussian.means], [p.to(device) for p in self.gaussian.precisions])
+        return CategoryMemory(self.local.to(device), self.regional.to(device), g)
 
 
 class LocalizationHead(nn.Module):
@@ -96,13 +129,14 @@ class LocalizationHead(nn.Module):
 
 @dataclass
 class Outputs:
-    """One forward pass of the trainable part, at the patch grid."""
+    """One forward pass of the trainable part, at the local patch grid."""
 
-    features: Features
     head_logits: torch.Tensor  # (N, 1, h, w)
     image_logit: torch.Tensor  # (N,)
     text_logits: torch.Tensor | None = None  # (N, 1, h, w) anomaly-vs-normal logit per patch
     image_text_logit: torch.Tensor | None = None  # (N,)
+    patch_embed: torch.Tensor | None = None  # (N, E, h', w') joint-space patch embeddings (CLIP)
+    image_embed: torch.Tensor | None = None  # (N, E)
     prompts: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -112,17 +146,26 @@ def topk_mean(logits: torch.Tensor, frac: float = 0.01) -> torch.Tensor:
     return flat.topk(k, dim=1).values.mean(1)
 
 
+def _by_category(categories: list[str], device) -> dict[str, torch.Tensor]:
+    return {c: torch.tensor([i for i, x in enumerate(categories) if x == c], device=device)
+            for c in sorted(set(categories))}
+
+
 class Trainable(nn.Module):
     """Everything that learns: head, vision prompts, text prompts. The only part DDP wraps.
 
-    The frozen backbone is held by reference, not as a submodule, so it is neither saved with the
-    weights nor synchronized across workers.
+    The head reads the local embedding standardized per channel (`feat_mean`, `feat_std`, set from
+    the training features before training), so feature-space anomalies have one scale for every
+    backbone. The frozen backbone is held by reference, not as a submodule, so it is neither saved
+    with the weights nor synchronized across workers.
     """
 
-    def __init__(self, backbone: Backbone, cfg: ModelConfig):
+    def __init__(self, backbone: Backbone, cfg: ModelConfig, in_channels: int):
         super().__init__()
         self._backbone = [backbone]
-        self.head = LocalizationHead(sum(backbone.channels))
+        self.head = LocalizationHead(in_channels)
+        self.register_buffer("feat_mean", torch.zeros(in_channels))
+        self.register_buffer("feat_std", torch.ones(in_channels))
         self.vision_prompts = None
         self.text = None
         if backbone.has_text:
@@ -135,45 +178,40 @@ class Trainable(nn.Module):
     def backbone(self) -> Backbone:
         return self._backbone[0]
 
-    def forward(self, x: torch.Tensor, categories: list[str]) -> Outputs:
+    def standardize(self, local: torch.Tensor) -> torch.Tensor:
+        return (local.float() - self.feat_mean.view(1, -1, 1, 1)) / self.feat_std.view(1, -1, 1, 1)
+
+    def forward(self, z: torch.Tensor, tokens: torch.Tensor | None, categories: list[str]) -> Outputs:
+        """z: standardized local embedding (N, C, h, w); tokens: CLIP's cached last-block input."""
+        head_logits = self.head(z)
+        out = Outputs(head_logits=head_logits, image_logit=topk_mean(head_logits))
+        if self.text is None:
+            return out
         bb = self.backbone
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.vision_prompts is not None):
-            feats = bb(x, vision_prompts=self.vision_prompts)
-        layers = feats.layers
-        h, w = max((t.shape[-2], t.shape[-1]) for t in layers)
-        stacked = torch.cat([t.float() if t.shape[-2:] == (h, w) else
-                             F.interpolate(t.float(), size=(h, w), mode="bilinear", align_corners=False)
-                             for t in layers], dim=1)
-        head_logits = self.head(stacked)
-        image_logit = topk_mean(head_logits)
-        out = Outputs(features=feats, head_logits=head_logits, image_logit=image_logit)
-        if self.text is not None:
-            scale = bb.logit_scale
-            patch = F.normalize(feats.patch_embed.float(), dim=1)
-            img = F.normalize(feats.image_embed.float(), dim=-1)
-            text_logits = torch.empty(x.shape[0], 1, h, w, device=x.device)
-            image_text = torch.empty(x.shape[0], device=x.device)
-            for cat in sorted(set(categories)):
-                idx = torch.tensor([i for i, c in enumerate(categories) if c == cat], device=x.device)
-                normal, anomalous = self.text(cat)
-                out.prompts[cat] = (normal, anomalous)
-                n_proto = F.normalize(normal.mean(0), dim=-1)
-                a_proto = F.normalize(anomalous.mean(0), dim=-1)
-                diff = (a_proto - n_proto).float().view(1, -1, 1, 1)
-                pl = scale * (patch[idx] * diff).sum(1, keepdim=True)
-                if pl.shape[-2:] != (h, w):
-                    pl = F.interpolate(pl, size=(h, w), mode="bilinear", align_corners=False)
-                text_logits[idx] = pl.float()
-                image_text[idx] = scale * (img[idx] * (a_proto - n_proto).float()).sum(-1)  # no bf16 matmul under autocast
-            out.text_logits = text_logits
-            out.image_text_logit = image_text
-            out.image_logit = 0.5 * (image_logit + image_text)
+        patch, image = bb.joint(tokens, self.vision_prompts)
+        out.patch_embed, out.image_embed = patch, image
+        h, w = head_logits.shape[-2:]
+        scale = bb.logit_scale
+        patch_n, img_n = F.normalize(patch.float(), dim=1), F.normalize(image.float(), dim=-1)
+        text_logits = torch.empty(z.shape[0], 1, h, w, device=z.device)
+        image_text = torch.empty(z.shape[0], device=z.device)
+        for cat, idx in _by_category(categories, z.device).items():
+            normal, anomalous = self.text(cat)
+            out.prompts[cat] = (normal, anomalous)
+            diff = (F.normalize(anomalous.mean(0), dim=-1) - F.normalize(normal.mean(0), dim=-1)).float()
+            pl = scale * (patch_n[idx] * diff.view(1, -1, 1, 1)).sum(1, keepdim=True)
+            if pl.shape[-2:] != (h, w):
+                pl = F.interpolate(pl, size=(h, w), mode="bilinear", align_corners=False)
+            text_logits[idx] = pl.float()
+            image_text[idx] = scale * (img_n[idx] * diff).sum(-1)  # no bf16 matmul under autocast
+        out.text_logits, out.image_text_logit = text_logits, image_text
+        out.image_logit = 0.5 * (out.image_logit + image_text)
         return out
 
 
 @float32_math
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(N, H, W) separable Gaussian blur, reflect-padded; fp32 under any autocast."""
+    """(N, H, W) separable Gaussian blur, reflect-padded; fp32 under any autocast (numerics)."""
     if sigma <= 0:
         return maps
     radius = max(1, int(round(4 * sigma)))
@@ -186,8 +224,24 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x.squeeze(1)
 
 
+@dataclass
+class Fused:
+    """fuse()'s result: what predict returns, and the raw parts calibration fits z() on."""
+
+    scores: torch.Tensor  # (N,) image anomaly score
+    maps: torch.Tensor  # (N, S, S) pixel map at input size
+    local: torch.Tensor  # (N,) raw local image score (before z)
+    global_: torch.Tensor  # (N,) raw global distance (before z)
+
+
+def _up(grid: torch.Tensor, size) -> torch.Tensor:
+    if tuple(grid.shape[-2:]) == tuple(size):
+        return grid
+    return F.interpolate(grid.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
 class PromptAD(nn.Module):
-    """Backbone + trainable part + per-category memory banks and calibration."""
+    """Backbone + trainable part + per-category memory and calibration."""
 
     def __init__(self, cfg: ModelConfig, backbone: Backbone | None = None):
         super().__init__()
@@ -195,8 +249,9 @@ class PromptAD(nn.Module):
         cfg.input_size = self.backbone.input_size
         cfg.layers = list(self.backbone.layers)
         self.cfg = cfg
-        self.trainable = Trainable(self.backbone, cfg)
-        self.banks: dict[str, torch.Tensor] = {}
+        self.local_dim = min(sum(self.backbone.channels), cfg.memory_dim)
+        self.trainable = Trainable(self.backbone, cfg, self.local_dim)
+        self.memory: dict[str, CategoryMemory] = {}
         default = FUSION_TEXT if self.backbone.has_text else FUSION_NO_TEXT
         self.calibration: dict[str, Calibration] = {c: Calibration(fusion=dict(default)) for c in cfg.categories}
         self._handcrafted: dict[str, torch.Tensor] = {}
@@ -206,9 +261,11 @@ class PromptAD(nn.Module):
         return self.cfg.categories
 
     def _apply(self, fn, *args, **kwargs):
-        # Memory banks are plain tensors (not buffers: their size is data-dependent); move them too.
+        # Memory is plain tensors (not buffers: their size is data-dependent); move it too.
         super()._apply(fn, *args, **kwargs)
-        self.banks = {k: fn(v) for k, v in self.banks.items()}
+        if self.memory:
+            device = fn(torch.zeros(1)).device
+            self.memory = {k: v.to(device) for k, v in self.memory.items()}
         self._handcrafted = {}
         return self
 
@@ -222,24 +279,41 @@ class PromptAD(nn.Module):
             self._handcrafted[category] = handcrafted_text_features(self.backbone, category).to(self.device)
         return self._handcrafted[category]
 
-    def memory_features(self, feats: Features) -> torch.Tensor:
-        return patch_features(feats.layers, self.cfg.memory_dim)
+    # -- the three views of an image (features.py)
+    def local_features(self, feats: Features) -> torch.Tensor:
+        return local_embedding(feats.layers, self.cfg.memory_dim)
 
-    def components(self, x: torch.Tensor, categories: list[str]) -> dict[str, torch.Tensor]:
-        """Raw maps at the patch grid (N, h, w) and the image text score, before fusion."""
-        out = self.trainable(x, categories)
-        head = torch.sigmoid(out.head_logits[:, 0].float())
-        mem = torch.zeros_like(head)
-        patches = self.memory_features(out.features)
-        for cat in sorted(set(categories)):
-            idx = torch.tensor([i for i, c in enumerate(categories) if c == cat], device=x.device)
-            if cat in self.banks:
-                d = nn_distance(patches[idx], self.banks[cat])
-                if d.shape[-2:] != head.shape[-2:]:
-                    d = F.interpolate(d.unsqueeze(1), size=head.shape[-2:], mode="bilinear",
-                                      align_corners=False)[:, 0]
-                mem[idx] = d
-        comps = {"memory": mem, "head": head}
+    def regional_features(self, feats: Features) -> torch.Tensor:
+        return regional_embedding(feats.layers, self.cfg.memory_dim)
+
+    def pooled_features(self, feats: Features) -> list[torch.Tensor]:
+        return pooled_stats(feats.layers)
+
+    def components(self, feats: Features, categories: list[str],
+                   exclude: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Raw evidence before fusion: maps at their grids (N, h, w), image-level values (N,).
+
+        `exclude` (N,): score image i without the memory entries of training image exclude[i]
+        (leave-one-out calibration); the global distance is then left to the caller (k-fold)."""
+        local = self.local_features(feats)
+        out = self.trainable(self.trainable.standardize(local), feats.tokens, list(categories))
+        n, (h, w) = local.shape[0], local.shape[-2:]
+        regional = self.regional_features(feats)
+        mem = torch.zeros(n, h, w, device=local.device)
+        reg = torch.zeros(n, *regional.shape[-2:], device=local.device)
+        glob = torch.zeros(n, device=local.device)
+        pooled = self.pooled_features(feats)
+        for cat, idx in _by_category(list(categories), local.device).items():
+            m = self.memory.get(cat)
+            if m is None:
+                continue
+            ex = None if exclude is None else exclude[idx]
+            mem[idx] = nn_distance(local[idx], m.local.entries, bank_source=m.local.source, exclude=ex)
+            reg[idx] = nn_distance(regional[idx], m.regional.entries, bank_source=m.regional.source, exclude=ex)
+            if exclude is None:
+                glob[idx] = m.gaussian.score([p[idx] for p in pooled]).to(glob.device)
+        comps = {"memory": mem, "regional": reg, "head": torch.sigmoid(out.head_logits[:, 0].float()),
+                 "global": glob}
         if out.text_logits is not None:
             comps["text"] = torch.sigmoid(out.text_logits[:, 0].float())
             comps["image_text"] = torch.sigmoid(out.image_text_logit.float())
@@ -247,25 +321,32 @@ class PromptAD(nn.Module):
 
     @float32_math
     def fuse(self, comps: dict[str, torch.Tensor], categories: list[str],
-             fusion: dict[str, dict[str, float]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores (N,), maps (N, S, S)) from components; `fusion` overrides the calibrated weights.
-        fp32 under any autocast (numerics.float32_math): the map that decides is never rounded to fp16."""
+             fusion: dict[str, dict[str, float]] | None = None) -> Fused:
+        """Image scores and pixel maps from components (module docstring); `fusion` overrides the
+        calibrated weights per category. fp32 under any autocast (numerics.float32_math)."""
         head = comps["head"]
+        cals = [self.calibration[c] for c in categories]
+        weights = [(fusion or {}).get(c, cal.fusion) for c, cal in zip(categories, cals)]
 
-        def per_row(values: list[float]) -> torch.Tensor:  # one weight per image, broadcast over (h, w)
-            return torch.tensor(values, dtype=head.dtype, device=head.device).view(-1, 1, 1)
+        def per_row(values: list[float], dims: int = 2) -> torch.Tensor:  # one value per image, broadcast
+            return torch.tensor(values, dtype=head.dtype, device=head.device).view(-1, *([1] * dims))
 
-        weights = [(fusion or {}).get(c, self.calibration[c].fusion) for c in categories]
-        w_mem = per_row([w.get("memory", 0.0) / self.calibration[c].memory_scale for c, w in zip(categories, weights)])
-        w_head = per_row([w.get("head", 0.0) for w in weights])
-        grid = w_mem * comps["memory"] * (1.0 + w_head * head)
-        img_text = torch.zeros(head.shape[0], dtype=head.dtype, device=head.device)
+        local = per_row([w.get("memory", 0.0) / c.memory_scale for w, c in zip(weights, cals)]) * comps["memory"]
+        regional = per_row([w.get("regional", 0.0) / c.regional_scale for w, c in zip(weights, cals)]) \
+            * _up(comps["regional"], head.shape[-2:])
+        modulation = 1.0 + per_row([w.get("head", 0.0) for w in weights]) * head
+        pixel = torch.maximum(local, regional) * modulation
+        fine = local * modulation
+        image_text = torch.zeros(head.shape[0], dtype=head.dtype, device=head.device)
         if "text" in comps:
             w_text = per_row([w.get("text", 0.0) for w in weights])
-            grid = grid + w_text * comps["text"]
-            img_text = w_text.view(-1) * comps["image_text"]
-        size = self.cfg.input_size
-        maps = F.interpolate(grid.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-        maps = gaussian_blur(maps, self.cfg.blur_sigma)
-        scores = maps.flatten(1).max(1).values + img_text
-        return scores, maps
+            pixel, fine = pixel + w_text * comps["text"], fine + w_text * comps["text"]
+            image_text = w_text.view(-1) * comps["image_text"]
+        size = (self.cfg.input_size, self.cfg.input_size)
+        maps = gaussian_blur(_up(pixel, size), self.cfg.blur_sigma)
+        local_score = gaussian_blur(_up(fine, size), self.cfg.blur_sigma).flatten(1).max(1).values + image_text
+        z_local = (local_score - per_row([c.local_center for c in cals], 0)) / per_row([c.local_scale for c in cals], 0)
+        z_global = (comps["global"] - per_row([c.global_center for c in cals], 0)) / per_row(
+            [c.global_scale for c in cals], 0)
+        scores = z_local + per_row([w.get("global", 0.0) for w in weights], 0) * (z_global - GLOBAL_HINGE).clamp(min=0)
+        return Fused(scores=scores, maps=maps, local=local_score, global_=comps["global"])

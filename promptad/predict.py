@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .backbones import Features
 from .model import PromptAD
 from .training import autocast, resolve_precision
 
@@ -29,14 +30,29 @@ def as_input(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.T
 
 
 @torch.no_grad()
-def predict_components(model: PromptAD, images, categories: Sequence[str],
-                       precision: str = "auto") -> dict[str, torch.Tensor]:
-    """The raw maps before fusion (calibration and the quality benchmark fuse them more than one way)."""
+def extract(model: PromptAD, images, precision: str = "auto") -> Features:
+    """The frozen backbone pass: what a fit caches per image and what every prediction starts from."""
     model.eval()
     device = model.device
     x = as_input(images, device)
     with autocast(resolve_precision(precision, device), device):
-        return model.components(x, list(categories))
+        return model.backbone(x)
+
+
+@torch.no_grad()
+def components_of(model: PromptAD, feats: Features, categories: Sequence[str], precision: str = "auto",
+                  exclude: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Raw evidence from backbone features (calibration passes `exclude` for leave-one-out)."""
+    model.eval()
+    device = model.device
+    with autocast(resolve_precision(precision, device), device):
+        return model.components(feats.to(device), list(categories), exclude=exclude)
+
+
+def predict_components(model: PromptAD, images, categories: Sequence[str],
+                       precision: str = "auto") -> dict[str, torch.Tensor]:
+    """The raw evidence before fusion (the quality benchmark fuses it more than one way)."""
+    return components_of(model, extract(model, images, precision), categories, precision)
 
 
 @torch.no_grad()
@@ -49,9 +65,8 @@ def predict(model: PromptAD, images, categories: Sequence[str], precision: str =
     unknown = sorted(set(categories) - set(model.categories))
     if unknown:
         raise KeyError(f"unknown category {unknown[0]!r}; the model knows {', '.join(model.categories)}")
-    comps = predict_components(model, images, categories, precision)
-    scores, maps = model.fuse(comps, list(categories))
-    return Prediction(scores=scores.float().cpu().numpy(), maps=maps.float().cpu().numpy())
+    fused = model.fuse(predict_components(model, images, categories, precision), list(categories))
+    return Prediction(scores=fused.scores.float().cpu().numpy(), maps=fused.maps.float().cpu().numpy())
 
 
 def load_for_worker(model_uri: str, device: str, threads: int) -> PromptAD:

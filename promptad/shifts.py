@@ -201,3 +201,40 @@ def parse_shifts(spec: str) -> list[str]:
             raise _unknown(token)
         names.extend(n for n in expanded if n not in names)
     return names
+
+
+# --------------------------------------------------------------------------- whole-image defects
+# Not robustness shifts (an audit asks the model to survive those) but defects of the whole image
+# that a model must flag: every patch of such an image still resembles some normal patch, so a
+# patch memory bank alone misses them and the global branch (gaussian.py) has to catch them.
+# They evaluate that branch (tests/test_global_branch.py, benchmarks/quality.py).
+
+
+def colour_cast(img: np.ndarray) -> np.ndarray:
+    """A warm cast: red x1.15, blue x0.8 (a wrong light source, a discoloured batch)."""
+    return _to_uint8(img.astype(np.float32) * np.array([1.15, 1.0, 0.8], np.float32))
+
+
+def hue_shift(img: np.ndarray) -> np.ndarray:
+    """Hue turned by a third of the circle (the wrong colour variant)."""
+    hsv = np.asarray(Image.fromarray(img).convert("HSV")).copy()
+    hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + 85) % 256).astype(np.uint8)
+    return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+
+
+def texture_zoom(img: np.ndarray) -> np.ndarray:
+    """The centre two thirds enlarged to the full frame: a texture 1.5x too coarse."""
+    h, w = img.shape[:2]
+    crop = Image.fromarray(img).crop((w / 6, h / 6, w * 5 / 6, h * 5 / 6))
+    return np.asarray(crop.resize((w, h), Image.Resampling.BILINEAR))
+
+
+def texture_rotation(img: np.ndarray) -> np.ndarray:
+    """Rotated by 90 degrees (a weave or a grinding direction turned)."""
+    return np.ascontiguousarray(np.rot90(img))
+
+
+WHOLE_IMAGE_DEFECTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "colour_cast": colour_cast, "hue_shift": hue_shift, "texture_zoom": texture_zoom,
+    "texture_rotation": texture_rotation,
+}

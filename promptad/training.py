@@ -1,8 +1,12 @@
-"""The per-worker training loop: a plain function that Ray Train runs on each worker and that
-runs in-process too.
+"""The per-worker training loop on cached backbone features: a plain function that Ray Train runs
+on each worker and that runs in-process too.
 
-Only normal images come in; each batch gets augmentations and synthetic anomalies with exact
-masks on the fly, seeded by (seed, rank, epoch, step) so that a resumed run replays the same data.
+The backbone is frozen, so a fit computes its features once per image (predict.extract) and trains
+the trainable part (head, prompts) on them: no backbone pass per step. Each batch gets
+feature-space synthetic anomalies with exact masks (feature_anomalies.py) and a mirrored view for
+the consistency loss, seeded by (seed, rank, epoch, step) so that a resumed run replays the same
+data. An exponential moving average of the weights is what the model keeps: the head's quality on
+real defects swings from epoch to epoch, its average does not (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -16,17 +20,19 @@ import torch
 import torch.nn.functional as F
 
 from . import losses
-from .synthesis import make_training_pair
+from .backbones import Features
+from .feature_anomalies import add_anomalies
 
-Batch = tuple[np.ndarray, Sequence[str]]  # (B, S, S, 3) uint8 normal images, their categories
+MIN_EPOCH_SAMPLES = 256  # an epoch visits at least this many samples (cycling a small category)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 1e-2
+    epochs: int = 8
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    ema: float = 0.98  # decay of the weight average kept as the trained model (per step)
     seed: int = 0
     p_anomaly: float = 0.5
     precision: str = "auto"  # auto: see training_precision
@@ -63,6 +69,11 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def steps_per_epoch(num_images: int, batch_size: int, num_workers: int = 1) -> int:
+    """Optimizer steps per epoch on every worker (the same on all: DDP needs that)."""
+    return max(1, math.ceil(max(num_images, MIN_EPOCH_SAMPLES) / num_workers / batch_size))
+
+
 def make_optimizer(trainable: torch.nn.Module, cfg: TrainConfig, total_steps: int):
     """AdamW with a cosine schedule over the whole run (per optimizer step)."""
     params = [p for p in trainable.parameters() if p.requires_grad]
@@ -71,39 +82,95 @@ def make_optimizer(trainable: torch.nn.Module, cfg: TrainConfig, total_steps: in
     return opt, sched
 
 
-def synthesize_batch(images: np.ndarray, rng: np.random.Generator, p_anomaly: float,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normal uint8 images -> (x (B,3,S,S) in [0,1], masks (B,1,S,S), labels (B,))."""
-    pairs = [make_training_pair(img, rng, p_anomaly=p_anomaly) for img in images]
-    x = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).float().div_(255.0)
-    masks = torch.from_numpy(np.stack([p[1] for p in pairs])).unsqueeze(1).float()
-    labels = torch.tensor([p[2] for p in pairs], dtype=torch.float32)
-    return x.to(device), masks.to(device), labels.to(device)
+class WeightAverage:
+    """Exponential moving average of a module's state (parameters and BatchNorm statistics), the
+    weights a fit keeps. torch's AveragedModel would deep-copy the module, and with it the frozen
+    backbone the trainable part holds by reference (600 MB for a CLIP ViT-B); this keeps tensors
+    only. The decay ramps up as (1 + t) / (10 + t) so a short run is not dominated by its start."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        for k, v in module.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.state[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                self.state[k].copy_(v)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "state": self.state}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.updates = int(saved["updates"])
+        for k, v in saved["state"].items():
+            self.state[k].copy_(v)
 
 
-def loss_terms(out, out_flip, masks: torch.Tensor, labels: torch.Tensor, categories: Sequence[str],
+def make_ema(trainable: torch.nn.Module, cfg: TrainConfig) -> WeightAverage:
+    return WeightAverage(trainable, cfg.ema)
+
+
+def set_standardization(trainable: torch.nn.Module, local: torch.Tensor) -> None:
+    """Per-channel mean and std of the training images' local features (N, C, h, w): the head's
+    input scale, and the unit of the feature-space noise."""
+    x = local.float().transpose(0, 1).reshape(local.shape[1], -1)
+    trainable.feat_mean.copy_(x.mean(1))
+    trainable.feat_std.copy_(x.std(1).clamp(min=1e-6))
+
+
+@dataclass
+class Shard:
+    """One worker's training rows, cached: standardized inputs are derived per batch."""
+
+    local: torch.Tensor  # (n, C, h, w) local embeddings (features.local_embedding)
+    tokens: torch.Tensor | None  # (n, 1 + h*w, D) CLIP last-block inputs, or None
+    categories: list[str]
+
+    def __len__(self) -> int:
+        return int(self.local.shape[0])
+
+
+def shard_from_features(model, feats: Features, categories: Sequence[str]) -> Shard:
+    return Shard(model.local_features(feats).half(), None if feats.tokens is None else feats.tokens.half(),
+                 list(categories))
+
+
+def epoch_order(n: int, steps: int, batch_size: int, seed: int, epoch: int, rank: int) -> np.ndarray:
+    """This worker's row order for one epoch: a seeded permutation, cycled to steps * batch_size rows
+    (a pure function of its arguments, so a resumed run replays it)."""
+    rng = np.random.default_rng([seed, epoch, rank, 3])
+    need = steps * batch_size
+    reps = math.ceil(need / max(n, 1))
+    return np.concatenate([rng.permutation(n) for _ in range(reps)])[:need]
+
+
+def loss_terms(trainable, out, out_flip, masks: torch.Tensor, labels: torch.Tensor, categories: Sequence[str],
                handcrafted: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """All six losses (and pixel focal BCE) for one batch; text losses only with a text branch."""
-    grid = out.head_logits.shape[-2:]
-    target = F.adaptive_avg_pool2d(masks, grid)  # exact fraction of each patch that is defective
+    """All losses for one batch; text losses only with a text branch."""
     terms = {
         "image_bce": losses.image_bce(out.image_logit, labels),
-        "dice": losses.dice(out.head_logits, target),
-        "focal": losses.pixel_focal(out.head_logits, target),
+        "dice": losses.dice(out.head_logits, masks),
+        "focal": losses.pixel_focal(out.head_logits, masks),
         "consistency": losses.consistency(out.head_logits, torch.flip(out_flip.head_logits, dims=[-1])),
     }
     if out.text_logits is not None:
-        terms["dice"] = terms["dice"] + losses.dice(out.text_logits, target)
-        terms["image_bce"] = terms["image_bce"] + losses.image_bce(out.image_text_logit, labels)
-        patch = out.features.patch_embed.float()
+        grid = out.head_logits.shape[-2:]
+        terms["dice"] = terms["dice"] + losses.dice(out.text_logits, masks)
+        patch = out.patch_embed.float()
         if patch.shape[-2:] != grid:
             patch = F.interpolate(patch, size=grid, mode="bilinear", align_corners=False)
         contrastive, margin, align = [], [], []
         for cat, (normal, anomalous) in out.prompts.items():
             idx = [i for i, c in enumerate(categories) if c == cat]
             p = patch[idx].permute(0, 2, 3, 1).reshape(-1, patch.shape[1])
-            p_lab = (target[idx].flatten() > 0.5).float()
-            feats = torch.cat([out.features.image_embed[idx].float(), p])
+            p_lab = (masks[idx].flatten() > 0.5).float()
+            feats = torch.cat([out.image_embed[idx].float(), p])
             labs = torch.cat([labels[idx], p_lab])
             contrastive.append(losses.contrastive_prompt(feats, labs, normal, anomalous))
             normal_feats = feats[labs == 0]
@@ -117,23 +184,29 @@ def loss_terms(out, out_flip, masks: torch.Tensor, labels: torch.Tensor, categor
     return terms
 
 
-def train_epoch(trainable: torch.nn.Module, batches: Iterable[Batch], opt, sched, scaler, cfg: TrainConfig,
-                epoch: int, rank: int, handcrafted: Callable[[str], torch.Tensor],
+def train_epoch(trainable: torch.nn.Module, shard: Shard, opt, sched, scaler, ema, cfg: TrainConfig,
+                epoch: int, rank: int, steps: int, handcrafted: Callable[[str], torch.Tensor],
                 device: torch.device) -> dict[str, float]:
-    """One pass over this worker's shard. `trainable` may be wrapped in DDP."""
+    """One epoch of `steps` optimizer steps over this worker's shard. `trainable` may be DDP-wrapped;
+    `ema` (make_ema) is updated after every step."""
     precision = training_precision(device) if cfg.precision == "auto" else resolve_precision(cfg.precision, device)
+    module = getattr(trainable, "module", trainable)
     trainable.train()
     totals: dict[str, float] = {}
-    steps = 0
-    for step, (images, categories) in enumerate(batches):
-        categories = list(categories)
-        rng = np.random.default_rng([cfg.seed, rank, epoch, step])
-        x, masks, labels = synthesize_batch(images, rng, cfg.p_anomaly, device)
+    order = epoch_order(len(shard), steps, cfg.batch_size, cfg.seed, epoch, rank)
+    for step in range(steps):
+        idx = torch.from_numpy(order[step * cfg.batch_size:(step + 1) * cfg.batch_size])
+        categories = [shard.categories[i] for i in idx.tolist()]
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, rank, epoch, step]).integers(2**62)))
+        z = module.standardize(shard.local[idx].to(device))
+        tokens = None if shard.tokens is None else shard.tokens[idx].to(device).float()
+        z, tokens, masks, labels = add_anomalies(z, cfg.p_anomaly, gen, tokens)
+        flip_tokens = None if tokens is None else _flip_tokens(tokens, z.shape[-2:])
         with autocast(precision, device):
-            both = trainable(torch.cat([x, torch.flip(x, dims=[-1])]), categories + categories)
-        n = x.shape[0]
-        out, out_flip = _split(both, n)
-        terms = loss_terms(out, out_flip, masks, labels, categories, handcrafted)
+            out = trainable(torch.cat([z, torch.flip(z, dims=[-1])]),
+                            None if tokens is None else torch.cat([tokens, flip_tokens]), categories + categories)
+        out, out_flip = _split(out, z.shape[0])
+        terms = loss_terms(module, out, out_flip, masks, labels, categories, handcrafted)
         loss = sum(cfg.loss_weights.get(k, 1.0) * v for k, v in terms.items())
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -144,40 +217,48 @@ def train_epoch(trainable: torch.nn.Module, batches: Iterable[Batch], opt, sched
             loss.backward()
             opt.step()
         sched.step()
-        steps += 1
+        ema.update(module)
         for k, v in terms.items():
             totals[k] = totals.get(k, 0.0) + float(v.detach())
         totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
     return {k: v / max(steps, 1) for k, v in totals.items()} | {"steps": steps}
 
 
+def _flip_tokens(tokens: torch.Tensor, grid) -> torch.Tensor:
+    """CLIP tokens of the mirrored patch grid (class token first)."""
+    h, w = grid
+    patches = tokens[:, 1:].reshape(tokens.shape[0], h, w, -1).flip(2).reshape(tokens.shape[0], h * w, -1)
+    return torch.cat([tokens[:, :1], patches], 1)
+
+
 def _split(out, n: int):
     """Split a forward over [x, flip(x)] into the two halves."""
-    from .backbones import Features
     from .model import Outputs
 
     def half(t, sl):
         return None if t is None else t[sl]
 
-    parts = []
-    for sl in (slice(0, n), slice(n, None)):
-        f = out.features
-        feats = Features(layers=[t[sl] for t in f.layers], patch_embed=half(f.patch_embed, sl),
-                         image_embed=half(f.image_embed, sl))
-        parts.append(Outputs(features=feats, head_logits=out.head_logits[sl], image_logit=out.image_logit[sl],
-                             text_logits=half(out.text_logits, sl),
-                             image_text_logit=half(out.image_text_logit, sl), prompts=out.prompts))
-    return parts
+    return [Outputs(head_logits=out.head_logits[sl], image_logit=out.image_logit[sl],
+                    text_logits=half(out.text_logits, sl), image_text_logit=half(out.image_text_logit, sl),
+                    patch_embed=half(out.patch_embed, sl), image_embed=half(out.image_embed, sl),
+                    prompts=out.prompts)
+            for sl in (slice(0, n), slice(n, None))]
 
 
-def steps_per_epoch(num_images: int, batch_size: int, num_workers: int = 1) -> int:
-    return max(1, math.ceil(num_images / num_workers / batch_size))
-
-
-def iterate_batches(images: np.ndarray, categories: Sequence[str], batch_size: int,
-                    rng: np.random.Generator) -> Iterable[Batch]:
-    """Shuffled in-process batches (Ray Train uses its dataset shard instead)."""
-    order = rng.permutation(len(images))
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        yield images[idx], [categories[i] for i in idx]
+def train_in_process(model, shard: Shard, cfg: TrainConfig, device: torch.device,
+                     log: Callable[[str], None] | None = None) -> list[dict[str, float]]:
+    """Train `model.trainable` on one shard in this process; the EMA weights end up in the model."""
+    trainable = model.trainable
+    torch.manual_seed(cfg.seed)
+    steps = steps_per_epoch(len(shard), cfg.batch_size)
+    opt, sched = make_optimizer(trainable, cfg, steps * cfg.epochs)
+    ema = make_ema(trainable, cfg)
+    scaler = torch.amp.GradScaler(device.type) if resolve_precision(cfg.precision, device) == "fp16" else None
+    history = []
+    for epoch in range(cfg.epochs):
+        stats = train_epoch(trainable, shard, opt, sched, scaler, ema, cfg, epoch, 0, steps, model.handcrafted, device)
+        history.append(stats)
+        if log:
+            log(f"epoch {epoch + 1}/{cfg.epochs} loss {stats['loss']:.4f}")
+    trainable.load_state_dict(ema.state)
+    return history

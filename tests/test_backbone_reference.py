@@ -96,8 +96,8 @@ def test_effnet_feature_test_catches_swish():
 
 def test_clip_embeddings_equal_open_clip_encoders():
     """On the tiny registered open_clip config (random weights): without vision prompts the image
-    embedding is open_clip's encode_image of the normalized image, and text goes through
-    encode_text unchanged."""
+    embedding (frozen pass, then the last block on its cached input) is open_clip's encode_image
+    of the normalized image, and text goes through encode_text unchanged."""
     tinyclip.register()
     torch.manual_seed(0)
     bb = create_backbone(f"clip:{tinyclip.NAME}:")
@@ -106,7 +106,7 @@ def test_clip_embeddings_equal_open_clip_encoders():
     mean = torch.tensor(clip.visual.image_mean or (0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
     std = torch.tensor(clip.visual.image_std or (0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
     with torch.no_grad():
-        ours = bb(x).image_embed
+        ours = bb.joint(bb(x).tokens)[1]
         ref = clip.encode_image((x - mean) / std)
         torch.testing.assert_close(ours, ref.float(), rtol=1e-5, atol=1e-5)
         texts = ["a photo of a flawless tile.", "a photo of a tile with a crack."]

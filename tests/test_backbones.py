@@ -51,16 +51,21 @@ def test_clip_dense_tokens_text_space_and_vision_prompts():
     tinyclip.register()
     bb = create_backbone(f"clip:{tinyclip.NAME}:")
     assert bb.has_text and bb.embed_dim == 32 and bb.input_size == 64
+    assert max(bb.layers) == 1, "memory layers end before the last of the 3 blocks"
     x = torch.rand(2, 3, 64, 64)
     f = bb(x)
     assert len(f.layers) == len(bb.layers) and all(t.shape == (2, 64, 8, 8) for t in f.layers)
-    assert f.patch_embed.shape == (2, 32, 8, 8) and f.image_embed.shape == (2, 32)
+    assert f.tokens.shape == (2, 65, 64), "the last block's input: class token + 8x8 patches"
+    patch, image = bb.joint(f.tokens)
+    assert patch.shape == (2, 32, 8, 8) and image.shape == (2, 32)
     prompts = torch.zeros(4, 64, requires_grad=True)
-    g = bb(x, vision_prompts=prompts)
-    assert g.patch_embed.shape == (2, 32, 8, 8), "prompt tokens are removed from the patch grid"
-    g.patch_embed.sum().backward()
+    g_patch, _ = bb.joint(f.tokens, prompts)
+    assert g_patch.shape == (2, 32, 8, 8), "prompt tokens are removed from the patch grid"
+    g_patch.sum().backward()
     assert prompts.grad is not None and prompts.grad.abs().sum() > 0, "vision prompts get gradients"
-    assert not (g.patch_embed - f.patch_embed).abs().max() == 0
+    assert not (g_patch - patch).abs().max() == 0
+    again = bb(x)
+    assert all(torch.equal(a, b) for a, b in zip(f.layers, again.layers)), "memory features never see prompts"
     t = bb.encode_texts(["a photo of a tile.", "a photo of a damaged tile."])
     assert t.shape == (2, 32)
 
@@ -73,7 +78,7 @@ def test_clip_vv_patch_tokens_are_local():
     x = torch.rand(1, 3, 64, 64)
     y = x.clone()
     y[..., :8, :8] = 1 - y[..., :8, :8]  # change one patch
-    a, b = bb(x).patch_embed[0], bb(y).patch_embed[0]
+    a, b = bb.joint(bb(x).tokens)[0][0], bb.joint(bb(y).tokens)[0][0]
     change = (a - b).norm(dim=0)
     assert change[0, 0] == change.max()
 
@@ -83,7 +88,7 @@ def test_clip_local_weight_file_and_sha(tmp_path):
     a = create_backbone(f"clip:{tinyclip.NAME}:{path}")
     b = create_backbone(f"clip:{tinyclip.NAME}:{path}")
     x = torch.rand(1, 3, 64, 64)
-    assert torch.equal(a(x).patch_embed, b(x).patch_embed), "same file, same features"
+    assert torch.equal(a.joint(a(x).tokens)[0], b.joint(b(x).tokens)[0]), "same file, same features"
     assert a.weight_sha256 and a.weight_sha256 == b.weight_sha256
     with pytest.raises(UserError, match="sha256"):
         create_backbone(f"clip:{tinyclip.NAME}:{path}", expected_sha256="f" * 64)

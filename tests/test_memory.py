@@ -3,7 +3,7 @@ import inspect
 import pytest
 import torch
 
-from promptad.memory import build_bank, greedy_coreset, nn_distance, patch_features
+from promptad.memory import bank_size, build_bank, greedy_coreset, nn_distance
 
 
 def test_nn_distance_matches_cdist():
@@ -30,18 +30,39 @@ def test_coreset_covers_clusters_far_better_than_random():
 
 
 def test_coreset_is_seeded_and_bank_size_follows_ratio():
+    assert bank_size(1_000_000) == 10_000 and bank_size(50_000) == 1000 and bank_size(600) == 600
+    assert bank_size(10_000_000) == 20_000
     torch.manual_seed(1)
-    feats = torch.randn(3, 8, 20, 20)
-    a = build_bank(feats, ratio=0.1, min_size=10, seed=3)
-    b = build_bank(feats, ratio=0.1, min_size=10, seed=3)
-    assert a.shape == (120, 8) and torch.equal(a, b)
-    assert build_bank(feats, ratio=0.1, min_size=5000).shape == (1200, 8)  # never more than there is
+    feats = torch.randn(3, 8, 40, 40)  # 4800 patches: 1 % is under the 1000 floor
+    a = build_bank(feats, seed=3)
+    b = build_bank(feats, seed=3)
+    assert a.entries.shape == (1000, 8) and torch.equal(a.entries, b.entries)
+    small = build_bank(torch.randn(2, 8, 10, 10))
+    assert small.entries.shape == (200, 8), "never more entries than patches"
 
 
-def test_patch_features_aggregate_and_reduce():
-    layers = [torch.randn(2, 40, 16, 16), torch.randn(2, 112, 8, 8)]
-    assert patch_features(layers).shape == (2, 152, 16, 16)
-    assert patch_features(layers, max_dim=64).shape == (2, 64, 16, 16)
+def test_bank_entries_remember_their_image():
+    """Each entry is a patch of the image its source names (row i of image n at i % (h*w))."""
+    torch.manual_seed(2)
+    feats = torch.randn(4, 6, 5, 5)
+    bank = build_bank(feats, source=torch.tensor([10, 11, 12, 13]))
+    flat = feats.permute(0, 2, 3, 1).reshape(4, 25, 6)
+    for entry, src in zip(bank.entries, bank.source.tolist()):
+        assert (flat[src - 10] == entry).all(dim=1).any()
+
+
+def test_leave_one_out_distance_ignores_the_images_own_entries():
+    """Scored against a bank of all patches, an image is at distance 0 from itself; with its own
+    entries excluded it is at its distance to the nearest patch of the other images (hand-made:
+    1-D features at 0, 10 and 13)."""
+    feats = torch.tensor([0.0, 10.0, 13.0]).view(3, 1, 1, 1)
+    bank = build_bank(feats)
+    assert torch.equal(nn_distance(feats, bank.entries).flatten(), torch.zeros(3))
+    loo = nn_distance(feats, bank.entries, bank_source=bank.source, exclude=torch.arange(3)).flatten()
+    assert loo.tolist() == [10.0, 3.0, 3.0]
+    alone = build_bank(feats[:1])
+    assert torch.isinf(nn_distance(feats[:1], alone.entries, bank_source=alone.source,
+                                   exclude=torch.zeros(1, dtype=torch.long))).all()
 
 
 # --------------------------------------------------------------------------- coreset vs exact greedy

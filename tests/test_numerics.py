@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from promptad.memory import nn_distance, patch_features
+from promptad.memory import Bank, nn_distance
+from promptad.pipeline import build_memory
 from promptad.model import ModelConfig, PromptAD, gaussian_blur
 from promptad.numerics import as_float32, no_autocast
 from promptad.predict import Prediction, output_problem, predict, predict_rows
@@ -66,14 +67,19 @@ def untrained() -> PromptAD:
     for i, cat in enumerate(model.categories):
         x = torch.from_numpy(rng.random((3, 3, SIZE, SIZE), np.float32) * (0.5 + 0.5 * i))
         with torch.no_grad():
-            feats = patch_features(model.backbone(x).layers, model.cfg.memory_dim)
-        model.banks[cat] = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])[::3].contiguous()
+            model.memory[cat] = build_memory(model, model.backbone(x))
     return model
+
+
+def _scores_maps(fused):
+    return fused.scores, fused.maps
 
 
 def _components(n: int = 4, grid: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {"memory": 3 + torch.rand(n, grid, grid, generator=g),
+            "regional": 3 + torch.rand(n, grid // 2, grid // 2, generator=g),
+            "global": 10 * torch.rand(n, generator=g),
             "head": torch.rand(n, grid, grid, generator=g),
             "text": torch.rand(n, grid, grid, generator=g),
             "image_text": torch.rand(n, generator=g)}
@@ -82,13 +88,13 @@ def _components(n: int = 4, grid: int = 8, seed: int = 0) -> dict[str, torch.Ten
 def test_fuse_and_blur_are_fp32_inside_autocast(untrained, monkeypatch):
     comps, cats = _components(), ["tile", "wood", "wood", "tile"]
     fusion = {"wood": {"memory": 1.0, "head": 1.0, "text": 0.5}}
-    ref_s, ref_m = untrained.fuse(comps, cats, fusion)
+    ref_s, ref_m = _scores_maps(untrained.fuse(comps, cats, fusion))
     with bf16_autocast():
-        s, m = untrained.fuse(comps, cats, fusion)
+        s, m = _scores_maps(untrained.fuse(comps, cats, fusion))
         blurred = gaussian_blur(ref_m, 4.0)
         naive_blur = gaussian_blur.__wrapped__(ref_m, 4.0)  # the same code without float32_math
         monkeypatch.setattr("promptad.model.gaussian_blur", gaussian_blur.__wrapped__)
-        naive_s, naive_m = PromptAD.fuse.__wrapped__(untrained, comps, cats, fusion)
+        naive_s, naive_m = _scores_maps(PromptAD.fuse.__wrapped__(untrained, comps, cats, fusion))
     assert s.dtype == m.dtype == blurred.dtype == torch.float32
     torch.testing.assert_close(s, ref_s, rtol=1e-5, atol=0)
     torch.testing.assert_close(m, ref_m, rtol=1e-5, atol=0)
@@ -102,8 +108,8 @@ def test_fuse_and_blur_are_fp32_inside_autocast(untrained, monkeypatch):
 def test_half_precision_components_are_fused_in_fp32(untrained):
     comps, cats = _components(seed=1), ["tile"] * 4
     half = {k: v.half() for k, v in comps.items()}
-    s, m = untrained.fuse(half, cats)
-    ref_s, ref_m = untrained.fuse({k: v.float() for k, v in half.items()}, cats)
+    s, m = _scores_maps(untrained.fuse(half, cats))
+    ref_s, ref_m = _scores_maps(untrained.fuse({k: v.float() for k, v in half.items()}, cats))
     assert s.dtype == m.dtype == torch.float32
     assert torch.equal(s, ref_s) and torch.equal(m, ref_m)
 
@@ -133,10 +139,12 @@ def _with_nan_bank(model: PromptAD, category: str) -> PromptAD:
     import copy
 
     broken = copy.copy(model)
-    broken.banks = dict(model.banks)
-    bank = model.banks[category].clone()
-    bank[0, 0] = float("nan")
-    broken.banks[category] = bank
+    broken.memory = dict(model.memory)
+    mem = copy.copy(model.memory[category])
+    entries = mem.local.entries.clone()
+    entries[0, 0] = float("nan")
+    mem.local = Bank(entries, mem.local.source)
+    broken.memory[category] = mem
     return broken
 
 

@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from promptad.memory import Bank
 from PIL import Image
 
 from promptad import artifact, cli, score, storage
@@ -194,9 +196,9 @@ def test_non_finite_model_output_is_an_error_row_and_its_batch_scores(ray_local,
     that row becomes a `model:` error row; the magnetic_tile rows of the same batch score as the
     intact model scores them, and the run completes."""
     model = artifact.load_artifact(models["two"])
-    bank = model.banks["cookie"].clone()
-    bank[0, 0] = float("nan")
-    model.banks["cookie"] = bank
+    entries = model.memory["cookie"].local.entries.clone()
+    entries[0, 0] = float("nan")
+    model.memory["cookie"].local = Bank(entries, model.memory["cookie"].local.source)
     broken = str(tmp_path / "nan_model")
     artifact.save_artifact(model, broken)
     mt = [s.path for s in mvtec_samples(str(datasets_root), "magnetic_tile", "test")[:3]]

@@ -1,0 +1,86 @@
+"""The global branch: a Gaussian of whole-image feature statistics, scored by Mahalanobis distance
+(Rippel et al., "Modeling the distribution of normal data in pre-trained deep features for anomaly
+detection", ICPR 2020).
+
+A defect can be the whole image: a colour cast, a texture at the wrong scale or orientation, the
+wrong variant of a part. Every patch then resembles some normal patch and the memory bank misses
+it, but the image's pooled features (features.pooled_stats) leave the normal distribution. One
+Gaussian per backbone layer; the score is the sum of the per-layer distances. Covariances are
+shrunk towards a scaled identity with the Ledoit-Wolf formula, so a category with fewer images
+than feature dimensions (cookie: 31 images, 152 dimensions) still has a well-conditioned inverse.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Gaussian:
+    """Per layer: mean (C,) and precision (C, C), float64 for a stable inverse."""
+
+    means: list[torch.Tensor]
+    precisions: list[torch.Tensor]
+
+    def score(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        """(N,) sum over layers of the Mahalanobis distance of each image's pooled features."""
+        total = None
+        for x, mu, prec in zip(pooled, self.means, self.precisions):
+            d = x.double().to(mu.device) - mu
+            m = ((d @ prec) * d).sum(1).clamp(min=0).sqrt()
+            total = m if total is None else total + m
+        return total.float()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, (mu, prec) in enumerate(zip(self.means, self.precisions)):
+            out[f"global_mean_{i}"], out[f"global_precision_{i}"] = mu, prec
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Gaussian":
+        n = sum(1 for k in tensors if k.startswith("global_mean_"))
+        return cls([tensors[f"global_mean_{i}"].double() for i in range(n)],
+                   [tensors[f"global_precision_{i}"].double() for i in range(n)])
+
+
+def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
+    """Shrunk covariance of (n, p) samples: (1 - s) S + s mu I, with the Ledoit-Wolf (2004) s."""
+    x = x.double()
+    n, p = x.shape
+    xc = x - x.mean(0)
+    cov = xc.T @ xc / n
+    mu = torch.trace(cov) / p
+    eye = torch.eye(p, dtype=x.dtype, device=x.device)
+    delta = ((cov - mu * eye) ** 2).sum() / p
+    x2 = xc ** 2
+    beta = ((x2.T @ x2) / n - cov ** 2).sum() / (n * p)
+    shrink = 1.0 if delta <= 0 else float(min(beta, delta) / delta)
+    return (1 - shrink) * cov + shrink * mu * eye
+
+
+def fit_gaussian(pooled: list[torch.Tensor]) -> Gaussian:
+    """Gaussian per layer of (N, C_l) pooled features (N >= 2)."""
+    means, precisions = [], []
+    for x in pooled:
+        x = x.double()
+        cov = ledoit_wolf(x)
+        eps = 1e-9 * float(torch.trace(cov)) / cov.shape[0] + 1e-12  # a single image has cov = 0
+        cov = cov + eps * torch.eye(cov.shape[0], dtype=cov.dtype)
+        means.append(x.mean(0))
+        precisions.append(torch.linalg.inv(cov))
+    return Gaussian(means, precisions)
+
+
+def held_out_scores(pooled: list[torch.Tensor], folds: int = 10) -> torch.Tensor:
+    """(N,) each image's score under a Gaussian fitted without it: k-fold (k = min(N, folds), images
+    dealt to folds in turn), so calibration sees how a new normal image scores."""
+    n = int(pooled[0].shape[0])
+    k = min(n, folds)
+    fold = torch.arange(n) % k
+    out = torch.empty(n)
+    for f in range(k):
+        held = fold == f
+        out[held] = fit_gaussian([x[~held] for x in pooled]).score([x[held] for x in pooled])
+    return out
