@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the data order, synthetic anomalies and initialization (default: %(default)s)")
     # Advanced: a smaller model input than the backbone's default (quick tests and benchmarks).
     f.add_argument("--input-size", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    # Advanced: the training precision (auto: fp16 on GPU, bf16 on CPUs with native bf16, else fp32);
+    # fp32 makes a 1-worker fit comparable to pipeline.fit_in_process in tests.
+    f.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help=argparse.SUPPRESS)
     f.add_argument("--storage", default=None, type=_location, metavar="URI",
                    help="where epoch checkpoints go, local or s3:// (default: <--out>-checkpoints)")
     f.add_argument("--resume", action="store_true",

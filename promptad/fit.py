@@ -1,72 +1,78 @@
-"""`promptad fit`: Ray Train (TorchTrainer, DDP) around the per-worker loop in training.py.
+"""`promptad fit`: the steps of pipeline.fit_in_process as Ray stages; the driver only plans,
+checks, orchestrates and writes the artifact.
 
-    samples (datasets.py) -> held-out split (pipeline.split_holdout)
-      -> Ray Data: read + decode + resize once, materialized in the object store
-      -> TorchTrainer: N workers, DDP over the trainable part only, a checkpoint every epoch
-      -> driver: trained weights from the last checkpoint, memory banks and calibration
-         (pipeline.finish_model), artifact (artifact.save_artifact)
+    driver   samples (datasets.py) -> rows (idx, path, category, image_id) -> checks -> run folder
+    Ray Data decode (CPU tasks) -> predict.extract (actor pool, --workers actors of the workers'
+             resources) -> feature blocks in the object store; an index task per block
+    tasks    memory per category (pipeline.build_memory), categories in parallel, beside training
+    Train    TorchTrainer, --workers DDP workers over the trainable part; each loads only its
+             rows, once (fit_train.py); a checkpoint every epoch
+    tasks    calibration per category (calibrate.calibrate_category) on the trained weights
+    driver   artifact (artifact.save_artifact) from the tasks' small results
+
+Why this shape. The driver of a GPU cluster is its head node, usually without a GPU and with
+little memory; what grows with the data (images, features) stays in the object store and is read
+by the tasks that need it, so the driver's memory does not grow with the number of images. The
+head's standardization needs statistics over all training features: each image's per-channel
+moments come out of the feature stage and combine exactly, so the driver adds up vectors, not
+features (fit_stages.Moments). Memory does not depend on training (the backbone is frozen), so
+its tasks start before training and run beside it wherever resources are free.
 
 Several categories in one run. Prompts and the localization head are SHARED across categories:
 the category word in every prompt makes the text features category-specific, the head learns
-generic local defect cues (texture breaks, scratches, blobs) that transfer between products and
-gets more varied data when categories are pooled, and the number of parameters does not grow with
-the number of categories. What is specific to a product, its normal appearance and its
-deployment thresholds, is per category: one memory bank and one calibration each, fitted on that
-category's normal images only.
+generic local defect cues that transfer between products and gets more varied data when
+categories are pooled, and the number of parameters does not grow with the number of categories.
+What is specific to a product, its normal appearance and its deployment thresholds, is per
+category: one memory and one calibration each (leave-one-out over all its normal images; there is
+no held-out split).
 
-Data order. Each epoch's order is a pure function of (seed, epoch): a seeded permutation of the
-training rows, padded so every worker runs the same number of steps (DDP needs that), and dealt
-round-robin to the workers. Ray Data's streaming_split hands blocks to whichever worker asks
-first, so a resumed run would not replay the same shards; instead every worker streams the
-materialized dataset and keeps its own rows. Synthetic anomalies are seeded by
-(seed, rank, epoch, step) in training.py. So a run resumed from a checkpoint (trainable state,
-optimizer, scheduler, GradScaler, epoch) ends with the same artifact as an uninterrupted one.
+Resources. Feature actors, memory and calibration tasks each take one worker's resources
+(--cpus-per-worker, --gpus-per-worker), training workers the same; Ray runs what fits. The
+feature actors are released when the features are materialized, before training starts, so a
+2-CPU machine with the default two 0.5-CPU workers never waits on itself. GPU workers train in
+fp16 with a GradScaler; CPU workers in fp32, or bf16 where the CPU does it natively.
 
-Resources. Images are decoded before the workers start, so Ray Data needs no CPU while they
-train: with the default 0.5 CPU per worker, two workers on a 2-CPU laptop leave a CPU free and
-nothing can wait on anything. On a GPU cluster, --gpus-per-worker 1 --workers N gives N DDP
-workers with fp16 autocast, a GradScaler and the frozen backbone in half precision. CPU workers
-train in fp32, or in bf16 autocast where the CPU does bf16 natively (see training.training_precision).
-
-Runs live in --storage as fit-<UTC time>-<id>/ with the run's flags (promptad-fit.json) and
-epoch_NNNN/ checkpoints; `--resume` continues the newest run there.
+Runs live in --storage as fit-<UTC time>-<id>/: the run's flags (promptad-fit.json), epoch_NNNN/
+checkpoints (the newest CHECKPOINTS_KEPT), memory/<category>.safetensors and
+calibration/<category>.json of the categories finished so far, rows.json (images per category,
+skipped files). `--resume` continues the newest run there and redoes nothing it holds: after
+training it goes straight to the missing memories and calibrations, and it ends with the
+model_id an uninterrupted run gives.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import logging
-import math
 import os
 import sys
-import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
+from . import fit_stages as stages
 from . import storage
-from .artifact import save_artifact
+from .artifact import _memory_name, memory_from_tensors, memory_tensors, save_artifact
 from .datasets import Sample, load_samples
 from .errors import UserError
-from .images import ImageDecodeError, decode_image, resize
-from .model import ModelConfig, PromptAD
-from .pipeline import finish_model, split_holdout
-from .training import (TrainConfig, make_optimizer, resolve_precision, steps_per_epoch, train_epoch,
-                       training_precision)
+from .fit_train import (CHECKPOINTS_KEPT, STATE_FILE, WORKER_RESTARTS, checkpoint_epochs, deal, read_state,  # noqa: F401
+                        state_digest, train)
+from .model import Calibration, CategoryMemory, ModelConfig, PromptAD
+from .training import TrainConfig
 
-HOLDOUT_FRACTION = 0.2
 RUN_PREFIX = "fit-"
 RUN_FILE = "promptad-fit.json"
-STATE_FILE = "state.pt"
-CHECKPOINTS_KEPT = 2
-WORKER_RESTARTS = 2  # a preempted or crashed worker group restarts from the last checkpoint
+ROWS_FILE = "rows.json"
 # Flags that change the trained weights: a resumed run must use the same ones.
-RESUME_KEYS = ("data", "categories", "backbone", "input_size", "epochs", "batch_size", "seed", "workers")
+RESUME_KEYS = ("data", "categories", "backbone", "input_size", "epochs", "batch_size", "seed", "workers",
+               "precision")
+# Test hook: the driver stops for good right after checkpointing the first category of this stage
+# (memory | calibration), so a test can kill it at a known point (tests/test_fit.py).
+PAUSE_ENV = "PROMPTAD_FIT_PAUSE_AFTER"
+_checkpoint_epochs = checkpoint_epochs
 
 
 @dataclass
@@ -76,8 +82,10 @@ class FitSummary:
     artifact: str
     model_id: str
     run_dir: str
-    metrics: dict[str, Any]  # rank 0's report of the last epoch (see _train_worker)
+    metrics: dict[str, Any]  # rank 0's report of the last epoch (fit_train.train_worker)
     skipped_images: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (see run)
+    restored: dict[str, Any] = field(default_factory=dict)  # what a resumed run took from its folder
 
 
 # --------------------------------------------------------------------------- storage and runs
@@ -107,7 +115,7 @@ def _check_writable(uri: str, flag: str) -> None:
 def _run_config(args: argparse.Namespace) -> dict[str, Any]:
     return {"data": args.data, "categories": sorted(set(args.category)), "backbone": args.backbone,
             "input_size": args.input_size, "epochs": args.epochs, "batch_size": args.batch_size,
-            "seed": args.seed, "workers": args.workers}
+            "seed": args.seed, "workers": args.workers, "precision": args.precision}
 
 
 def _new_run(storage_uri: str, config: dict[str, Any]) -> str:
@@ -120,13 +128,23 @@ def _new_run(storage_uri: str, config: dict[str, Any]) -> str:
     return name
 
 
-def _checkpoint_epochs(run_dir: str) -> list[int]:
-    """Epochs with a complete checkpoint (its state file exists) in a run folder."""
-    epochs = []
-    for name in storage.list_dirs(run_dir):
-        if name.startswith("epoch_") and name[6:].isdigit() and storage.exists(storage.join(run_dir, name, STATE_FILE)):
-            epochs.append(int(name[6:]))
-    return sorted(epochs)
+def _memory_path(run_dir: str, category: str) -> str:
+    return storage.join(run_dir, _memory_name(category))
+
+
+def _calibration_path(run_dir: str, category: str) -> str:
+    return storage.join(run_dir, _memory_name(category).replace("memory/", "calibration/", 1)
+                        .replace(".safetensors", ".json"))
+
+
+def _has_checkpoint(run_dir: str) -> bool:
+    """A run folder worth resuming: an epoch checkpoint or a finished category's memory."""
+    if checkpoint_epochs(run_dir):
+        return True
+    try:
+        return bool(storage.list_files(storage.join(run_dir, "memory")))
+    except FileNotFoundError:
+        return False
 
 
 def _resume_run(storage_uri: str, config: dict[str, Any]) -> str:
@@ -141,7 +159,7 @@ def _resume_run(storage_uri: str, config: dict[str, Any]) -> str:
         raise UserError(f"nothing to resume: no fit run in --storage {storage_uri}; {hint}")
     name = max(names)
     run_dir = storage.join(storage_uri, name)
-    if not _checkpoint_epochs(run_dir):
+    if not _has_checkpoint(run_dir):
         raise UserError(f"nothing to resume: run {name} in {storage_uri} stopped before its first checkpoint; {hint}")
     saved = json.loads(storage.read_bytes(storage.join(run_dir, RUN_FILE)))
     changed = [k for k in RESUME_KEYS if saved.get(k) != config[k]]
@@ -151,189 +169,55 @@ def _resume_run(storage_uri: str, config: dict[str, Any]) -> str:
     return name
 
 
+@dataclass
+class _Done:
+    """What a run folder already holds; a resumed fit redoes none of it."""
+
+    trained: dict[str, torch.Tensor] | None  # the weight average of the last epoch, once training ended
+    memory: dict[str, CategoryMemory]
+    calibration: dict[str, Calibration]  # only those computed with `trained`
+    rows: dict[str, Any]  # ROWS_FILE: readable images per category, skipped files
+
+
+def _read_done(run_dir: str, epochs: int, categories: list[str]) -> _Done:
+    from safetensors.torch import load as st_load
+
+    trained = None
+    if epochs in checkpoint_epochs(run_dir):
+        trained = read_state(run_dir, epochs)["ema"]["state"]
+    memory, calibration = {}, {}
+    for c in categories:
+        if storage.exists(_memory_path(run_dir, c)):
+            memory[c] = memory_from_tensors(st_load(storage.read_bytes(_memory_path(run_dir, c))))
+        if trained is not None and storage.exists(_calibration_path(run_dir, c)):
+            saved = json.loads(storage.read_bytes(_calibration_path(run_dir, c)))
+            if saved["trained"] == state_digest(trained):
+                calibration[c] = Calibration(**saved["calibration"])
+    rows_uri = storage.join(run_dir, ROWS_FILE)
+    rows = json.loads(storage.read_bytes(rows_uri)) if storage.exists(rows_uri) else {"images": {}, "skipped": {}}
+    return _Done(trained, memory, calibration, rows)
+
+
+def _save_memory(run_dir: str, category: str, memory: CategoryMemory) -> None:
+    from safetensors.torch import save as st_save
+
+    storage.write_bytes(_memory_path(run_dir, category), st_save(memory_tensors(memory)))
+
+
+def _save_calibration(run_dir: str, category: str, calibration: Calibration, trained_digest: str) -> None:
+    # Python's JSON keeps inf (an uncalibrated threshold) and every float exactly.
+    record = {"trained": trained_digest, "calibration": asdict(calibration)}
+    storage.write_bytes(_calibration_path(run_dir, category), json.dumps(record, indent=1).encode())
+
+
+def _pause_hook(stage: str, category: str) -> None:
+    if os.environ.get(PAUSE_ENV) == stage:
+        print(f"fit: paused after the {stage} checkpoint of {category} ({PAUSE_ENV})", flush=True)
+        while True:
+            time.sleep(60)
+
+
 # --------------------------------------------------------------------------- data
-def _decode_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """Ray Data map: read, decode and resize; a bad image becomes a zero image with its `error`."""
-    images = np.zeros((len(batch["path"]), size, size, 3), np.uint8)
-    errors = []
-    for i, path in enumerate(batch["path"]):
-        try:
-            images[i] = resize(decode_image(storage.read_bytes(str(path))), size)
-            errors.append("")
-        except (ImageDecodeError, OSError) as e:  # unreadable object, missing file, bad bytes
-            errors.append(" ".join(f"{type(e).__name__}: {e}".split())[:300])
-    return {"idx": batch["idx"], "category": batch["category"], "path": batch["path"],
-            "image": images, "error": np.asarray(errors, dtype=object)}
-
-
-def _decoded_dataset(samples: Sequence[tuple[int, Sample]], size: int):
-    """(idx, sample) pairs -> materialized Ray Dataset of decoded images at the model's input size
-    (None for no samples: a category with under 4 images has no held-out split)."""
-    import ray
-
-    if not samples:
-        return None
-    rows = [{"idx": i, "path": s.path, "category": s.category} for i, s in samples]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(200, math.ceil(len(rows) / 32))))
-    return ds.map_batches(_decode_batch, fn_kwargs={"size": size}, batch_size=32, batch_format="numpy").materialize()
-
-
-def _decode_errors(ds) -> dict[int, tuple[str, str]]:
-    """idx -> (path, error) of the rows that could not be decoded."""
-    bad: dict[int, tuple[str, str]] = {}
-    if ds is None:
-        return bad
-    for b in ds.select_columns(["idx", "path", "error"]).iter_batches(batch_size=4096, batch_format="numpy"):
-        for i, p, e in zip(b["idx"], b["path"], b["error"]):
-            if e:
-                bad[int(i)] = (str(p), str(e))
-    return bad
-
-
-def _images_by_category(ds, categories: Sequence[str]) -> dict[str, np.ndarray]:
-    """Decoded images of the good rows, per category that has any, in idx order (so results never
-    depend on which block finished first)."""
-    parts: dict[str, list[tuple[int, np.ndarray]]] = {c: [] for c in categories}
-    for b in ds.iter_batches(batch_size=256, batch_format="numpy") if ds is not None else ():
-        for i, c, img, e in zip(b["idx"], b["category"], b["image"], b["error"]):
-            if not e:
-                parts[str(c)].append((int(i), img))
-    return {c: np.stack([img for _, img in sorted(p, key=lambda t: t[0])]) for c, p in parts.items() if p}
-
-
-def epoch_shard(ids: np.ndarray, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
-    """This worker's rows (dataset idx, in training order) for one epoch: a pure function of
-    (seed, epoch, rank, world). The permutation is cycled to a multiple of `world` so that every
-    worker runs the same number of steps (DDP would hang otherwise)."""
-    order = ids[np.random.default_rng([seed, epoch, 3]).permutation(len(ids))]
-    order = np.resize(order, math.ceil(len(order) / world) * world)
-    return order[rank::world]
-
-
-def _fetch(shard, wanted: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Stream the dataset once and keep the `wanted` rows, in that order (repeats allowed)."""
-    need = set(wanted.tolist())
-    got: dict[int, tuple[np.ndarray, str]] = {}
-    for b in shard.iter_batches(batch_size=256, batch_format="numpy"):
-        for j in np.flatnonzero(np.isin(b["idx"], wanted)):
-            got[int(b["idx"][j])] = (b["image"][j], str(b["category"][j]))
-    missing = need - got.keys()
-    if missing:
-        raise RuntimeError(f"training rows {sorted(missing)[:5]} are missing from the dataset")
-    return np.stack([got[i][0] for i in wanted.tolist()]), [got[i][1] for i in wanted.tolist()]
-
-
-def _batches(images: np.ndarray, categories: list[str], batch_size: int) -> Iterable[tuple[np.ndarray, list[str]]]:
-    for s in range(0, len(images), batch_size):
-        yield images[s:s + batch_size], categories[s:s + batch_size]
-
-
-# --------------------------------------------------------------------------- the worker
-def param_digest(module: torch.nn.Module) -> str:
-    """Short hash of every parameter: equal digests = identical weights on two ranks. (Buffers are
-    left out: BatchNorm running stats are broadcast from rank 0 before each forward, then updated
-    by each rank's own batch, so they legitimately differ after a step; rank 0's are checkpointed.)"""
-    h = hashlib.sha256()
-    for k, v in sorted(module.named_parameters()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _gather(value: Any, world: int) -> list[Any]:
-    if world == 1:
-        return [value]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, value)
-    return out
-
-
-def _train_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: build the model, DDP-wrap the trainable part, resume from the
-    latest checkpoint if there is one, train, and report metrics + a checkpoint (rank 0) every epoch."""
-    import ray.train
-    import ray.train.torch
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # one "starting execution" line per epoch otherwise
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    cfg = TrainConfig(**config["train"])
-    precision = training_precision(device) if cfg.precision == "auto" else resolve_precision(cfg.precision, device)
-    cfg = replace(cfg, precision=precision)
-    torch.manual_seed(cfg.seed)
-    model = PromptAD(ModelConfig(**config["model"])).to(device)
-    if model.backbone.has_text:
-        for cat in model.categories:  # hand-written prompt features, computed in fp32 before any halving
-            model.handcrafted(cat)
-    if precision == "fp16":
-        model.backbone.half()  # frozen: half the memory and bandwidth; autocast runs the trainable part
-    ids = np.asarray(config["train_ids"], dtype=np.int64)
-    steps = steps_per_epoch(len(ids), cfg.batch_size, world)
-    opt, sched = make_optimizer(model.trainable, cfg, steps * cfg.epochs)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        model.trainable.load_state_dict(state["trainable"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start = int(state["epoch"])
-    initial = param_digest(model.trainable)
-    # Only the trainable part is wrapped: the frozen backbone is held by reference, not as a
-    # submodule, so DDP neither broadcasts nor all-reduces it.
-    trainable = ray.train.torch.prepare_model(model.trainable, move_to_device=False)
-    shard = ray.train.get_dataset_shard("train")
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
-        wanted = epoch_shard(ids, cfg.seed, epoch, rank, world)
-        images, categories = _fetch(shard, wanted)
-        stats = train_epoch(trainable, _batches(images, categories, cfg.batch_size), opt, sched, scaler, cfg,
-                            epoch, rank, model.handcrafted, device)
-        mine = hashlib.sha256(np.sort(wanted).tobytes()).hexdigest()[:16]
-        digests = _gather(param_digest(model.trainable), world)
-        metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "rank": rank, "world": world,
-                   "seconds": time.time() - t0, "images": int(len(wanted)), "precision": precision,
-                   "threads": torch.get_num_threads(),
-                   "initial_digest": initial, "param_digests": digests, "shard_digests": _gather(mine, world),
-                   **{k: float(v) for k, v in stats.items()}}
-        if rank == 0:
-            state = {"epoch": epoch + 1, "trainable": model.trainable.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None}
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(state, os.path.join(d, STATE_FILE))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                                 checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
-        else:
-            ray.train.report(metrics)
-
-
-def _progress_callback():
-    """One line per epoch on the driver's console (the callback runs in the Ray Train controller;
-    console.say relays the line to the driver, which does not forward Ray's own worker output)."""
-    from ray.train import UserCallback
-
-    from .console import say
-
-    class Progress(UserCallback):
-        def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-            if not metrics or "loss" not in metrics[0]:
-                return
-            m = metrics[0]
-            loss = sum(x["loss"] for x in metrics) / len(metrics)
-            say(f"epoch {m['epoch']}/{m['epochs']}  loss {loss:.4f}  {max(x['seconds'] for x in metrics):.1f}s  "
-                f"({int(m['steps'])} steps x {m['world']} workers)")
-
-    return Progress()
-
-
-# --------------------------------------------------------------------------- the command
 def _training_samples(args: argparse.Namespace, categories: list[str]) -> dict[str, list[Sample]]:
     """Normal training images per category, in a stable order. Unlabelled manifest rows count as
     normal (fit only ever sees normal images); rows labelled anomalous are left out."""
@@ -349,85 +233,58 @@ def _training_samples(args: argparse.Namespace, categories: list[str]) -> dict[s
     return {c: sorted(v, key=lambda s: s.image_id) for c, v in by_cat.items()}
 
 
-@dataclass
-class _Data:
-    """Decoded training and held-out images, in the object store."""
-
-    fit_ds: Any
-    held_ds: Any
-    train_ids: list[int]  # idx of the readable training rows
-    bad: dict[int, tuple[str, str]]  # idx -> (path, error) of the unreadable ones
-
-
-def _prepare_data(by_cat: dict[str, list[Sample]], size: int, seed: int) -> _Data:
-    """Hold out normals for calibration, decode everything once with Ray Data, drop unreadable images.
-
-    Row idx follows sorted categories, then image_id, so the training order is fixed by the data,
-    not by which decode task finished first."""
-    fit_rows, held_rows = [], []
+def _rows(by_cat: dict[str, list[Sample]]) -> list[dict[str, Any]]:
+    """One row per image; idx follows sorted categories, then image_id, so every order downstream
+    (memory sources, training ranks) is fixed by the data, not by which task finished first."""
+    rows = []
     for cat in sorted(by_cat):
-        fit_idx, held_idx = split_holdout(len(by_cat[cat]), HOLDOUT_FRACTION, seed)
-        fit_rows += [by_cat[cat][i] for i in fit_idx]
-        held_rows += [by_cat[cat][i] for i in held_idx]
-    fit_ds = _decoded_dataset(list(enumerate(fit_rows)), size)
-    fit_ds.context.enable_progress_bars = False  # every worker streams it every epoch: no bars for that
-    held_ds = _decoded_dataset(list(enumerate(held_rows, start=len(fit_rows))), size)
-    bad = _decode_errors(fit_ds) | _decode_errors(held_ds)
-    # Training is not the scoring job: a bad image is left out with a warning, not a reason to stop.
-    for path, err in list(bad.values())[:20]:
+        rows += [{"idx": len(rows) + k, "path": s.path, "category": cat, "image_id": s.image_id}
+                 for k, s in enumerate(by_cat[cat])]
+    return rows
+
+
+def _readable(rows: list[dict[str, Any]], feats: stages.FeatureSet) -> tuple[dict[str, list[int]], dict[str, list]]:
+    """(idx of the readable rows per category, in idx order; skipped [path, error] per category),
+    with a warning per skipped file: training is not the scoring job, a bad image is left out."""
+    errors = feats.errors()
+    ok: dict[str, list[int]] = {}
+    skipped: dict[str, list] = {}
+    for r in rows:
+        if r["idx"] in errors:
+            skipped.setdefault(r["category"], []).append([r["path"], errors[r["idx"]]])
+        else:
+            ok.setdefault(r["category"], []).append(r["idx"])
+    flat = [s for c in sorted(skipped) for s in skipped[c]]
+    for path, err in flat[:20]:
         print(f"promptad: warning: skipping unreadable training image {path}: {err}", file=sys.stderr)
-    if len(bad) > 20:
-        print(f"promptad: warning: ... and {len(bad) - 20} more unreadable images", file=sys.stderr)
-    train_ids = [i for i in range(len(fit_rows)) if i not in bad]
-    for cat in by_cat:
-        if not any(fit_rows[i].category == cat for i in train_ids):
-            i = next(i for i in bad if i < len(fit_rows) and fit_rows[i].category == cat)
-            raise UserError(f"category {cat!r}: none of its train/good images could be read "
-                            f"(e.g. {bad[i][0]}: {bad[i][1]}); fix or replace them")
-    return _Data(fit_ds, held_ds, train_ids, bad)
+    if len(flat) > 20:
+        print(f"promptad: warning: ... and {len(flat) - 20} more unreadable images", file=sys.stderr)
+    for cat in sorted({r["category"] for r in rows} - set(ok)):
+        path, err = skipped[cat][0]
+        raise UserError(f"category {cat!r}: none of its train/good images could be read "
+                        f"(e.g. {path}: {err}); fix or replace them")
+    return ok, skipped
 
 
-def _train(args: argparse.Namespace, model: PromptAD, data: _Data, storage_uri: str, run_name: str):
-    """The Ray Train run; returns its Result (metrics of the last epoch, latest checkpoint)."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
-    fs, fs_path = storage.filesystem(storage_uri)
-    use_gpu = args.gpus_per_worker > 0
-    resources = {"CPU": args.cpus_per_worker} | ({"GPU": args.gpus_per_worker} if use_gpu else {})
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"model": model.cfg.to_dict(), "train": train_cfg.to_dict(), "train_ids": data.train_ids},
-        scaling_config=ray.train.ScalingConfig(num_workers=args.workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=fs_path, storage_filesystem=fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-            failure_config=ray.train.FailureConfig(max_failures=WORKER_RESTARTS),
-            callbacks=[_progress_callback()]),
-        datasets={"train": data.fit_ds},
-        # Not split by Ray: every worker takes its rows by epoch_shard (see the module docstring).
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {run_name} in {storage_uri} ended without a checkpoint")
-    return result
-
-
+# --------------------------------------------------------------------------- the command
 def run(args: argparse.Namespace) -> FitSummary:
-    """`promptad fit`: train on normal images with Ray Train, then write the artifact to --out.
+    """`promptad fit`: features, memory, training and calibration on the cluster, then the artifact
+    at --out. Everything a user can get wrong (data, category, backbone, storage, --resume,
+    resources) is checked before anything runs. `timings` (seconds): features (decode + extract +
+    index, wall), decode_task_s / extract_task_s (summed over tasks), memory (wall from its start,
+    beside training, to the last result) and memory_task_s, training (wall), calibration (wall)
+    and calibration_task_s, write, total."""
+    import ray
 
-    Everything a user can get wrong (data, category, backbone, storage, --resume, resources) is
-    checked before training starts."""
     from .raycluster import check_fits, connect, is_local
 
-    t0 = time.time()
+    t_start = time.time()
+    clock: dict[str, float] = {}
     categories = sorted(set(args.category))
     by_cat = _training_samples(args, categories)
     torch.manual_seed(args.seed)
     model = PromptAD(ModelConfig(backbone=args.backbone, categories=categories, input_size=args.input_size))
+    model_cfg = model.cfg.to_dict()
     storage_uri = args.storage or default_storage(args.out)
     config = _run_config(args)
     run_name = _resume_run(storage_uri, config) if args.resume else None
@@ -435,6 +292,7 @@ def run(args: argparse.Namespace) -> FitSummary:
         _check_writable(storage_uri, "--storage")
     _check_writable(args.out, "--out")
     connect(args.address)
+    slot = {"num_cpus": args.cpus_per_worker, "num_gpus": args.gpus_per_worker}
     check_fits({"CPU": (args.cpus_per_worker * args.workers,
                         f"--workers {args.workers} x --cpus-per-worker {args.cpus_per_worker:g}"),
                 "GPU": (args.gpus_per_worker * args.workers,
@@ -443,29 +301,127 @@ def run(args: argparse.Namespace) -> FitSummary:
                is_local(args.address))
     run_name = run_name or _new_run(storage_uri, config)
     run_dir = storage.join(storage_uri, run_name)
+    done = _read_done(run_dir, args.epochs, categories)
+    trained_digest = state_digest(done.trained) if done.trained is not None else None
+    need_memory = [c for c in categories if c not in done.memory]
+    need_calibration = [c for c in categories if c not in done.calibration]
+    restored = {"trained": done.trained is not None, "memory": sorted(done.memory),
+                "calibration": sorted(done.calibration)}
+    if args.resume:
+        print(f"fit: resuming {run_dir}: training {'done' if done.trained is not None else 'continues'}, "
+              f"memory of {len(done.memory)} and calibration of {len(done.calibration)} of "
+              f"{len(categories)} categories restored", flush=True)
 
-    data = _prepare_data(by_cat, model.cfg.input_size, args.seed)
-    print(f"fit: {len(data.train_ids)} training images, {len(data.bad)} skipped, {len(categories)} "
-          f"categor{'y' if len(categories) == 1 else 'ies'}, {args.workers} worker(s); run {run_dir}", flush=True)
-    result = _train(args, model, data, storage_uri, run_name)
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-    model.trainable.load_state_dict(state["trainable"])
+    # Features of the categories that still need them (all of them while training is to come).
+    wanted = set(categories) if done.trained is None else set(need_memory) | set(need_calibration)
+    rows = [r for r in _rows(by_cat) if r["category"] in wanted]
+    device, threads = stages.device_for(args.gpus_per_worker), max(1, int(args.cpus_per_worker))
+    t = time.time()
+    feats = None
+    ok: dict[str, list[int]] = {}
+    skipped: dict[str, list] = {}
+    if rows:
+        blocks = stages.feature_blocks(rows, model_cfg, args.workers, args.cpus_per_worker, args.gpus_per_worker)
+        index = ray.get([stages.remote(stages.index_block).options(num_cpus=stages.INDEX_CPUS).remote(b)
+                         for b in blocks])
+        feats = stages.FeatureSet(blocks, index)
+        ok, skipped = _readable(rows, feats)
+        clock["decode_task_s"], clock["extract_task_s"] = feats.seconds()
+        images = {c: len(ok[c]) for c in ok}
+        print(f"fit: features of {sum(images.values())} images ({len(feats.errors())} skipped) in "
+              f"{time.time() - t:.1f}s; run {run_dir}", flush=True)
+        done.rows["images"].update(images)
+        done.rows["skipped"].update(skipped)
+        storage.write_bytes(storage.join(run_dir, ROWS_FILE), json.dumps(done.rows, indent=1).encode())
+    clock["features"] = time.time() - t
 
-    # Memory banks and calibration on the driver, from the same decoded images.
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    fit_images = _images_by_category(data.fit_ds, categories)
-    held_images = _images_by_category(data.held_ds, categories)
-    finish_model(model, fit_images, held_images, seed=args.seed)
-    metrics = dict(result.metrics or {})
+    # Memory tasks first: they need no training and run beside it.
+    t_memory = time.time()
+    memory_task = stages.remote(stages.category_memory).options(num_returns=2, **slot)
+    memory_refs = {c: memory_task.remote(model_cfg, args.seed, device, threads, *_sel(feats, ok[c]))
+                   for c in need_memory}
+
+    t = time.time()
+    metrics: dict[str, Any] = {}
+    if done.trained is None:
+        metrics = _train(args, model_cfg, feats, ok, storage_uri, run_name)
+        done.trained = read_state(run_dir, args.epochs)["ema"]["state"]
+        trained_digest = state_digest(done.trained)
+    else:
+        metrics = dict(read_state(run_dir, args.epochs).get("metrics") or {})
+    clock["training"] = time.time() - t
+
+    # Calibration per category once its memory is there; results are checkpointed as they come.
+    t_cal = time.time()
+    trained_ref = ray.put(done.trained)
+    cal_task = stages.remote(stages.category_calibration).options(num_returns=2, **slot)
+    pending: dict[Any, tuple[str, str, Any]] = {}
+    for c, (mem_ref, secs_ref) in memory_refs.items():
+        pending[mem_ref] = ("memory", c, secs_ref)
+    for c in need_calibration:
+        memory = memory_refs[c][0] if c in memory_refs else done.memory[c]
+        cal_ref, secs_ref = cal_task.remote(model_cfg, trained_ref, c, memory, device, threads, *_sel(feats, ok[c]))
+        pending[cal_ref] = ("calibration", c, secs_ref)
+    clock["memory_task_s"] = clock["calibration_task_s"] = 0.0
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        stage, c, secs_ref = pending.pop(ref)
+        value, seconds = ray.get([ref, secs_ref])
+        clock[f"{stage}_task_s"] += seconds
+        if stage == "memory":
+            done.memory[c] = value
+            _save_memory(run_dir, c, value)
+            clock["memory"] = time.time() - t_memory
+        else:
+            done.calibration[c] = value
+            _save_calibration(run_dir, c, value, trained_digest)
+        _pause_hook(stage, c)
+    clock["calibration"] = time.time() - t_cal
+    print(f"fit: memory of {len(need_memory)} and calibration of {len(need_calibration)} categories done "
+          f"{clock['calibration']:.1f}s after training", flush=True)
+
+    t = time.time()
+    model.trainable.load_state_dict(done.trained)
+    model.memory = {c: done.memory[c] for c in categories}
+    model.calibration.update({c: done.calibration[c] for c in categories})
+    images = {c: int(done.rows["images"].get(c, 0)) for c in categories}
+    skipped_paths = [p for c in categories for p, _ in done.rows["skipped"].get(c, [])]
     training = {"data": args.data, "categories": categories, "epochs": args.epochs, "seed": args.seed,
                 "batch_size": args.batch_size, "lr": TrainConfig.lr, "workers": args.workers,
                 "precision": metrics.get("precision"), "final_loss": metrics.get("loss"),
-                "train_images": {c: int(len(v)) for c, v in fit_images.items()},
-                "holdout_images": {c: int(len(v)) for c, v in held_images.items()},
-                "skipped_images": len(data.bad), "run": run_dir, "resumed": bool(args.resume),
-                "seconds": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "train_images": images, "skipped_images": len(skipped_paths), "run": run_dir,
+                "resumed": bool(args.resume), "seconds": round(time.time() - t_start, 1),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     model_id = save_artifact(model, args.out, training=training)
+    clock["write"] = time.time() - t
+    clock["total"] = time.time() - t_start
     print(f"fit: wrote {args.out} (model {model_id})", flush=True)
     return FitSummary(artifact=args.out, model_id=model_id, run_dir=run_dir, metrics=metrics,
-                      skipped_images=[p for p, _ in data.bad.values()])
+                      skipped_images=skipped_paths, timings=clock, restored=restored)
+
+
+def _sel(feats: stages.FeatureSet, idx: list[int]) -> tuple:
+    """Task arguments for the rows `idx` (in that order): picks, then the blocks holding them."""
+    selection = feats.select(idx)
+    return (selection.picks, *selection.blocks)
+
+
+def _train(args: argparse.Namespace, model_cfg: dict[str, Any], feats: stages.FeatureSet,
+           ok: dict[str, list[int]], storage_uri: str, run_name: str) -> dict[str, Any]:
+    """Ray Train over every category's readable rows; returns the last epoch's metrics (rank 0)."""
+    order = [(c, i) for c in sorted(ok) for i in ok[c]]  # idx order
+    if len(order) < args.workers:
+        raise UserError(f"--workers {args.workers} is more than the {len(order)} readable training images; "
+                        "lower --workers")
+    feat_mean, feat_std = stages.standardization(feats.moments())
+    ranks = deal(len(order), args.workers)
+    selections = [feats.select([order[k][1] for k in pos]) for pos in ranks]
+    config = {"model": model_cfg, "rows": len(order), "feat_mean": feat_mean.tolist(), "feat_std": feat_std.tolist(),
+              "train": TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                                   precision=args.precision).to_dict(),
+              "selections": selections, "categories": [[order[k][0] for k in pos] for pos in ranks]}
+    print(f"fit: training on {len(order)} images, {args.workers} worker(s), {args.epochs} epochs", flush=True)
+    train(config, workers=args.workers, cpus=args.cpus_per_worker, gpus=args.gpus_per_worker,
+          storage_uri=storage_uri, run_name=run_name)
+    run_dir = storage.join(storage_uri, run_name)
+    return dict(read_state(run_dir, args.epochs).get("metrics") or {})

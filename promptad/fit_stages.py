@@ -1,0 +1,327 @@
+"""The Ray stages of `promptad fit`: what runs on the cluster, so that the driver never holds an
+image or a feature map.
+
+    rows (idx, path, category, image_id: strings, from the driver)
+      -> Ray Data, CPU tasks: read + decode + resize (one block = one batch of FEATURE_BATCH rows)
+      -> Ray Data, actor pool: predict.extract, the frozen backbone loaded once per actor
+         (--gpus-per-worker GPUs each on a GPU cluster), plus each image's per-channel moments of
+         its local embedding (for the head's standardization)
+      -> materialized feature blocks in the object store: idx, error, layer_<k> (CLIP: tokens)
+      -> one index task per block: which rows it holds, which failed, the block's moments
+    then, per category, as plain Ray tasks over that category's block refs:
+      memory       pipeline.build_memory (coreset banks, Gaussian); needs no training, so it runs
+                   beside it
+      calibration  calibrate.calibrate_category, after training, on the trained weights
+    and per training rank, a rows task that gathers that rank's rows (what its worker loads).
+
+Every task sees its category's rows in idx order (sorted categories, then image_id), which is the
+order the memory was built in: row i of the category is source i of its banks, what calibration's
+leave-one-out needs. Nothing here depends on which block or task finished first, so a resumed fit
+rebuilds exactly what an uninterrupted one built.
+
+One block is one extraction batch (batch_size=None on both stages) and blocks are cut by the row
+count alone, so an image is always extracted with the same neighbours: a score on a GPU must not
+depend on which images shared its batch (cuDNN picks kernels by batch shape).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import storage
+from .backbones import Features
+from .images import ImageDecodeError, decode_image, resize
+
+FEATURE_BATCH_CPU = 16  # images per block and extraction batch on CPU actors
+FEATURE_BATCH_GPU = 64  # ... and on GPU actors
+DECODE_CPUS = 0.5  # per decode task: two run beside two 0.5-CPU feature actors on a 2-CPU machine
+INDEX_CPUS = 0.25  # index and rows tasks only move small arrays or copy rows
+STD_FLOOR = 1e-6  # training.set_standardization's floor on a channel's std
+
+
+# --------------------------------------------------------------------------- standardization
+@dataclass
+class Moments:
+    """Count, per-channel mean and sum of squared deviations (M2) of local-embedding values: what
+    set_standardization computes, in pieces that combine exactly (Chan et al. 1979) in float64."""
+
+    count: int
+    mean: np.ndarray  # (C,) float64
+    m2: np.ndarray  # (C,) float64
+
+    def __add__(self, other: "Moments") -> "Moments":
+        if not self.count:
+            return other
+        if not other.count:
+            return self
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
+        return Moments(n, mean, m2)
+
+
+def image_moments(local: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per image of (N, C, h, w) local embeddings: means (N, C), M2 (N, C) float64, and h*w."""
+    x = local.double().flatten(2)
+    mean = x.mean(2)
+    m2 = ((x - mean[..., None]) ** 2).sum(2)
+    return mean.numpy(), m2.numpy(), int(x.shape[2])
+
+
+def combine_rows(means: np.ndarray, m2s: np.ndarray, per_image: int) -> Moments:
+    """Moments of several images from their own, combined in the order given."""
+    total = Moments(0, np.zeros(means.shape[1]), np.zeros(means.shape[1]))
+    for mean, m2 in zip(means, m2s):
+        total = total + Moments(per_image, mean.astype(np.float64), m2.astype(np.float64))
+    return total
+
+
+def standardization(m: Moments) -> tuple[torch.Tensor, torch.Tensor]:
+    """(feat_mean, feat_std) float32 as training.set_standardization sets them: the mean and the
+    unbiased std, floored, of every local-embedding value of the training images per channel."""
+    if m.count < 2:
+        raise ValueError("standardization needs at least two local-embedding values per channel")
+    std = np.sqrt(m.m2 / (m.count - 1))
+    return torch.from_numpy(m.mean).float(), torch.from_numpy(std).float().clamp(min=STD_FLOOR)
+
+
+# --------------------------------------------------------------------------- models in tasks
+@functools.lru_cache(maxsize=1)
+def _backbone(spec: str, layers: tuple[int, ...], input_size: int, device: str):
+    from .backbones import create_backbone
+
+    return create_backbone(spec, layers=list(layers), input_size=input_size).to(device)
+
+
+def stage_model(model_cfg: dict[str, Any], device: str, threads: int):
+    """The model in a task or actor; the frozen backbone is loaded once per worker process (Ray
+    reuses processes across tasks), the rest is cheap to build."""
+    from .model import ModelConfig, PromptAD
+
+    torch.set_num_threads(max(1, threads))
+    cfg = ModelConfig(**model_cfg)
+    backbone = _backbone(cfg.backbone, tuple(cfg.layers), int(cfg.input_size), device)
+    return PromptAD(cfg, backbone=backbone).to(device)
+
+
+def device_for(gpus: float) -> str:
+    return "cuda" if gpus > 0 else "cpu"
+
+
+# --------------------------------------------------------------------------- decode and extract
+def decode_block(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Ray Data map: read, decode and resize; a bad image becomes a zero image with its `error`."""
+    t0 = time.perf_counter()
+    images = np.zeros((len(batch["path"]), size, size, 3), np.uint8)
+    errors = []
+    for i, path in enumerate(batch["path"]):
+        try:
+            images[i] = resize(decode_image(storage.read_bytes(str(path))), size)
+            errors.append("")
+        except (ImageDecodeError, OSError) as e:  # unreadable object, missing file, bad bytes
+            errors.append(" ".join(f"{type(e).__name__}: {e}".split())[:300])
+    n = len(errors)
+    return {"idx": batch["idx"], "image": images, "error": np.asarray(errors, dtype=object),
+            "decode_s": np.full(n, (time.perf_counter() - t0) / max(n, 1))}
+
+
+class FeatureExtractor:
+    """The feature stage: one model per actor, then predict.extract per block. Also each image's
+    moments of its local embedding, so standardization needs no second pass over the features."""
+
+    def __init__(self, model_cfg: dict[str, Any], device: str, threads: int):
+        self.model = stage_model(model_cfg, device, threads)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .predict import extract
+
+        t0 = time.perf_counter()
+        feats = extract(self.model, batch.pop("image"))
+        mean, m2, per_image = image_moments(self.model.local_features(feats).cpu())
+        n = len(batch["idx"])
+        out = {"idx": batch["idx"], "error": batch["error"], "decode_s": batch["decode_s"]}
+        for i, t in enumerate(feats.layers):
+            out[f"layer_{i}"] = t.cpu().numpy()
+        if feats.tokens is not None:
+            out["tokens"] = feats.tokens.cpu().numpy()
+        out["moment_mean"], out["moment_m2"] = mean, m2
+        out["moment_count"] = np.full(n, per_image, np.int64)
+        out["extract_s"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
+        return out
+
+
+def feature_blocks(rows: list[dict[str, Any]], model_cfg: dict[str, Any], actors: int, cpus: float,
+                   gpus: float) -> list:
+    """Decode and extract `rows` with Ray Data; the refs of the materialized feature blocks (Arrow
+    tables in the object store, owned by the driver, never fetched by it)."""
+    import warnings
+
+    import ray
+
+    batch = FEATURE_BATCH_GPU if gpus > 0 else FEATURE_BATCH_CPU
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch)))
+    ds.context.enable_progress_bars = False  # fit prints its own lines
+    ds = ds.map_batches(decode_block, batch_size=None, batch_format="numpy", num_cpus=DECODE_CPUS,
+                        fn_kwargs={"size": int(model_cfg["input_size"])})
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates these keyword remote args but has no named form yet. They pin the
+        # contract (a killed actor restarts and its block is redone) and keep Ray from fusing the
+        # decode tasks into the actors when --cpus-per-worker equals DECODE_CPUS.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(FeatureExtractor, batch_size=None, batch_format="numpy",
+                            fn_constructor_kwargs={"model_cfg": model_cfg, "device": device_for(gpus),
+                                                   "threads": max(1, int(cpus))},
+                            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=gpus,
+                            max_restarts=-1, max_task_retries=-1)
+    return ds.materialize().to_arrow_refs()
+
+
+# --------------------------------------------------------------------------- index
+@dataclass
+class BlockIndex:
+    """What the driver knows of a feature block: small arrays, never features."""
+
+    idx: np.ndarray  # (n,) int64 dataset idx of each row, in block order
+    errors: list[str]  # "" for rows that decoded
+    moments: Moments  # of the readable rows' local embedding values
+    decode_s: float  # task seconds spent decoding this block's images
+    extract_s: float  # ... and extracting their features
+
+
+def _column(table, name: str) -> np.ndarray:
+    from ray.data.block import BlockAccessor
+
+    return BlockAccessor.for_block(table.select([name])).to_batch_format("numpy")[name]
+
+
+def index_block(table) -> BlockIndex:
+    """Ray task: a feature block's rows, errors and moments (combined in idx order)."""
+    idx = _column(table, "idx").astype(np.int64)
+    errors = [str(e) for e in _column(table, "error")]
+    ok = np.asarray([not e for e in errors], dtype=bool)
+    order = np.argsort(idx[ok], kind="stable")
+    means = _column(table, "moment_mean")[ok][order]
+    m2s = _column(table, "moment_m2")[ok][order]
+    per_image = int(_column(table, "moment_count")[0]) if len(idx) else 0
+    return BlockIndex(idx=idx, errors=errors, moments=combine_rows(means, m2s, per_image),
+                      decode_s=float(_column(table, "decode_s").sum()),
+                      extract_s=float(_column(table, "extract_s").sum()))
+
+
+# --------------------------------------------------------------------------- rows of blocks
+@dataclass
+class Selection:
+    """Rows to gather from feature blocks, in order: `picks[i]` = (j, r) is row r of blocks[j]."""
+
+    blocks: list  # ObjectRefs of the blocks that hold the rows
+    picks: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.picks)
+
+
+class FeatureSet:
+    """The materialized features of a fit: block refs and their index (on the driver; small)."""
+
+    def __init__(self, blocks: list, index: list[BlockIndex]):
+        self.blocks = blocks
+        self.index = index
+        self._where = {int(i): (b, r) for b, ix in enumerate(index) for r, i in enumerate(ix.idx)}
+
+    def errors(self) -> dict[int, str]:
+        """idx -> error of the rows that could not be decoded."""
+        return {int(i): e for ix in self.index for i, e in zip(ix.idx, ix.errors) if e}
+
+    def moments(self) -> Moments:
+        """Moments of all readable rows, blocks combined in idx order."""
+        total = Moments(0, np.zeros(0), np.zeros(0))
+        for ix in sorted(self.index, key=lambda ix: int(ix.idx.min()) if len(ix.idx) else -1):
+            total = total + ix.moments
+        return total
+
+    def seconds(self) -> tuple[float, float]:
+        """Task seconds of (decode, extract) over all blocks."""
+        return sum(ix.decode_s for ix in self.index), sum(ix.extract_s for ix in self.index)
+
+    def select(self, idx: Sequence[int]) -> Selection:
+        """The rows `idx`, in that order."""
+        used: dict[int, int] = {}
+        picks = []
+        for i in idx:
+            b, r = self._where[int(i)]
+            picks.append((used.setdefault(b, len(used)), r))
+        blocks = [None] * len(used)
+        for b, j in used.items():
+            blocks[j] = self.blocks[b]
+        return Selection(blocks, picks)
+
+
+def take_rows(picks: list[tuple[int, int]], *tables) -> dict[str, np.ndarray]:
+    """Ray task body (the blocks arrive as arguments, resolved from the object store): the
+    picked rows' idx, layers and CLIP tokens, in the order picked."""
+    import pyarrow as pa
+    from ray.data.block import BlockAccessor
+
+    wanted = [c for c in tables[0].column_names if c == "idx" or c.startswith("layer_") or c == "tokens"]
+    parts, where = [], []
+    for j, table in enumerate(tables):
+        rows = [r for b, r in picks if b == j]
+        part = BlockAccessor.for_block(table.select(wanted).take(pa.array(rows, pa.int64())))
+        parts.append(part.to_batch_format("numpy"))
+        where += [(j, r) for r in rows]
+    position = {p: k for k, p in enumerate(where)}
+    order = np.asarray([position[p] for p in picks], dtype=np.int64)
+    return {c: np.concatenate([p[c] for p in parts])[order] for c in wanted}
+
+
+def as_features(rows: dict[str, np.ndarray]) -> Features:
+    layers = sorted((c for c in rows if c.startswith("layer_")), key=lambda c: int(c.split("_")[1]))
+    tokens = rows.get("tokens")
+    return Features([torch.from_numpy(np.ascontiguousarray(rows[c])) for c in layers],
+                    None if tokens is None else torch.from_numpy(np.ascontiguousarray(tokens)))
+
+
+# --------------------------------------------------------------------------- per-category tasks
+def category_memory(model_cfg: dict[str, Any], seed: int, device: str, threads: int,
+                    picks: list[tuple[int, int]], *tables):
+    """Ray task: one category's memory (pipeline.build_memory) from its rows in idx order; returns
+    (CategoryMemory on the CPU, seconds)."""
+    from .pipeline import build_memory
+
+    t0 = time.perf_counter()
+    model = stage_model(model_cfg, device, threads)
+    feats = as_features(take_rows(picks, *tables)).to(device)
+    memory = build_memory(model, feats, seed).to("cpu")
+    return memory, time.perf_counter() - t0
+
+
+def category_calibration(model_cfg: dict[str, Any], trained: dict[str, torch.Tensor], category: str, memory,
+                         device: str, threads: int, picks: list[tuple[int, int]], *tables):
+    """Ray task: one category's calibration (calibrate.calibrate_category) with the trained
+    weights, its memory and its rows in the order the memory was built from; (Calibration, s)."""
+    from .calibrate import calibrate_category
+
+    t0 = time.perf_counter()
+    model = stage_model(model_cfg, device, threads)
+    model.trainable.load_state_dict(trained)
+    model.memory = {category: memory.to(model.device)}
+    feats = as_features(take_rows(picks, *tables))
+    calibration = calibrate_category(model, category, feats)
+    return calibration, time.perf_counter() - t0
+
+
+@functools.lru_cache(maxsize=None)
+def remote(fn):
+    """`fn` as a Ray remote function, made once per process (callers set resources with
+    .options(); Ray is imported only when a stage runs)."""
+    import ray
+
+    return ray.remote(fn)
+

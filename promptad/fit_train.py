@@ -1,0 +1,220 @@
+"""Training in `promptad fit`: Ray Train's TorchTrainer, DDP over the trainable part only (head,
+prompts), on the cached backbone features.
+
+Rows. The readable training rows, in idx order (sorted categories, then image_id), are dealt
+round-robin to the ranks: row k goes to rank k mod W, so every rank sees every category. Each
+worker gathers its own rows once, through one rows task over the feature blocks that hold them
+(fit_stages.take_rows: only its rows reach it), and trains every epoch on them from memory; nothing
+streams the dataset per epoch. Within an epoch the order is training.epoch_order(seed, epoch,
+rank) and the synthetic anomalies are seeded by (seed, rank, epoch, step), so a run resumed from a
+checkpoint replays what the uninterrupted run did. (Ray Data's streaming_split hands blocks to
+whichever worker asks first, so a resumed run would not see the same rows.) With one worker this
+is training.train_in_process on the same shard.
+
+Checkpoints. Every epoch rank 0 reports the trainable state, optimizer, scheduler, GradScaler, the
+weight average (WeightAverage.state_dict), the epoch and the epoch's metrics; Ray Train keeps the
+newest CHECKPOINTS_KEPT and restarts a lost worker group from the newest (WORKER_RESTARTS times).
+What the fit keeps is the weight average of the last epoch's checkpoint (`final_state`).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import storage
+from .fit_stages import INDEX_CPUS, Selection, as_features, remote, take_rows
+from .model import ModelConfig, PromptAD
+from .pipeline import training_shard
+from .training import (Shard, TrainConfig, make_ema, make_optimizer, resolve_precision, steps_per_epoch,
+                       train_epoch, training_precision)
+
+STATE_FILE = "state.pt"
+CHECKPOINTS_KEPT = 2
+WORKER_RESTARTS = 2  # a preempted or crashed worker group restarts from the last checkpoint
+
+
+def deal(n_rows: int, world: int) -> list[np.ndarray]:
+    """Positions (0..n_rows-1, in idx order) of each rank's rows: round-robin."""
+    return [np.arange(rank, n_rows, world) for rank in range(world)]
+
+
+def checkpoint_dir(run_dir: str, epoch: int) -> str:
+    return storage.join(run_dir, f"epoch_{epoch:04d}")
+
+
+def checkpoint_epochs(run_dir: str) -> list[int]:
+    """Epochs with a complete checkpoint (its state file exists) in a run folder."""
+    epochs = []
+    for name in storage.list_dirs(run_dir):
+        if name.startswith("epoch_") and name[6:].isdigit() and storage.exists(storage.join(run_dir, name, STATE_FILE)):
+            epochs.append(int(name[6:]))
+    return sorted(epochs)
+
+
+def read_state(run_dir: str, epoch: int) -> dict[str, Any]:
+    """The checkpoint of `epoch` (tensors and plain values only: loaded with weights_only)."""
+    import io
+
+    data = storage.read_bytes(storage.join(checkpoint_dir(run_dir, epoch), STATE_FILE))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """Content hash of a trainable state: what a calibration was computed with."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k].detach().cpu().contiguous()
+        h.update(k.encode() + str(v.dtype).encode() + str(tuple(v.shape)).encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- the worker
+def param_digest(module: torch.nn.Module) -> str:
+    """Short hash of every parameter: equal digests = identical weights on two ranks. (Buffers are
+    left out: BatchNorm running stats are broadcast from rank 0 before each forward, then updated
+    by each rank's own batch, so they legitimately differ after a step; rank 0's are checkpointed.)"""
+    h = hashlib.sha256()
+    for k, v in sorted(module.named_parameters()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _gather(value: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def load_shard(model: PromptAD, selection: Selection, categories: list[str]) -> Shard:
+    """This rank's rows, gathered once by a rows task: local embeddings (and CLIP tokens) on the CPU."""
+    import ray
+
+    rows = ray.get(remote(take_rows).options(num_cpus=INDEX_CPUS).remote(selection.picks, *selection.blocks))
+    feats = as_features(rows)
+    by_cat: dict[str, list[int]] = {}
+    for i, c in enumerate(categories):
+        by_cat.setdefault(c, []).append(i)
+    # Rows come in idx order, which groups them by sorted category: training_shard keeps that order.
+    return training_shard(model, {c: feats.select(torch.tensor(ix)) for c, ix in by_cat.items()})
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: build the model, load this rank's rows, resume from the
+    newest checkpoint if there is one, train, and report metrics (+ a checkpoint on rank 0) per epoch."""
+    import ray.train
+    import ray.train.torch
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    cfg = TrainConfig(**config["train"])
+    precision = training_precision(device) if cfg.precision == "auto" else resolve_precision(cfg.precision, device)
+    cfg = replace(cfg, precision=precision)
+    torch.manual_seed(cfg.seed)  # as pipeline.fit_in_process: the head's initialization
+    model = PromptAD(ModelConfig(**config["model"])).to(device)
+    model.trainable.feat_mean.copy_(torch.tensor(config["feat_mean"], dtype=torch.float32))
+    model.trainable.feat_std.copy_(torch.tensor(config["feat_std"], dtype=torch.float32))
+    if model.backbone.has_text:
+        for cat in model.categories:  # hand-written prompt features, computed in fp32 before any halving
+            model.handcrafted(cat)
+    shard = load_shard(model, config["selections"][rank], config["categories"][rank])
+    if precision == "fp16":
+        model.backbone.half()  # frozen: half the memory and bandwidth; autocast runs the trainable part
+    steps = steps_per_epoch(int(config["rows"]), cfg.batch_size, world)
+    torch.manual_seed(cfg.seed)  # as training.train_in_process
+    opt, sched = make_optimizer(model.trainable, cfg, steps * cfg.epochs)
+    ema = make_ema(model.trainable, cfg)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        model.trainable.load_state_dict(state["trainable"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        ema.load_state_dict(state["ema"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start = int(state["epoch"])
+    initial = param_digest(model.trainable)
+    # Only the trainable part is wrapped: the frozen backbone is held by reference, not as a
+    # submodule, so DDP neither broadcasts nor all-reduces it.
+    trainable = ray.train.torch.prepare_model(model.trainable, move_to_device=False)
+    mine = hashlib.sha256(np.asarray(config["selections"][rank].picks, dtype=np.int64).tobytes()).hexdigest()[:16]
+    for epoch in range(start, cfg.epochs):
+        t0 = time.time()
+        stats = train_epoch(trainable, shard, opt, sched, scaler, ema, cfg, epoch, rank, steps, model.handcrafted,
+                            device)
+        digests = _gather(param_digest(model.trainable), world)
+        metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "rank": rank, "world": world,
+                   "seconds": time.time() - t0, "images": len(shard), "precision": precision,
+                   "threads": torch.get_num_threads(), "initial_digest": initial, "param_digests": digests,
+                   "shard_digests": _gather(mine, world), **{k: float(v) for k, v in stats.items()}}
+        if rank == 0:
+            state = {"epoch": epoch + 1, "trainable": model.trainable.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+                     "ema": ema.state_dict(), "metrics": metrics}
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(state, os.path.join(d, STATE_FILE))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+        else:
+            ray.train.report(metrics)
+
+
+def _progress_callback():
+    """One line per epoch on the driver's console (the callback runs in the Ray Train controller;
+    console.say relays the line to the driver, which does not forward Ray's own worker output)."""
+    from ray.train import UserCallback
+
+    from .console import say
+
+    class Progress(UserCallback):
+        def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+            if not metrics or "loss" not in metrics[0]:
+                return
+            m = metrics[0]
+            loss = sum(x["loss"] for x in metrics) / len(metrics)
+            say(f"epoch {m['epoch']}/{m['epochs']}  loss {loss:.4f}  {max(x['seconds'] for x in metrics):.1f}s  "
+                f"({int(m['steps'])} steps x {m['world']} workers)")
+
+    return Progress()
+
+
+def train(config: dict[str, Any], *, workers: int, cpus: float, gpus: float, storage_uri: str,
+          run_name: str) -> None:
+    """The Ray Train run; its checkpoints land in <storage_uri>/<run_name>/epoch_NNNN/."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    fs, fs_path = storage.filesystem(storage_uri)
+    use_gpu = gpus > 0
+    resources = {"CPU": cpus} | ({"GPU": gpus} if use_gpu else {})
+    trainer = TorchTrainer(
+        train_worker, train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=fs_path, storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+            failure_config=ray.train.FailureConfig(max_failures=WORKER_RESTARTS),
+            callbacks=[_progress_callback()]),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} in {storage_uri} ended without a checkpoint")
