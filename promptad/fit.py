@@ -58,8 +58,8 @@ from . import storage
 from .artifact import _memory_name, memory_from_tensors, memory_tensors, save_artifact
 from .datasets import Sample, load_samples
 from .errors import UserError
-from .fit_train import (CHECKPOINTS_KEPT, STATE_FILE, WORKER_RESTARTS, checkpoint_epochs, deal, read_state,  # noqa: F401
-                        state_digest, train)
+from .fit_train import (CHECKPOINTS_KEPT, STATE_FILE, WORKER_RESTARTS, checkpoint_epochs, deal,  # noqa: F401
+                        newest_state, prune_checkpoints, read_state, state_digest, train)
 from .model import Calibration, CategoryMemory, ModelConfig, PromptAD
 from .training import TrainConfig
 
@@ -182,9 +182,8 @@ class _Done:
 def _read_done(run_dir: str, epochs: int, categories: list[str]) -> _Done:
     from safetensors.torch import load as st_load
 
-    trained = None
-    if epochs in checkpoint_epochs(run_dir):
-        trained = read_state(run_dir, epochs)["ema"]["state"]
+    newest = newest_state(run_dir)
+    trained = newest[1]["ema"]["state"] if newest and newest[0] == epochs else None
     memory, calibration = {}, {}
     for c in categories:
         if storage.exists(_memory_path(run_dir, c)):
@@ -416,7 +415,9 @@ def _train(args: argparse.Namespace, model_cfg: dict[str, Any], feats: stages.Fe
     feat_mean, feat_std = stages.standardization(feats.moments())
     ranks = deal(len(order), args.workers)
     selections = [feats.select([order[k][1] for k in pos]) for pos in ranks]
+    newest = newest_state(storage.join(storage_uri, run_name))
     config = {"model": model_cfg, "rows": len(order), "feat_mean": feat_mean.tolist(), "feat_std": feat_std.tolist(),
+              "run_dir": storage.join(storage_uri, run_name), "resume_epoch": newest[0] if newest else 0,
               "train": TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                                    precision=args.precision).to_dict(),
               "selections": selections, "categories": [[order[k][0] for k in pos] for pos in ranks]}
@@ -424,4 +425,5 @@ def _train(args: argparse.Namespace, model_cfg: dict[str, Any], feats: stages.Fe
     train(config, workers=args.workers, cpus=args.cpus_per_worker, gpus=args.gpus_per_worker,
           storage_uri=storage_uri, run_name=run_name)
     run_dir = storage.join(storage_uri, run_name)
+    prune_checkpoints(run_dir)
     return dict(read_state(run_dir, args.epochs).get("metrics") or {})

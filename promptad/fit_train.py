@@ -67,6 +67,29 @@ def read_state(run_dir: str, epoch: int) -> dict[str, Any]:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
+def newest_state(run_dir: str) -> tuple[int, dict[str, Any]] | None:
+    """(epoch, state) of the newest checkpoint in a run folder that reads back whole.
+
+    The driver finds it itself rather than leaving it to Ray Train: Ray Train restores a run from
+    the snapshot its controller writes after registering a checkpoint, so a driver killed between
+    a checkpoint's upload and that snapshot would retrain from the start; and a kill during an
+    upload leaves a partial state file, which is skipped here."""
+    for epoch in reversed(checkpoint_epochs(run_dir)):
+        try:
+            return epoch, read_state(run_dir, epoch)
+        except Exception:  # noqa: BLE001 - truncated by a kill mid-upload: not a checkpoint
+            continue
+    return None
+
+
+def prune_checkpoints(run_dir: str) -> None:
+    """Keep the newest CHECKPOINTS_KEPT epoch checkpoints. Ray Train prunes those it reported;
+    a resumed run also leaves the killed run's older ones, which it never registered."""
+    for epoch in checkpoint_epochs(run_dir)[:-CHECKPOINTS_KEPT]:
+        fs, path = storage.filesystem(checkpoint_dir(run_dir, epoch))
+        fs.delete_dir(path)
+
+
 def state_digest(state: dict[str, torch.Tensor]) -> str:
     """Content hash of a trainable state: what a calibration was computed with."""
     h = hashlib.sha256()
@@ -141,10 +164,14 @@ def train_worker(config: dict[str, Any]) -> None:
     ema = make_ema(model.trainable, cfg)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     start = 0
-    checkpoint = ray.train.get_checkpoint()
+    state = None
+    checkpoint = ray.train.get_checkpoint()  # after a worker-group restart within this job
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    if config.get("resume_epoch") and (state is None or int(state["epoch"]) < config["resume_epoch"]):
+        state = read_state(config["run_dir"], int(config["resume_epoch"]))  # --resume: the driver's pick
+    if state is not None:
         model.trainable.load_state_dict(state["trainable"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])

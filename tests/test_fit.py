@@ -1,11 +1,14 @@
-"""`promptad fit` on Ray Train: DDP synchronization, kill and resume, S3, several categories, and
-the one-line errors. Tiny generated data (64 px inputs, a dozen images per category) keeps every
-run at seconds of training; the cost is Ray Train's startup.
+"""`promptad fit` on Ray: features, memory and calibration as Ray stages, DDP training on each
+worker's own rows, resume at every stage, S3, several categories, and the one-line errors.
+Small inputs (64 px, about a dozen images per category) keep every run at seconds of work; the
+cost is Ray's start-up.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from promptad import fit, storage
+from promptad import fit, fit_stages, storage
 from promptad.cli import build_parser, main
 from promptad.synthesis import procedural_texture
 
@@ -40,12 +44,34 @@ def make_category(root: Path, category: str, n: int, seed: int) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """Two categories, 12 normal images each, and one truncated file among tile's."""
+    """Two generated categories, 12 normal images each, and one truncated file among tile's."""
     root = tmp_path_factory.mktemp("fit_data")
     make_category(root, "tile", 12, seed=1)
     make_category(root, "wood", 12, seed=2)
     (root / "tile" / "train" / "good" / "zz_truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     return root
+
+
+@pytest.fixture(scope="module")
+def three(datasets_root, tmp_path_factory) -> Path:
+    """A manifest of three categories: 12 cookie and 12 magnetic_tile photos (real data, RGB and
+    grayscale, read in place) and 12 generated tiles plus one truncated file."""
+    root = tmp_path_factory.mktemp("fit_three")
+    tiles = make_category(root, "tile", 12, seed=1)
+    bad = root / "tile" / "train" / "good" / "zz_truncated.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    rows = [(p, f"{c}/{p.name}", c) for c in ("cookie", "magnetic_tile")
+            for p in sorted((datasets_root / c / "train" / "good").glob("*.png"))[:12]]
+    rows += [(p, f"tile/{p.name}", "tile") for p in [*tiles, bad]]
+    manifest = root / "train.csv"
+    with manifest.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "image_id", "category"])
+        writer.writerows([str(p), i, c] for p, i, c in rows)
+    return manifest
+
+
+CATEGORIES = "cookie,magnetic_tile,tile"
 
 
 def fit_args(data_uri: str, out: str, *extra: str, categories: str = "tile,wood"):
@@ -64,21 +90,54 @@ def fails(argv: list[str], capsys) -> str:
 
 
 # --------------------------------------------------------------------------- pure functions
-def test_epoch_shards_are_equal_sized_disjoint_and_seeded():
-    ids = np.arange(11)
-    shards = [fit.epoch_shard(ids, seed=0, epoch=3, rank=r, world=3) for r in range(3)]
-    assert [len(s) for s in shards] == [4, 4, 4]  # padded: DDP needs the same step count on every rank
-    assert set(np.concatenate(shards)) == set(ids)  # every image is seen in the epoch
-    again = [fit.epoch_shard(ids, seed=0, epoch=3, rank=r, world=3) for r in range(3)]
-    assert all((a == b).all() for a, b in zip(shards, again))
-    other = fit.epoch_shard(ids, seed=0, epoch=4, rank=0, world=3)
-    assert not np.array_equal(other, shards[0])  # a new order every epoch
-
-
 def test_default_storage_is_next_to_the_artifact():
     assert fit.default_storage("/models/screws/") == "/models/screws-checkpoints"
     assert fit.default_storage("s3://bucket/models/screws") == "s3://bucket/models/screws-checkpoints"
     assert fit.default_storage("s3://bucket") == "s3://bucket/checkpoints"
+
+
+def test_standardization_from_per_image_moments_is_set_standardization():
+    """The driver never holds the features: per-image moments, combined per block and then over
+    blocks in any grouping, give what training.set_standardization computes on all of them."""
+    from promptad.training import set_standardization
+
+    gen = torch.Generator().manual_seed(0)
+    # Channels far from zero with a small spread: where a naive sum of squares loses its digits.
+    local = 50 + torch.randn(23, 6, 5, 7, generator=gen) * torch.linspace(0.01, 3, 6).view(1, 6, 1, 1)
+    mean, m2, per_image = fit_stages.image_moments(local)
+    blocks = [fit_stages.combine_rows(mean[s], m2[s], per_image) for s in (slice(0, 9), slice(9, 10), slice(10, 23))]
+    combined = blocks[2] + blocks[0] + blocks[1]
+    feat_mean, feat_std = fit_stages.standardization(combined)
+    holder = torch.nn.Module()  # what set_standardization writes to: the trainable part's two buffers
+    holder.register_buffer("feat_mean", torch.zeros(6))
+    holder.register_buffer("feat_std", torch.ones(6))
+    set_standardization(holder, local)
+    torch.testing.assert_close(feat_mean, holder.feat_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(feat_std, holder.feat_std, rtol=1e-5, atol=0)
+    assert combined.count == 23 * 5 * 7
+
+
+def test_rows_come_back_in_the_order_asked_from_any_blocks():
+    """take_rows gathers rows spread over blocks in the order picked (idx order for a category),
+    whatever order the blocks hold them in."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    def block(idx: list[int]) -> pa.Table:
+        layer = np.stack([np.full((2, 3, 3), i, np.float32) for i in idx])
+        return pa.table({"idx": pa.array(idx, pa.int64()), "error": [""] * len(idx),
+                         "layer_0": ArrowTensorArray.from_numpy(layer)})
+
+    blocks = [block([5, 1, 7]), block([0, 3]), block([6, 2, 4])]
+    index = [fit_stages.BlockIndex(np.asarray(t["idx"].to_pylist()), [""] * t.num_rows,
+                                   fit_stages.Moments(0, np.zeros(2), np.zeros(2)), 0.0, 0.0) for t in blocks]
+    feats = fit_stages.FeatureSet(blocks, index)
+    selection = feats.select([0, 2, 3, 4, 7])
+    assert len(selection.blocks) == 3 and selection.blocks[0] is blocks[1]  # only the blocks that hold them
+    rows = fit_stages.take_rows(selection.picks, *selection.blocks)
+    assert rows["idx"].tolist() == [0, 2, 3, 4, 7]
+    assert rows["layer_0"][:, 0, 0, 0].tolist() == [0, 2, 3, 4, 7]
+    assert fit_stages.as_features(rows).layers[0].shape == (5, 2, 3, 3)
 
 
 # --------------------------------------------------------------------------- errors
@@ -133,36 +192,44 @@ def test_more_workers_than_the_machine(ray_local, data, tmp_path, capsys):
     assert "CPUs but this machine's Ray has" in line and "lower --workers" in line and "\n" not in line
 
 
-# --------------------------------------------------------------------------- training runs
-EPOCHS = "6"  # tiny epochs take ~1 s: a long enough run that the kill lands before its end
+# --------------------------------------------------------------------------- fits on Ray
+EPOCHS = "6"  # tiny epochs take ~1 s: a long enough run that a kill lands before its end
 
 
 @pytest.fixture(scope="module")
-def baseline(ray_local, data, tmp_path_factory) -> dict:
-    """One uninterrupted run, the user's command with default resources (--workers 2 at 0.5 CPU each
-    on this 2-CPU machine) on both categories. Several tests read it."""
+def baseline(ray_local, three, tmp_path_factory) -> dict:
+    """One uninterrupted run of the user's command with default resources (--workers 2 at 0.5 CPU
+    each on this 2-CPU machine) on three categories. Several tests read it."""
     import contextlib
     import io
 
     root = tmp_path_factory.mktemp("fit_baseline")
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        summary = fit.run(fit_args(str(data), str(root / "model"), "--workers", "2", "--epochs", EPOCHS,
-                                   "--storage", str(root / "ckpt")))
+        summary = fit.run(fit_args(str(three), str(root / "model"), "--workers", "2", "--epochs", EPOCHS,
+                                   "--storage", str(root / "ckpt"), categories=CATEGORIES))
     return {"summary": summary, "stderr": err.getvalue(), "model": root / "model"}
 
 
-def _images(data: Path, cats: list[str], n: int) -> tuple[np.ndarray, list[str]]:
-    paths = [(c, p) for c in cats for p in sorted((data / c / "train" / "good").glob("0*.png"))[:n]]
-    return np.stack([np.asarray(Image.open(p).convert("RGB").resize((SIZE, SIZE))) for _, p in paths]), \
-        [c for c, _ in paths]
+def _images(rows: list[tuple[str, str]]) -> tuple[np.ndarray, list[str]]:
+    from promptad.pipeline import load_images
+    from promptad.datasets import Sample
+
+    samples = [Sample(p, p, c, 0, "good", None) for p, c in rows]
+    return load_images(samples, SIZE), [c for _, c in rows]
+
+
+def _manifest_rows(manifest: Path, per_category: int) -> list[tuple[str, str]]:
+    with manifest.open() as f:
+        rows = [(r["path"], r["category"]) for r in csv.DictReader(f) if not r["path"].endswith("zz_truncated.png")]
+    return [r for c in sorted({c for _, c in rows}) for r in [x for x in rows if x[1] == c][:per_category]]
 
 
 @pytest.mark.slow
 def test_ddp_keeps_workers_in_sync(baseline):
     m = baseline["summary"].metrics
     assert m["world"] == 2 and m["steps"] >= 2 and m["epoch"] == int(EPOCHS)
-    assert len(set(m["shard_digests"])) == 2  # the two ranks trained on different images ...
+    assert len(set(m["shard_digests"])) == 2  # the two ranks trained on different rows ...
     assert len(set(m["param_digests"])) == 1  # ... and hold identical parameters afterwards
     assert m["param_digests"][0] != m["initial_digest"]  # which did change
 
@@ -176,77 +243,153 @@ def test_bad_training_image_is_skipped_with_a_warning(baseline):
 
     training = read_manifest(str(baseline["model"]))["training"]
     assert training["skipped_images"] == 1
-    assert sum(training["train_images"].values()) + sum(training["holdout_images"].values()) == 24
+    assert training["train_images"] == {"cookie": 12, "magnetic_tile": 12, "tile": 12}
 
 
 @pytest.mark.slow
-def test_two_categories_share_prompts_and_head_with_a_bank_and_threshold_each(baseline, data):
+def test_three_categories_each_get_their_own_memory_and_calibration(baseline, three):
+    """One run, three categories: a memory (two banks and a Gaussian) and a calibration each,
+    built from that category's images only; the head and prompts are shared."""
     from promptad.artifact import load_artifact
     from promptad.predict import predict
 
     model = load_artifact(str(baseline["model"]))
-    assert model.categories == ["tile", "wood"]
-    assert set(model.banks) == {"tile", "wood"}
-    assert model.calibration["tile"].image_threshold != model.calibration["wood"].image_threshold
-    assert all(np.isfinite(model.calibration[c].image_threshold) for c in model.categories)
-    training = model.manifest["training"]
-    assert min(training["holdout_images"].values()) >= 2  # calibrated on held-out normals of each category
-    images, cats = _images(data, ["tile", "wood"], 2)
-    assert np.isfinite(predict(model, images, cats).scores).all()
+    cats = CATEGORIES.split(",")
+    assert model.categories == cats and set(model.memory) == set(cats)
+    grid = (SIZE // 8) ** 2  # effnet-lite0's finest layer (stride 8): one local patch per cell
+    for c in cats:
+        mem, cal = model.memory[c], model.calibration[c]
+        # 12 images of 8 x 8 patches are under the 1,000-entry floor: the bank keeps each of them,
+        # each entry naming its image by its row in the category (what leave-one-out needs).
+        assert len(mem.local.entries) == 12 * grid and set(mem.local.source.tolist()) == set(range(12))
+        assert cal.stats["n_normal"] == 12 and np.isfinite(cal.image_threshold) and np.isfinite(cal.pixel_threshold)
+    # Different products, different normal appearance: no two categories share a bank or a threshold.
+    banks = [model.memory[c].local.entries for c in cats]
+    assert all(not torch.equal(banks[i], banks[j]) for i in range(3) for j in range(i + 1, 3))
+    assert len({model.calibration[c].image_threshold for c in cats}) == 3
+    # Each category's own normal images score lower against its own memory than against another's.
+    images, labels = _images(_manifest_rows(three, 2))
+    own = predict(model, images, labels).scores
+    other = predict(model, images, [cats[(cats.index(c) + 1) % 3] for c in labels]).scores
+    assert (own < other).all(), (own, other)
 
 
-def _tensors(uri: str) -> dict:
-    from safetensors.numpy import load
+def _launch(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    with open(log, "wb") as f:
+        return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True, stdout=f,
+                                stderr=subprocess.STDOUT)
 
-    return load(storage.read_bytes(uri))
+
+def _kill_when(proc: subprocess.Popen, log: Path, done, what: str, timeout: float = 300) -> None:
+    """Wait for `done()` (polling), then SIGKILL the driver's whole process group, as a preempted
+    `ray job submit` driver would die."""
+    try:
+        deadline = time.time() + timeout
+        while not done():
+            assert proc.poll() is None, f"the fit exited before {what}:\n" + log.read_text()[-3000:]
+            assert time.time() < deadline, f"no {what} within {timeout:.0f} s:\n" + log.read_text()[-3000:]
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_matches_the_uninterrupted_one(ray_local, baseline, data, tmp_path):
-    """Kill a 2-worker job's driver (its whole process group) after its first checkpoint, as a
-    preempted `ray job submit` would be, resume it, and get the artifact the uninterrupted run with
-    the same seed gave. The job runs on the session's Ray, which kills a dead driver's actors (the
-    Ray Train controller and workers) as it would on a cluster, and is warm, which saves a start."""
-    from promptad.artifact import load_artifact
-    from promptad.predict import predict
-
+def test_killed_at_every_stage_resumes_to_the_same_model(ray_local, baseline, three, tmp_path):
+    """Kill a 2-worker fit's driver during training, then after training while memory is being
+    checkpointed, then while calibration is; each --resume redoes nothing that was checkpointed
+    (no epoch is trained twice, no finished category is redone), and the last one writes the
+    model_id of the uninterrupted run. The jobs run on the session's Ray, which kills a dead
+    driver's actors and tasks as a cluster would; PROMPTAD_FIT_PAUSE_AFTER holds the driver right
+    after its first checkpoint of a stage so that the kill lands there."""
     storage_dir, out = tmp_path / "ckpt", tmp_path / "resumed"
-    cmd = [sys.executable, str(REPO / "jobs" / "train.py"), "--data", str(data), "--category", "tile,wood",
+    cmd = [sys.executable, str(REPO / "jobs" / "train.py"), "--data", str(three), "--category", CATEGORIES,
            "--out", str(out), "--input-size", str(SIZE), "--batch-size", "4", "--workers", "2",
-           "--epochs", EPOCHS, "--storage", str(storage_dir),
-           "--address", ray_local.get_runtime_context().gcs_address]
-    env = dict(os.environ)
-    log = tmp_path / "killed_run.log"
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=f, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 240
-        while not list(storage_dir.glob(f"fit-*/epoch_0001/{fit.STATE_FILE}")):
-            assert proc.poll() is None, "training exited before its first checkpoint:\n" + log.read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started (same process group)
-        proc.wait()
+           "--epochs", EPOCHS, "--storage", str(storage_dir), "--address", ray_local.get_runtime_context().gcs_address]
+
+    def files(kind: str) -> list[Path]:
+        return sorted(storage_dir.glob(f"fit-*/{kind}/*"))
+
+    def epochs() -> list[int]:
+        return [int(p.parent.name[6:]) for p in storage_dir.glob(f"fit-*/epoch_*/{fit.STATE_FILE}")]
+
+    # 1. During training, once the first epoch is checkpointed.
+    log = tmp_path / "1.log"
+    _kill_when(_launch(cmd, log), log, lambda: bool(epochs()), "first epoch checkpoint")
     (run_dir,) = storage_dir.glob("fit-*")
-    assert max(fit._checkpoint_epochs(str(run_dir))) < int(EPOCHS), "the run finished before it was killed"
+    assert max(epochs()) < int(EPOCHS) and not files("memory"), "the kill landed after training"
     assert not (out / "promptad.json").exists()
 
-    resumed = fit.run(fit_args(str(data), str(out), "--workers", "2", "--epochs", EPOCHS,
-                               "--storage", str(storage_dir), "--resume"))
-    assert resumed.run_dir == str(run_dir) and resumed.metrics["epoch"] == int(EPOCHS)
+    # 2. After training, right after the first category's memory is checkpointed.
+    log = tmp_path / "2.log"
+    _kill_when(_launch(cmd + ["--resume"], log, {fit.PAUSE_ENV: "memory"}), log,
+               lambda: "paused after the memory checkpoint" in log.read_text(), "memory checkpoint")
+    text = log.read_text()
+    assert max(epochs()) == int(EPOCHS) and len(files("memory")) == 1 and len(files("calibration")) < 3
+    trained_epochs = re.findall(r"^epoch (\d+)/", text, re.M)
+    assert trained_epochs and "1" not in trained_epochs and trained_epochs[-1] == EPOCHS  # went on from its checkpoint
+    trained = {p: p.stat().st_mtime_ns for p in run_dir.glob(f"epoch_*/{fit.STATE_FILE}")}
 
-    a, b = load_artifact(str(baseline["model"])), load_artifact(str(out))
-    assert b.manifest["training"]["resumed"] is True
-    wa, wb = _tensors(str(baseline["model"] / "weights.safetensors")), _tensors(str(out / "weights.safetensors"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        np.testing.assert_allclose(wa[k], wb[k], rtol=1e-4, atol=1e-5, err_msg=k)
-    for cat in ("tile", "wood"):
-        np.testing.assert_allclose(a.banks[cat].numpy(), b.banks[cat].numpy(), rtol=1e-4, atol=1e-4)
-        assert a.calibration[cat].image_threshold == pytest.approx(b.calibration[cat].image_threshold, rel=1e-3)
-    images, cats = _images(data, ["tile", "wood"], 2)
-    np.testing.assert_allclose(predict(a, images, cats).scores, predict(b, images, cats).scores, rtol=1e-3, atol=1e-5)
+    # 3. Resumed again: no training; killed after the first calibration checkpoint.
+    log = tmp_path / "3.log"
+    _kill_when(_launch(cmd + ["--resume"], log, {fit.PAUSE_ENV: "calibration"}), log,
+               lambda: "paused after the calibration checkpoint" in log.read_text(), "calibration checkpoint")
+    text = log.read_text()
+    assert "training done" in text and "memory of 1 and calibration of 0 of 3 categories restored" in text
+    assert not re.search(r"^epoch \d+/", text, re.M)  # no epoch line: nothing was trained
+    assert len(files("calibration")) == 1
+    memories = [p.stem for p in files("memory")]  # 1 restored + those that came before the pause
+
+    # 4. The last resume finishes in this process.
+    summary = fit.run(fit_args(str(three), str(out), "--workers", "2", "--epochs", EPOCHS,
+                               "--storage", str(storage_dir), "--resume", categories=CATEGORIES))
+    assert summary.run_dir == str(run_dir)
+    assert summary.restored["trained"] and summary.restored["memory"] == memories
+    assert len(summary.restored["calibration"]) == 1
+    assert {p: p.stat().st_mtime_ns for p in run_dir.glob(f"epoch_*/{fit.STATE_FILE}")} == trained
+    assert summary.model_id == baseline["summary"].model_id
+    assert json.loads((out / "promptad.json").read_text())["training"]["resumed"] is True
+
+
+@pytest.mark.slow
+def test_one_worker_fit_is_the_in_process_fit(ray_local, data, tmp_path):
+    """The Ray stages compute what pipeline.fit_in_process computes on the same images: the same
+    banks and Gaussians, the same standardization, and (fp32, one worker: no DDP, no bf16 noise)
+    the same training and calibration up to float rounding."""
+    from promptad.artifact import load_artifact
+    from promptad.datasets import load_samples
+    from promptad.model import ModelConfig
+    from promptad.pipeline import fit_in_process, load_images
+    from promptad.training import TrainConfig
+
+    summary = fit.run(fit_args(str(data), str(tmp_path / "model"), "--workers", "1", "--epochs", "2",
+                               "--precision", "fp32", "--storage", str(tmp_path / "ckpt")))
+    model = load_artifact(summary.artifact)
+    images = {c: load_images([s for s in sorted(load_samples(str(data), [c], "train"), key=lambda s: s.image_id)
+                              if not s.path.endswith("zz_truncated.png")], SIZE) for c in ("tile", "wood")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the 0.5-CPU tasks and workers: the same float rounding
+    try:
+        ref = fit_in_process(images, ModelConfig(backbone="effnet-lite0", input_size=SIZE),
+                             TrainConfig(epochs=2, batch_size=4, seed=0, precision="fp32"), log=None)
+    finally:
+        torch.set_num_threads(threads)
+    for c in ("tile", "wood"):
+        a, b = model.memory[c], ref.memory[c]
+        assert torch.equal(a.local.entries, b.local.entries) and torch.equal(a.local.source, b.local.source)
+        assert torch.equal(a.regional.entries, b.regional.entries)
+        for x, y in zip(a.gaussian.means + a.gaussian.precisions, b.gaussian.means + b.gaussian.precisions):
+            # Pooled in float32, where rounding differs between processes; the inverse amplifies it.
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * float(y.abs().max()))
+        ca, cb = model.calibration[c], ref.calibration[c]
+        assert ca.memory_scale == pytest.approx(cb.memory_scale, rel=1e-6)
+        assert ca.image_threshold == pytest.approx(cb.image_threshold, rel=1e-3)
+        assert ca.pixel_threshold == pytest.approx(cb.pixel_threshold, rel=1e-3)
+    sa, sb = model.trainable.state_dict(), ref.trainable.state_dict()
+    torch.testing.assert_close(sa["feat_mean"], sb["feat_mean"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sa["feat_std"], sb["feat_std"], rtol=1e-5, atol=0)
+    for k in sa:
+        torch.testing.assert_close(sa[k].float(), sb[k].float(), rtol=1e-3, atol=1e-3, msg=k)
 
 
 @pytest.mark.slow
@@ -259,8 +402,9 @@ def test_data_checkpoints_and_artifact_on_s3(ray_local, data, s3_bucket):
     summary = fit.run(fit_args(f"{s3_bucket}/data", f"{s3_bucket}/model", "--workers", "1", "--epochs", "1",
                                "--storage", f"{s3_bucket}/ckpt", categories="tile"))
     assert summary.run_dir.startswith(f"{s3_bucket}/ckpt/fit-")
-    assert storage.exists(storage.join(summary.run_dir, "epoch_0001", fit.STATE_FILE))
-    assert storage.exists(storage.join(summary.run_dir, fit.RUN_FILE))
+    for part in ("epoch_0001/" + fit.STATE_FILE, fit.RUN_FILE, fit.ROWS_FILE, "memory/tile.safetensors",
+                 "calibration/tile.json"):
+        assert storage.exists(storage.join(summary.run_dir, part)), part
     model = load_artifact(f"{s3_bucket}/model")
     assert model.model_id == summary.model_id and model.categories == ["tile"]
     img = np.asarray(Image.open(data / "tile" / "train" / "good" / "000.png").convert("RGB").resize((SIZE, SIZE)))
