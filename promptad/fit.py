@@ -270,9 +270,10 @@ def run(args: argparse.Namespace) -> FitSummary:
     """`promptad fit`: features, memory, training and calibration on the cluster, then the artifact
     at --out. Everything a user can get wrong (data, category, backbone, storage, --resume,
     resources) is checked before anything runs. `timings` (seconds): features (decode + extract +
-    index, wall), decode_task_s / extract_task_s (summed over tasks), memory (wall from its start,
-    beside training, to the last result) and memory_task_s, training (wall), calibration (wall)
-    and calibration_task_s, write, total."""
+    index, wall) with decode_task_s and extract_task_s (summed over tasks); training (wall);
+    memory_task_s and calibration_task_s (summed over tasks; memory runs beside training);
+    after_training (wall until every memory and calibration is in), of which memory_wait (until
+    the last memory); write; total."""
     import ray
 
     from .raycluster import check_fits, connect, is_local
@@ -335,7 +336,6 @@ def run(args: argparse.Namespace) -> FitSummary:
     clock["features"] = time.time() - t
 
     # Memory tasks first: they need no training and run beside it.
-    t_memory = time.time()
     memory_task = stages.remote(stages.category_memory).options(num_returns=2, **slot)
     memory_refs = {c: memory_task.remote(model_cfg, args.seed, device, threads, *_sel(feats, ok[c]))
                    for c in need_memory}
@@ -361,7 +361,7 @@ def run(args: argparse.Namespace) -> FitSummary:
         memory = memory_refs[c][0] if c in memory_refs else done.memory[c]
         cal_ref, secs_ref = cal_task.remote(model_cfg, trained_ref, c, memory, device, threads, *_sel(feats, ok[c]))
         pending[cal_ref] = ("calibration", c, secs_ref)
-    clock["memory_task_s"] = clock["calibration_task_s"] = 0.0
+    clock["memory_task_s"] = clock["calibration_task_s"] = clock["memory_wait"] = 0.0
     while pending:
         (ref,), _ = ray.wait(list(pending), num_returns=1)
         stage, c, secs_ref = pending.pop(ref)
@@ -370,14 +370,14 @@ def run(args: argparse.Namespace) -> FitSummary:
         if stage == "memory":
             done.memory[c] = value
             _save_memory(run_dir, c, value)
-            clock["memory"] = time.time() - t_memory
+            clock["memory_wait"] = time.time() - t_cal
         else:
             done.calibration[c] = value
             _save_calibration(run_dir, c, value, trained_digest)
         _pause_hook(stage, c)
-    clock["calibration"] = time.time() - t_cal
+    clock["after_training"] = time.time() - t_cal
     print(f"fit: memory of {len(need_memory)} and calibration of {len(need_calibration)} categories done "
-          f"{clock['calibration']:.1f}s after training", flush=True)
+          f"{clock['after_training']:.1f}s after training", flush=True)
 
     t = time.time()
     model.trainable.load_state_dict(done.trained)
