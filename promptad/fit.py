@@ -46,33 +46,26 @@ import json
 import os
 import sys
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
+from . import fit_runs as runs
 from . import fit_stages as stages
 from . import storage
-from .artifact import _memory_name, memory_from_tensors, memory_tensors, save_artifact
+from .artifact import save_artifact
 from .datasets import Sample, load_samples
 from .errors import UserError
-from .fit_train import (CHECKPOINTS_KEPT, STATE_FILE, WORKER_RESTARTS, checkpoint_epochs, deal,  # noqa: F401
-                        newest_state, prune_checkpoints, read_state, state_digest, train)
-from .model import Calibration, CategoryMemory, ModelConfig, PromptAD
+from .fit_runs import default_storage
+from .fit_train import CHECKPOINTS_KEPT, STATE_FILE, WORKER_RESTARTS  # noqa: F401 - documented names
+from .fit_train import deal, newest_state, prune_checkpoints, read_state, state_digest, train
+from .model import ModelConfig, PromptAD
 from .training import TrainConfig
 
-RUN_PREFIX = "fit-"
-RUN_FILE = "promptad-fit.json"
-ROWS_FILE = "rows.json"
-# Flags that change the trained weights: a resumed run must use the same ones.
-RESUME_KEYS = ("data", "categories", "backbone", "input_size", "epochs", "batch_size", "seed", "workers",
-               "precision")
 # Test hook: the driver stops for good right after checkpointing the first category of this stage
 # (memory | calibration), so a test can kill it at a known point (tests/test_fit.py).
 PAUSE_ENV = "PROMPTAD_FIT_PAUSE_AFTER"
-_checkpoint_epochs = checkpoint_epochs
 
 
 @dataclass
@@ -86,127 +79,6 @@ class FitSummary:
     skipped_images: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (see run)
     restored: dict[str, Any] = field(default_factory=dict)  # what a resumed run took from its folder
-
-
-# --------------------------------------------------------------------------- storage and runs
-def default_storage(out: str) -> str:
-    """Checkpoints next to the artifact (<out>-checkpoints), inside it when --out is a bucket root."""
-    if out.startswith("s3://") and "/" not in out[len("s3://"):].strip("/"):
-        return storage.join(out, "checkpoints")
-    return out.rstrip("/") + "-checkpoints"
-
-
-def _check_writable(uri: str, flag: str) -> None:
-    """Fail in seconds rather than after training: write and delete a probe file under `uri`."""
-    probe = storage.join(uri, f".promptad-write-test-{uuid.uuid4().hex[:8]}")
-    try:
-        storage.makedirs(uri)
-        storage.write_bytes(probe, b"")
-        fs, path = storage.filesystem(probe)
-        fs.delete_file(path)
-    except UserError:
-        raise
-    except Exception as e:  # PermissionError, NotADirectoryError, S3 access errors (OSError)
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
-        raise UserError(f"{flag} {uri} is not writable ({reason}); pass a writable local folder or s3:// prefix") \
-            from None
-
-
-def _run_config(args: argparse.Namespace) -> dict[str, Any]:
-    return {"data": args.data, "categories": sorted(set(args.category)), "backbone": args.backbone,
-            "input_size": args.input_size, "epochs": args.epochs, "batch_size": args.batch_size,
-            "seed": args.seed, "workers": args.workers, "precision": args.precision}
-
-
-def _new_run(storage_uri: str, config: dict[str, Any]) -> str:
-    """Create fit-<UTC time>-<id>/ holding the run's flags (what --resume checks); names sort by time."""
-    name = RUN_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    run_dir = storage.join(storage_uri, name)
-    record = dict(config, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    storage.makedirs(run_dir)
-    storage.write_bytes(storage.join(run_dir, RUN_FILE), json.dumps(record, indent=2).encode())
-    return name
-
-
-def _memory_path(run_dir: str, category: str) -> str:
-    return storage.join(run_dir, _memory_name(category))
-
-
-def _calibration_path(run_dir: str, category: str) -> str:
-    return storage.join(run_dir, _memory_name(category).replace("memory/", "calibration/", 1)
-                        .replace(".safetensors", ".json"))
-
-
-def _has_checkpoint(run_dir: str) -> bool:
-    """A run folder worth resuming: an epoch checkpoint or a finished category's memory."""
-    if checkpoint_epochs(run_dir):
-        return True
-    try:
-        return bool(storage.list_files(storage.join(run_dir, "memory")))
-    except FileNotFoundError:
-        return False
-
-
-def _resume_run(storage_uri: str, config: dict[str, Any]) -> str:
-    """The newest run in --storage, checked to have a checkpoint and the same training flags."""
-    hint = "run without --resume to start training"
-    try:
-        names = [n for n in storage.list_dirs(storage_uri)
-                 if n.startswith(RUN_PREFIX) and storage.exists(storage.join(storage_uri, n, RUN_FILE))]
-    except FileNotFoundError:
-        names = []
-    if not names:
-        raise UserError(f"nothing to resume: no fit run in --storage {storage_uri}; {hint}")
-    name = max(names)
-    run_dir = storage.join(storage_uri, name)
-    if not _has_checkpoint(run_dir):
-        raise UserError(f"nothing to resume: run {name} in {storage_uri} stopped before its first checkpoint; {hint}")
-    saved = json.loads(storage.read_bytes(storage.join(run_dir, RUN_FILE)))
-    changed = [k for k in RESUME_KEYS if saved.get(k) != config[k]]
-    if changed:
-        diffs = ", ".join(f"--{k.replace('_', '-')} {config[k]} (run has {saved.get(k)})" for k in changed)
-        raise UserError(f"cannot resume run {name}: {diffs}; resume with the flags it was started with")
-    return name
-
-
-@dataclass
-class _Done:
-    """What a run folder already holds; a resumed fit redoes none of it."""
-
-    trained: dict[str, torch.Tensor] | None  # the weight average of the last epoch, once training ended
-    memory: dict[str, CategoryMemory]
-    calibration: dict[str, Calibration]  # only those computed with `trained`
-    rows: dict[str, Any]  # ROWS_FILE: readable images per category, skipped files
-
-
-def _read_done(run_dir: str, epochs: int, categories: list[str]) -> _Done:
-    from safetensors.torch import load as st_load
-
-    newest = newest_state(run_dir)
-    trained = newest[1]["ema"]["state"] if newest and newest[0] == epochs else None
-    memory, calibration = {}, {}
-    for c in categories:
-        if storage.exists(_memory_path(run_dir, c)):
-            memory[c] = memory_from_tensors(st_load(storage.read_bytes(_memory_path(run_dir, c))))
-        if trained is not None and storage.exists(_calibration_path(run_dir, c)):
-            saved = json.loads(storage.read_bytes(_calibration_path(run_dir, c)))
-            if saved["trained"] == state_digest(trained):
-                calibration[c] = Calibration(**saved["calibration"])
-    rows_uri = storage.join(run_dir, ROWS_FILE)
-    rows = json.loads(storage.read_bytes(rows_uri)) if storage.exists(rows_uri) else {"images": {}, "skipped": {}}
-    return _Done(trained, memory, calibration, rows)
-
-
-def _save_memory(run_dir: str, category: str, memory: CategoryMemory) -> None:
-    from safetensors.torch import save as st_save
-
-    storage.write_bytes(_memory_path(run_dir, category), st_save(memory_tensors(memory)))
-
-
-def _save_calibration(run_dir: str, category: str, calibration: Calibration, trained_digest: str) -> None:
-    # Python's JSON keeps inf (an uncalibrated threshold) and every float exactly.
-    record = {"trained": trained_digest, "calibration": asdict(calibration)}
-    storage.write_bytes(_calibration_path(run_dir, category), json.dumps(record, indent=1).encode())
 
 
 def _pause_hook(stage: str, category: str) -> None:
@@ -286,11 +158,11 @@ def run(args: argparse.Namespace) -> FitSummary:
     model = PromptAD(ModelConfig(backbone=args.backbone, categories=categories, input_size=args.input_size))
     model_cfg = model.cfg.to_dict()
     storage_uri = args.storage or default_storage(args.out)
-    config = _run_config(args)
-    run_name = _resume_run(storage_uri, config) if args.resume else None
+    config = runs.run_config(args)
+    run_name = runs.resume_run(storage_uri, config) if args.resume else None
     if run_name is None:
-        _check_writable(storage_uri, "--storage")
-    _check_writable(args.out, "--out")
+        runs.check_writable(storage_uri, "--storage")
+    runs.check_writable(args.out, "--out")
     connect(args.address)
     slot = {"num_cpus": args.cpus_per_worker, "num_gpus": args.gpus_per_worker}
     check_fits({"CPU": (args.cpus_per_worker * args.workers,
@@ -299,9 +171,9 @@ def run(args: argparse.Namespace) -> FitSummary:
                         f"--workers {args.workers} x --gpus-per-worker {args.gpus_per_worker:g}")},
                "the training workers", "lower --workers or the per-worker resources",
                is_local(args.address))
-    run_name = run_name or _new_run(storage_uri, config)
+    run_name = run_name or runs.new_run(storage_uri, config)
     run_dir = storage.join(storage_uri, run_name)
-    done = _read_done(run_dir, args.epochs, categories)
+    done = runs.read_done(run_dir, args.epochs, categories)
     trained_digest = state_digest(done.trained) if done.trained is not None else None
     need_memory = [c for c in categories if c not in done.memory]
     need_calibration = [c for c in categories if c not in done.calibration]
@@ -332,7 +204,7 @@ def run(args: argparse.Namespace) -> FitSummary:
               f"{time.time() - t:.1f}s; run {run_dir}", flush=True)
         done.rows["images"].update(images)
         done.rows["skipped"].update(skipped)
-        storage.write_bytes(storage.join(run_dir, ROWS_FILE), json.dumps(done.rows, indent=1).encode())
+        storage.write_bytes(storage.join(run_dir, runs.ROWS_FILE), json.dumps(done.rows, indent=1).encode())
     clock["features"] = time.time() - t
 
     # Memory tasks first: they need no training and run beside it.
@@ -369,11 +241,11 @@ def run(args: argparse.Namespace) -> FitSummary:
         clock[f"{stage}_task_s"] += seconds
         if stage == "memory":
             done.memory[c] = value
-            _save_memory(run_dir, c, value)
+            runs.save_memory(run_dir, c, value)
             clock["memory_wait"] = time.time() - t_cal
         else:
             done.calibration[c] = value
-            _save_calibration(run_dir, c, value, trained_digest)
+            runs.save_calibration(run_dir, c, value, trained_digest)
         _pause_hook(stage, c)
     clock["after_training"] = time.time() - t_cal
     print(f"fit: memory of {len(need_memory)} and calibration of {len(need_calibration)} categories done "

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from promptad import fit, fit_stages, storage
+from promptad import fit, fit_runs, fit_stages, storage
 from promptad.cli import build_parser, main
 from promptad.synthesis import procedural_texture
 
@@ -91,9 +91,9 @@ def fails(argv: list[str], capsys) -> str:
 
 # --------------------------------------------------------------------------- pure functions
 def test_default_storage_is_next_to_the_artifact():
-    assert fit.default_storage("/models/screws/") == "/models/screws-checkpoints"
-    assert fit.default_storage("s3://bucket/models/screws") == "s3://bucket/models/screws-checkpoints"
-    assert fit.default_storage("s3://bucket") == "s3://bucket/checkpoints"
+    assert fit_runs.default_storage("/models/screws/") == "/models/screws-checkpoints"
+    assert fit_runs.default_storage("s3://bucket/models/screws") == "s3://bucket/models/screws-checkpoints"
+    assert fit_runs.default_storage("s3://bucket") == "s3://bucket/checkpoints"
 
 
 def test_standardization_from_per_image_moments_is_set_standardization():
@@ -168,17 +168,17 @@ def test_resume_with_nothing_to_resume(data, tmp_path, capsys):
     # A run that was killed before its first checkpoint has nothing to resume either.
     run = tmp_path / "ckpt" / "fit-20260101T000000Z-abcdef"
     run.mkdir(parents=True)
-    (run / fit.RUN_FILE).write_text("{}")
+    (run / fit_runs.RUN_FILE).write_text("{}")
     line = fails(argv, capsys)
     assert "stopped before its first checkpoint" in line
 
 
 def test_resume_with_other_flags(data, tmp_path, capsys):
-    config = fit._run_config(fit_args(str(data), str(tmp_path / "m"), "--epochs", "3", categories="tile"))
+    config = fit_runs.run_config(fit_args(str(data), str(tmp_path / "m"), "--epochs", "3", categories="tile"))
     run = tmp_path / "ckpt" / "fit-20260101T000000Z-abcdef"
     (run / "epoch_0001").mkdir(parents=True)
     (run / "epoch_0001" / fit.STATE_FILE).write_bytes(b"")
-    (run / fit.RUN_FILE).write_text(json.dumps(config))
+    (run / fit_runs.RUN_FILE).write_text(json.dumps(config))
     line = fails(["fit", "--data", str(data), "--category", "tile", "--out", str(tmp_path / "m"), "--input-size",
                   str(SIZE), "--batch-size", "4", "--storage", str(tmp_path / "ckpt"), "--epochs", "5", "--resume"],
                  capsys)
@@ -402,7 +402,7 @@ def test_data_checkpoints_and_artifact_on_s3(ray_local, data, s3_bucket):
     summary = fit.run(fit_args(f"{s3_bucket}/data", f"{s3_bucket}/model", "--workers", "1", "--epochs", "1",
                                "--storage", f"{s3_bucket}/ckpt", categories="tile"))
     assert summary.run_dir.startswith(f"{s3_bucket}/ckpt/fit-")
-    for part in ("epoch_0001/" + fit.STATE_FILE, fit.RUN_FILE, fit.ROWS_FILE, "memory/tile.safetensors",
+    for part in ("epoch_0001/" + fit.STATE_FILE, fit_runs.RUN_FILE, fit_runs.ROWS_FILE, "memory/tile.safetensors",
                  "calibration/tile.json"):
         assert storage.exists(storage.join(summary.run_dir, part)), part
     model = load_artifact(f"{s3_bucket}/model")

@@ -1,0 +1,158 @@
+"""The run folder of `promptad fit` in --storage: what a fit has finished, and what --resume
+checks before it continues one. Plain storage, no Ray.
+
+    fit-<UTC time>-<id>/
+      promptad-fit.json              the run's flags (RESUME_KEYS must match on --resume)
+      epoch_NNNN/state.pt            Ray Train checkpoints (fit_train.py), the newest CHECKPOINTS_KEPT
+      rows.json                      readable images per category, skipped files
+      memory/<category>.safetensors  a finished category's memory (artifact.memory_tensors)
+      calibration/<category>.json    a finished category's calibration, with the digest of the
+                                     trained state it was computed with
+
+A memory depends on the features only, a calibration on the features, the memory and the trained
+state; everything that produces them is deterministic, so what a resumed run restores is what an
+uninterrupted run would have computed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from . import storage
+from .artifact import _memory_name, memory_from_tensors, memory_tensors
+from .errors import UserError
+from .fit_train import checkpoint_epochs, newest_state, state_digest
+from .model import Calibration, CategoryMemory
+
+RUN_PREFIX = "fit-"
+RUN_FILE = "promptad-fit.json"
+ROWS_FILE = "rows.json"
+# Flags that change the trained weights: a resumed run must use the same ones.
+RESUME_KEYS = ("data", "categories", "backbone", "input_size", "epochs", "batch_size", "seed", "workers",
+               "precision")
+
+
+def default_storage(out: str) -> str:
+    """Checkpoints next to the artifact (<out>-checkpoints), inside it when --out is a bucket root."""
+    if out.startswith("s3://") and "/" not in out[len("s3://"):].strip("/"):
+        return storage.join(out, "checkpoints")
+    return out.rstrip("/") + "-checkpoints"
+
+
+def check_writable(uri: str, flag: str) -> None:
+    """Fail in seconds rather than after training: write and delete a probe file under `uri`."""
+    probe = storage.join(uri, f".promptad-write-test-{uuid.uuid4().hex[:8]}")
+    try:
+        storage.makedirs(uri)
+        storage.write_bytes(probe, b"")
+        fs, path = storage.filesystem(probe)
+        fs.delete_file(path)
+    except UserError:
+        raise
+    except Exception as e:  # PermissionError, NotADirectoryError, S3 access errors (OSError)
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise UserError(f"{flag} {uri} is not writable ({reason}); pass a writable local folder or s3:// prefix") \
+            from None
+
+
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    return {"data": args.data, "categories": sorted(set(args.category)), "backbone": args.backbone,
+            "input_size": args.input_size, "epochs": args.epochs, "batch_size": args.batch_size,
+            "seed": args.seed, "workers": args.workers, "precision": args.precision}
+
+
+def new_run(storage_uri: str, config: dict[str, Any]) -> str:
+    """Create fit-<UTC time>-<id>/ holding the run's flags (what --resume checks); names sort by time."""
+    name = RUN_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    run_dir = storage.join(storage_uri, name)
+    record = dict(config, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    storage.makedirs(run_dir)
+    storage.write_bytes(storage.join(run_dir, RUN_FILE), json.dumps(record, indent=2).encode())
+    return name
+
+
+def memory_path(run_dir: str, category: str) -> str:
+    return storage.join(run_dir, _memory_name(category))
+
+
+def calibration_path(run_dir: str, category: str) -> str:
+    return storage.join(run_dir, _memory_name(category).replace("memory/", "calibration/", 1)
+                        .replace(".safetensors", ".json"))
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    """A run folder worth resuming: an epoch checkpoint or a finished category's memory."""
+    if checkpoint_epochs(run_dir):
+        return True
+    try:
+        return bool(storage.list_files(storage.join(run_dir, "memory")))
+    except FileNotFoundError:
+        return False
+
+
+def resume_run(storage_uri: str, config: dict[str, Any]) -> str:
+    """The newest run in --storage, checked to have a checkpoint and the same training flags."""
+    hint = "run without --resume to start training"
+    try:
+        names = [n for n in storage.list_dirs(storage_uri)
+                 if n.startswith(RUN_PREFIX) and storage.exists(storage.join(storage_uri, n, RUN_FILE))]
+    except FileNotFoundError:
+        names = []
+    if not names:
+        raise UserError(f"nothing to resume: no fit run in --storage {storage_uri}; {hint}")
+    name = max(names)
+    run_dir = storage.join(storage_uri, name)
+    if not has_checkpoint(run_dir):
+        raise UserError(f"nothing to resume: run {name} in {storage_uri} stopped before its first checkpoint; {hint}")
+    saved = json.loads(storage.read_bytes(storage.join(run_dir, RUN_FILE)))
+    changed = [k for k in RESUME_KEYS if saved.get(k) != config[k]]
+    if changed:
+        diffs = ", ".join(f"--{k.replace('_', '-')} {config[k]} (run has {saved.get(k)})" for k in changed)
+        raise UserError(f"cannot resume run {name}: {diffs}; resume with the flags it was started with")
+    return name
+
+
+@dataclass
+class Done:
+    """What a run folder already holds; a resumed fit redoes none of it."""
+
+    trained: dict[str, torch.Tensor] | None  # the weight average of the last epoch, once training ended
+    memory: dict[str, CategoryMemory]
+    calibration: dict[str, Calibration]  # only those computed with `trained`
+    rows: dict[str, Any]  # ROWS_FILE: readable images per category, skipped files
+
+
+def read_done(run_dir: str, epochs: int, categories: list[str]) -> Done:
+    from safetensors.torch import load as st_load
+
+    newest = newest_state(run_dir)
+    trained = newest[1]["ema"]["state"] if newest and newest[0] == epochs else None
+    memory, calibration = {}, {}
+    for c in categories:
+        if storage.exists(memory_path(run_dir, c)):
+            memory[c] = memory_from_tensors(st_load(storage.read_bytes(memory_path(run_dir, c))))
+        if trained is not None and storage.exists(calibration_path(run_dir, c)):
+            saved = json.loads(storage.read_bytes(calibration_path(run_dir, c)))
+            if saved["trained"] == state_digest(trained):
+                calibration[c] = Calibration(**saved["calibration"])
+    rows_uri = storage.join(run_dir, ROWS_FILE)
+    rows = json.loads(storage.read_bytes(rows_uri)) if storage.exists(rows_uri) else {"images": {}, "skipped": {}}
+    return Done(trained, memory, calibration, rows)
+
+
+def save_memory(run_dir: str, category: str, memory: CategoryMemory) -> None:
+    from safetensors.torch import save as st_save
+
+    storage.write_bytes(memory_path(run_dir, category), st_save(memory_tensors(memory)))
+
+
+def save_calibration(run_dir: str, category: str, calibration: Calibration, trained_digest: str) -> None:
+    # Python's JSON keeps inf (an uncalibrated threshold) and every float exactly.
+    record = {"trained": trained_digest, "calibration": asdict(calibration)}
+    storage.write_bytes(calibration_path(run_dir, category), json.dumps(record, indent=1).encode())
