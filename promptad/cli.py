@@ -148,10 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     # fp32 makes a 1-worker fit comparable to pipeline.fit_in_process in tests.
     f.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help=argparse.SUPPRESS)
     f.add_argument("--storage", default=None, type=_location, metavar="URI",
-                   help="where epoch checkpoints go, local or s3:// (default: <--out>-checkpoints)")
+                   help="where the run's checkpoints go (training epochs, each finished category's memory and "
+                        "calibration), local or s3:// (default: <--out>-checkpoints)")
     f.add_argument("--resume", action="store_true",
-                   help="continue the newest run in --storage from its last checkpoint (default: off, "
-                        "start a new run)")
+                   help="continue the newest run in --storage, redoing nothing it checkpointed (default: "
+                        "off, start a new run)")
     common(f)
 
     s = command("score", "score images to a Parquet dataset (Ray Data)",

@@ -27,17 +27,16 @@ category: one memory and one calibration each (leave-one-out over all its normal
 no held-out split).
 
 Resources. Feature actors, memory and calibration tasks each take one worker's resources
-(--cpus-per-worker, --gpus-per-worker), training workers the same; Ray runs what fits. The
-feature actors are released when the features are materialized, before training starts, so a
-2-CPU machine with the default two 0.5-CPU workers never waits on itself. GPU workers train in
-fp16 with a GradScaler; CPU workers in fp32, or bf16 where the CPU does it natively.
+(--cpus-per-worker, --gpus-per-worker), training workers the same, and Ray runs what fits: on a
+small machine memory tasks can hold the CPUs training waits for, never the other way round, so
+nothing waits on itself. The feature actors are released when the features are materialized,
+before training. GPU workers train in fp16 with a GradScaler; CPU workers in fp32, or in bf16
+where the CPU does it natively (training.training_precision).
 
-Runs live in --storage as fit-<UTC time>-<id>/: the run's flags (promptad-fit.json), epoch_NNNN/
-checkpoints (the newest CHECKPOINTS_KEPT), memory/<category>.safetensors and
-calibration/<category>.json of the categories finished so far, rows.json (images per category,
-skipped files). `--resume` continues the newest run there and redoes nothing it holds: after
-training it goes straight to the missing memories and calibrations, and it ends with the
-model_id an uninterrupted run gives.
+Runs live in --storage as fit-<UTC time>-<id>/ (fit_runs.py: flags, epoch checkpoints, finished
+memories and calibrations). `--resume` continues the newest run there and redoes nothing it
+holds: after training it goes straight to the missing memories and calibrations, and it ends with
+the model_id an uninterrupted run gives.
 """
 from __future__ import annotations
 
@@ -146,8 +145,6 @@ def run(args: argparse.Namespace) -> FitSummary:
     memory_task_s and calibration_task_s (summed over tasks; memory runs beside training);
     after_training (wall until every memory and calibration is in), of which memory_wait (until
     the last memory); write; total."""
-    import ray
-
     from .raycluster import check_fits, connect, is_local
 
     t_start = time.time()
@@ -156,7 +153,6 @@ def run(args: argparse.Namespace) -> FitSummary:
     by_cat = _training_samples(args, categories)
     torch.manual_seed(args.seed)
     model = PromptAD(ModelConfig(backbone=args.backbone, categories=categories, input_size=args.input_size))
-    model_cfg = model.cfg.to_dict()
     storage_uri = args.storage or default_storage(args.out)
     config = runs.run_config(args)
     run_name = runs.resume_run(storage_uri, config) if args.resume else None
@@ -164,7 +160,6 @@ def run(args: argparse.Namespace) -> FitSummary:
         runs.check_writable(storage_uri, "--storage")
     runs.check_writable(args.out, "--out")
     connect(args.address)
-    slot = {"num_cpus": args.cpus_per_worker, "num_gpus": args.gpus_per_worker}
     check_fits({"CPU": (args.cpus_per_worker * args.workers,
                         f"--workers {args.workers} x --cpus-per-worker {args.cpus_per_worker:g}"),
                 "GPU": (args.gpus_per_worker * args.workers,
@@ -174,9 +169,6 @@ def run(args: argparse.Namespace) -> FitSummary:
     run_name = run_name or runs.new_run(storage_uri, config)
     run_dir = storage.join(storage_uri, run_name)
     done = runs.read_done(run_dir, args.epochs, categories)
-    trained_digest = state_digest(done.trained) if done.trained is not None else None
-    need_memory = [c for c in categories if c not in done.memory]
-    need_calibration = [c for c in categories if c not in done.calibration]
     restored = {"trained": done.trained is not None, "memory": sorted(done.memory),
                 "calibration": sorted(done.calibration)}
     if args.resume:
@@ -185,117 +177,138 @@ def run(args: argparse.Namespace) -> FitSummary:
               f"{len(categories)} categories restored", flush=True)
 
     # Features of the categories that still need them (all of them while training is to come).
-    wanted = set(categories) if done.trained is None else set(need_memory) | set(need_calibration)
+    need_memory = [c for c in categories if c not in done.memory]
+    wanted = set(categories) if done.trained is None else \
+        set(need_memory) | {c for c in categories if c not in done.calibration}
     rows = [r for r in _rows(by_cat) if r["category"] in wanted]
-    device, threads = stages.device_for(args.gpus_per_worker), max(1, int(args.cpus_per_worker))
     t = time.time()
-    feats = None
-    ok: dict[str, list[int]] = {}
-    skipped: dict[str, list] = {}
-    if rows:
-        blocks = stages.feature_blocks(rows, model_cfg, args.workers, args.cpus_per_worker, args.gpus_per_worker)
-        index = ray.get([stages.remote(stages.index_block).options(num_cpus=stages.INDEX_CPUS).remote(b)
-                         for b in blocks])
-        feats = stages.FeatureSet(blocks, index)
-        ok, skipped = _readable(rows, feats)
-        clock["decode_task_s"], clock["extract_task_s"] = feats.seconds()
-        images = {c: len(ok[c]) for c in ok}
-        print(f"fit: features of {sum(images.values())} images ({len(feats.errors())} skipped) in "
-              f"{time.time() - t:.1f}s; run {run_dir}", flush=True)
-        done.rows["images"].update(images)
-        done.rows["skipped"].update(skipped)
-        storage.write_bytes(storage.join(run_dir, runs.ROWS_FILE), json.dumps(done.rows, indent=1).encode())
+    feats, ok = _features(args, model.cfg.to_dict(), rows, run_dir, done, clock) if rows else (None, {})
     clock["features"] = time.time() - t
 
-    # Memory tasks first: they need no training and run beside it.
-    memory_task = stages.remote(stages.category_memory).options(num_returns=2, **slot)
-    memory_refs = {c: memory_task.remote(model_cfg, args.seed, device, threads, *_sel(feats, ok[c]))
-                   for c in need_memory}
-
+    stage = _Stages(args, model.cfg.to_dict(), feats, ok, run_dir, done, clock)
+    stage.start_memory(need_memory)  # needs no training: runs beside it
     t = time.time()
-    metrics: dict[str, Any] = {}
     if done.trained is None:
-        metrics = _train(args, model_cfg, feats, ok, storage_uri, run_name)
-        done.trained = read_state(run_dir, args.epochs)["ema"]["state"]
-        trained_digest = state_digest(done.trained)
-    else:
-        metrics = dict(read_state(run_dir, args.epochs).get("metrics") or {})
+        _train(args, model.cfg.to_dict(), feats, ok, storage_uri, run_name)
+        final = read_state(run_dir, args.epochs)
+        done.trained, done.metrics = final["ema"]["state"], dict(final.get("metrics") or {})
     clock["training"] = time.time() - t
-
-    # Calibration per category once its memory is there; results are checkpointed as they come.
-    t_cal = time.time()
-    trained_ref = ray.put(done.trained)
-    cal_task = stages.remote(stages.category_calibration).options(num_returns=2, **slot)
-    pending: dict[Any, tuple[str, str, Any]] = {}
-    for c, (mem_ref, secs_ref) in memory_refs.items():
-        pending[mem_ref] = ("memory", c, secs_ref)
-    for c in need_calibration:
-        memory = memory_refs[c][0] if c in memory_refs else done.memory[c]
-        cal_ref, secs_ref = cal_task.remote(model_cfg, trained_ref, c, memory, device, threads, *_sel(feats, ok[c]))
-        pending[cal_ref] = ("calibration", c, secs_ref)
-    clock["memory_task_s"] = clock["calibration_task_s"] = clock["memory_wait"] = 0.0
-    while pending:
-        (ref,), _ = ray.wait(list(pending), num_returns=1)
-        stage, c, secs_ref = pending.pop(ref)
-        value, seconds = ray.get([ref, secs_ref])
-        clock[f"{stage}_task_s"] += seconds
-        if stage == "memory":
-            done.memory[c] = value
-            runs.save_memory(run_dir, c, value)
-            clock["memory_wait"] = time.time() - t_cal
-        else:
-            done.calibration[c] = value
-            runs.save_calibration(run_dir, c, value, trained_digest)
-        _pause_hook(stage, c)
-    clock["after_training"] = time.time() - t_cal
-    print(f"fit: memory of {len(need_memory)} and calibration of {len(need_calibration)} categories done "
-          f"{clock['after_training']:.1f}s after training", flush=True)
+    stage.finish()
 
     t = time.time()
     model.trainable.load_state_dict(done.trained)
     model.memory = {c: done.memory[c] for c in categories}
     model.calibration.update({c: done.calibration[c] for c in categories})
-    images = {c: int(done.rows["images"].get(c, 0)) for c in categories}
-    skipped_paths = [p for c in categories for p, _ in done.rows["skipped"].get(c, [])]
+    skipped = [p for c in categories for p, _ in done.rows["skipped"].get(c, [])]
     training = {"data": args.data, "categories": categories, "epochs": args.epochs, "seed": args.seed,
                 "batch_size": args.batch_size, "lr": TrainConfig.lr, "workers": args.workers,
-                "precision": metrics.get("precision"), "final_loss": metrics.get("loss"),
-                "train_images": images, "skipped_images": len(skipped_paths), "run": run_dir,
-                "resumed": bool(args.resume), "seconds": round(time.time() - t_start, 1),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "precision": done.metrics.get("precision"), "final_loss": done.metrics.get("loss"),
+                "train_images": {c: int(done.rows["images"].get(c, 0)) for c in categories},
+                "skipped_images": len(skipped), "run": run_dir, "resumed": bool(args.resume),
+                "seconds": round(time.time() - t_start, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     model_id = save_artifact(model, args.out, training=training)
     clock["write"] = time.time() - t
     clock["total"] = time.time() - t_start
     print(f"fit: wrote {args.out} (model {model_id})", flush=True)
-    return FitSummary(artifact=args.out, model_id=model_id, run_dir=run_dir, metrics=metrics,
-                      skipped_images=skipped_paths, timings=clock, restored=restored)
+    return FitSummary(artifact=args.out, model_id=model_id, run_dir=run_dir, metrics=done.metrics,
+                      skipped_images=skipped, timings=clock, restored=restored)
 
 
-def _sel(feats: stages.FeatureSet, idx: list[int]) -> tuple:
-    """Task arguments for the rows `idx` (in that order): picks, then the blocks holding them."""
-    selection = feats.select(idx)
-    return (selection.picks, *selection.blocks)
+def _features(args: argparse.Namespace, model_cfg: dict[str, Any], rows: list[dict[str, Any]], run_dir: str,
+              done: runs.Done, clock: dict[str, float]) -> tuple[stages.FeatureSet, dict[str, list[int]]]:
+    """The feature stage and its index; records the readable images per category in the run folder."""
+    import ray
+
+    t = time.time()
+    blocks = stages.feature_blocks(rows, model_cfg, args.workers, args.cpus_per_worker, args.gpus_per_worker)
+    index_task = stages.remote(stages.index_block).options(num_cpus=stages.INDEX_CPUS)
+    feats = stages.FeatureSet(blocks, ray.get([index_task.remote(b) for b in blocks]))
+    ok, skipped = _readable(rows, feats)
+    clock["decode_task_s"], clock["extract_task_s"] = feats.seconds()
+    images = {c: len(ok[c]) for c in ok}
+    print(f"fit: features of {sum(images.values())} images ({len(feats.errors())} skipped) in "
+          f"{time.time() - t:.1f}s; run {run_dir}", flush=True)
+    done.rows["images"].update(images)
+    done.rows["skipped"].update(skipped)
+    storage.write_bytes(storage.join(run_dir, runs.ROWS_FILE), json.dumps(done.rows, indent=1).encode())
+    return feats, ok
+
+
+class _Stages:
+    """The per-category tasks: memory (started before training) and calibration (after it), each
+    result checkpointed in the run folder as it arrives."""
+
+    def __init__(self, args: argparse.Namespace, model_cfg: dict[str, Any], feats: stages.FeatureSet | None,
+                 ok: dict[str, list[int]], run_dir: str, done: runs.Done, clock: dict[str, float]):
+        self.model_cfg, self.feats, self.ok, self.run_dir, self.done, self.clock = \
+            model_cfg, feats, ok, run_dir, done, clock
+        self.seed = args.seed
+        self.slot = {"num_cpus": args.cpus_per_worker, "num_gpus": args.gpus_per_worker}
+        self.device, self.threads = stages.device_for(args.gpus_per_worker), max(1, int(args.cpus_per_worker))
+        self.memory_refs: dict[str, tuple[Any, Any]] = {}
+
+    def _rows(self, category: str) -> tuple:
+        """Task arguments for a category's readable rows in idx order: picks, then their blocks."""
+        selection = self.feats.select(self.ok[category])
+        return (selection.picks, *selection.blocks)
+
+    def start_memory(self, categories: list[str]) -> None:
+        task = stages.remote(stages.category_memory).options(num_returns=2, **self.slot)
+        self.memory_refs = {c: task.remote(self.model_cfg, self.seed, self.device, self.threads, *self._rows(c))
+                            for c in categories}
+
+    def finish(self) -> None:
+        """Calibrate every category not yet calibrated, once its memory is there; collect."""
+        import ray
+
+        t0 = time.time()
+        done = self.done
+        digest = state_digest(done.trained)
+        trained = ray.put(done.trained)
+        task = stages.remote(stages.category_calibration).options(num_returns=2, **self.slot)
+        pending = {mem: ("memory", c, secs) for c, (mem, secs) in self.memory_refs.items()}
+        need = [c for c in sorted(done.memory.keys() | self.memory_refs.keys()) if c not in done.calibration]
+        for c in need:
+            memory = self.memory_refs[c][0] if c in self.memory_refs else done.memory[c]
+            cal, secs = task.remote(self.model_cfg, trained, c, memory, self.device, self.threads, *self._rows(c))
+            pending[cal] = ("calibration", c, secs)
+        self.clock.update(memory_task_s=0.0, calibration_task_s=0.0, memory_wait=0.0)
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            kind, c, secs = pending.pop(ref)
+            value, seconds = ray.get([ref, secs])
+            self.clock[f"{kind}_task_s"] += seconds
+            if kind == "memory":
+                done.memory[c] = value
+                runs.save_memory(self.run_dir, c, value)
+                self.clock["memory_wait"] = time.time() - t0
+            else:
+                done.calibration[c] = value
+                runs.save_calibration(self.run_dir, c, value, digest)
+            _pause_hook(kind, c)
+        self.clock["after_training"] = time.time() - t0
+        print(f"fit: memory of {len(self.memory_refs)} and calibration of {len(need)} categories done "
+              f"{self.clock['after_training']:.1f}s after training", flush=True)
 
 
 def _train(args: argparse.Namespace, model_cfg: dict[str, Any], feats: stages.FeatureSet,
-           ok: dict[str, list[int]], storage_uri: str, run_name: str) -> dict[str, Any]:
-    """Ray Train over every category's readable rows; returns the last epoch's metrics (rank 0)."""
+           ok: dict[str, list[int]], storage_uri: str, run_name: str) -> None:
+    """Ray Train over every category's readable rows, from the newest checkpoint of the run if any."""
     order = [(c, i) for c in sorted(ok) for i in ok[c]]  # idx order
     if len(order) < args.workers:
         raise UserError(f"--workers {args.workers} is more than the {len(order)} readable training images; "
                         "lower --workers")
     feat_mean, feat_std = stages.standardization(feats.moments())
     ranks = deal(len(order), args.workers)
-    selections = [feats.select([order[k][1] for k in pos]) for pos in ranks]
-    newest = newest_state(storage.join(storage_uri, run_name))
+    run_dir = storage.join(storage_uri, run_name)
+    newest = newest_state(run_dir)
     config = {"model": model_cfg, "rows": len(order), "feat_mean": feat_mean.tolist(), "feat_std": feat_std.tolist(),
-              "run_dir": storage.join(storage_uri, run_name), "resume_epoch": newest[0] if newest else 0,
+              "run_dir": run_dir, "resume_epoch": newest[0] if newest else 0,
               "train": TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                                    precision=args.precision).to_dict(),
-              "selections": selections, "categories": [[order[k][0] for k in pos] for pos in ranks]}
+              "selections": [feats.select([order[k][1] for k in pos]) for pos in ranks],
+              "categories": [[order[k][0] for k in pos] for pos in ranks]}
     print(f"fit: training on {len(order)} images, {args.workers} worker(s), {args.epochs} epochs", flush=True)
     train(config, workers=args.workers, cpus=args.cpus_per_worker, gpus=args.gpus_per_worker,
           storage_uri=storage_uri, run_name=run_name)
-    run_dir = storage.join(storage_uri, run_name)
     prune_checkpoints(run_dir)
-    return dict(read_state(run_dir, args.epochs).get("metrics") or {})

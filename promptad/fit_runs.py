@@ -123,16 +123,19 @@ class Done:
     """What a run folder already holds; a resumed fit redoes none of it."""
 
     trained: dict[str, torch.Tensor] | None  # the weight average of the last epoch, once training ended
+    metrics: dict[str, Any]  # the last epoch's metrics (rank 0), once training ended
     memory: dict[str, CategoryMemory]
     calibration: dict[str, Calibration]  # only those computed with `trained`
     rows: dict[str, Any]  # ROWS_FILE: readable images per category, skipped files
 
 
 def read_done(run_dir: str, epochs: int, categories: list[str]) -> Done:
+    """What `run_dir` holds for a fit of `epochs` epochs (nothing, for a new run)."""
     from safetensors.torch import load as st_load
 
     newest = newest_state(run_dir)
-    trained = newest[1]["ema"]["state"] if newest and newest[0] == epochs else None
+    final = newest[1] if newest and newest[0] == epochs else None
+    trained = None if final is None else final["ema"]["state"]
     memory, calibration = {}, {}
     for c in categories:
         if storage.exists(memory_path(run_dir, c)):
@@ -143,7 +146,7 @@ def read_done(run_dir: str, epochs: int, categories: list[str]) -> Done:
                 calibration[c] = Calibration(**saved["calibration"])
     rows_uri = storage.join(run_dir, ROWS_FILE)
     rows = json.loads(storage.read_bytes(rows_uri)) if storage.exists(rows_uri) else {"images": {}, "skipped": {}}
-    return Done(trained, memory, calibration, rows)
+    return Done(trained, dict((final or {}).get("metrics") or {}), memory, calibration, rows)
 
 
 def save_memory(run_dir: str, category: str, memory: CategoryMemory) -> None:
