@@ -5,7 +5,12 @@ detection", ICPR 2020).
 A defect can be the whole image: a colour cast, a texture at the wrong scale or orientation, the
 wrong variant of a part. Every patch then resembles some normal patch and the memory bank misses
 it, but the image's pooled features (features.pooled_stats) leave the normal distribution. One
-Gaussian per backbone layer; the score is the sum of the per-layer distances. Covariances are
+Gaussian per backbone layer gives the metric; the score is the distance to the *nearest normal
+image* under it (the sum over layers of the Mahalanobis distances to that image), not to the
+mean: normal images come in modes (cookie: the tray edge at the top of most photos, at the bottom
+of one), and a distance to the mean calls a rare but normal mode anomalous (cookie's test image
+000 with the tray at the bottom scored 9 robust deviations from the mean, 2 from its nearest
+normal). A whole-image defect is far from every normal image, so it still scores high. Covariances are
 shrunk towards a scaled identity with the Ledoit-Wolf formula, so a category with fewer images
 than feature dimensions (cookie: 31 images, 152 dimensions) still has a well-conditioned inverse.
 """
@@ -18,31 +23,39 @@ import torch
 
 @dataclass
 class Gaussian:
-    """Per layer: mean (C,) and precision (C, C), float64 for a stable inverse."""
+    """Per layer: mean (C,), precision (C, C) and the normal images' pooled features (N, C),
+    float64 for a stable inverse."""
 
     means: list[torch.Tensor]
     precisions: list[torch.Tensor]
+    normals: list[torch.Tensor]
 
     def score(self, pooled: list[torch.Tensor]) -> torch.Tensor:
-        """(N,) sum over layers of the Mahalanobis distance of each image's pooled features."""
+        """(N,) distance of each image to its nearest normal image: the sum over layers of the
+        Mahalanobis distances of the pooled features to that image's."""
         total = None
-        for x, mu, prec in zip(pooled, self.means, self.precisions):
-            d = x.double().to(mu.device) - mu
-            m = ((d @ prec) * d).sum(1).clamp(min=0).sqrt()
+        for x, prec, ref in zip(pooled, self.precisions, self.normals):
+            x = x.double().to(prec.device)
+            xp, rp = x @ prec, ref @ prec  # (x - r)^T P (x - r) = x^T P x + r^T P r - 2 x^T P r
+            sq = (xp * x).sum(1, keepdim=True) + (rp * ref).sum(1)[None] - 2 * xp @ ref.T
+            m = sq.clamp(min=0).sqrt()
             total = m if total is None else total + m
-        return total.float()
+        return total.min(1).values.float()
+
+    def to(self, device: torch.device | str) -> "Gaussian":
+        return Gaussian(*([t.to(device) for t in ts] for ts in (self.means, self.precisions, self.normals)))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
-        for i, (mu, prec) in enumerate(zip(self.means, self.precisions)):
-            out[f"global_mean_{i}"], out[f"global_precision_{i}"] = mu, prec
+        for i, (mu, prec, ref) in enumerate(zip(self.means, self.precisions, self.normals)):
+            out[f"global_mean_{i}"], out[f"global_precision_{i}"], out[f"global_normals_{i}"] = mu, prec, ref
         return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Gaussian":
         n = sum(1 for k in tensors if k.startswith("global_mean_"))
-        return cls([tensors[f"global_mean_{i}"].double() for i in range(n)],
-                   [tensors[f"global_precision_{i}"].double() for i in range(n)])
+        return cls(*([tensors[f"global_{name}_{i}"].double() for i in range(n)]
+                     for name in ("mean", "precision", "normals")))
 
 
 def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +74,7 @@ def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
 
 
 def fit_gaussian(pooled: list[torch.Tensor]) -> Gaussian:
-    """Gaussian per layer of (N, C_l) pooled features (N >= 2)."""
+    """Gaussian per layer of (N, C_l) pooled features (N >= 2), keeping the N images."""
     means, precisions = [], []
     for x in pooled:
         x = x.double()
@@ -70,7 +83,7 @@ def fit_gaussian(pooled: list[torch.Tensor]) -> Gaussian:
         cov = cov + eps * torch.eye(cov.shape[0], dtype=cov.dtype)
         means.append(x.mean(0))
         precisions.append(torch.linalg.inv(cov))
-    return Gaussian(means, precisions)
+    return Gaussian(means, precisions, [x.double() for x in pooled])
 
 
 def held_out_scores(pooled: list[torch.Tensor], folds: int = 10) -> torch.Tensor:

@@ -6,11 +6,12 @@ Evidence per image, all computed from one frozen backbone pass (backbones.Featur
 - regional: the same for wide-window features (features.regional_embedding) and the regional bank;
 - head:     the localization head's probability, trained on feature-space synthetic anomalies;
 - text:     for CLIP, how much a patch matches the anomaly prompts rather than the normal ones;
-- global:   Mahalanobis distance of the pooled features under the category's Gaussian (gaussian.py).
+- global:   Mahalanobis distance of the pooled features to the nearest normal image's, under the
+            category's Gaussian (gaussian.py).
 
     map    = max(memory, regional) * (1 + head * p_head) + text * p_text          (pixel map)
     local  = max over the blurred map of memory * (1 + head * p_head) + text * p_text (+ image text)
-    score  = z(local) + global * max(0, z(global) - 3)
+    score  = max(z(local), global * (z(global) - 3))
 
 z() is a robust standard score against held-out normal images (median, 1.4826 x MAD).
 Why this shape (benchmarks/RESULTS.md has the measurements):
@@ -20,9 +21,12 @@ Why this shape (benchmarks/RESULTS.md has the measurements):
   its maximum over normal images is noisy, and adding it cost image AUROC on magnetic_tile;
 - the head modulates memory evidence instead of being added to it: a patch that looks like normal
   data stays normal whatever the head says; where the head confirms a deviation it is amplified;
-- the global branch joins only beyond three robust standard deviations of its normal values (a
-  hinge), so it catches whole-image anomalies without lending normal images' global variation to
-  the local ranking of local defects.
+- the global branch is a second detector beside the local one (the score is the larger of the
+  two), shifted by three robust standard deviations of its normal values: it decides an image's
+  rank only when the image is globally far more unusual than it is locally, so it catches
+  whole-image anomalies without lending normal images' global variation to the ranking of local
+  defects (a sum did: cookie's one normal photo with the tray edge at the bottom, unusual both
+  locally and globally, then outranked cracked cookies).
 Fusion weights {memory: 1, regional: 1, head: 0, text: 0, global: 0} are the memory banks alone.
 """
 from __future__ import annotations
@@ -107,8 +111,7 @@ class CategoryMemory:
     gaussian: Gaussian
 
     def to(self, device) -> "CategoryMemory":
-        g = Gaussian([m.to(device) for m in self.gaussian.means], [p.to(device) for p in self.gaussian.precisions])
-        return CategoryMemory(self.local.to(device), self.regional.to(device), g)
+        return CategoryMemory(self.local.to(device), self.regional.to(device), self.gaussian.to(device))
 
 
 class LocalizationHead(nn.Module):
@@ -348,5 +351,6 @@ class PromptAD(nn.Module):
         z_local = (local_score - per_row([c.local_center for c in cals], 0)) / per_row([c.local_scale for c in cals], 0)
         z_global = (comps["global"] - per_row([c.global_center for c in cals], 0)) / per_row(
             [c.global_scale for c in cals], 0)
-        scores = z_local + per_row([w.get("global", 0.0) for w in weights], 0) * (z_global - GLOBAL_HINGE).clamp(min=0)
+        w_global = per_row([w.get("global", 0.0) for w in weights], 0)
+        scores = torch.where(w_global > 0, torch.maximum(z_local, w_global * (z_global - GLOBAL_HINGE)), z_local)
         return Fused(scores=scores, maps=maps, local=local_score, global_=comps["global"])

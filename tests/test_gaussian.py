@@ -14,15 +14,29 @@ def test_ledoit_wolf_equals_sklearn():
         np.testing.assert_allclose(ours, LedoitWolf().fit(x).covariance_, rtol=1e-8, atol=1e-10)
 
 
-def test_mahalanobis_distance_by_hand():
-    """Isotropic data: the shrunk covariance is (nearly) the identity scaled by the variance."""
+def test_mahalanobis_distance_to_nearest_normal_by_hand():
+    """Isotropic data: the shrunk covariance is the identity scaled by the variance (0.5), so a
+    distance is the Euclidean one over sqrt(0.5), to the nearest of the normal images."""
     x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
     g = fit_gaussian([x])
-    # covariance diag(0.5, 0.5) (already a scaled identity: no shrinkage changes it)
-    d = g.score([torch.tensor([[2.0, 0.0], [0.0, 0.0]])])
-    assert torch.allclose(d, torch.tensor([2.0 / 0.5 ** 0.5, 0.0]), atol=1e-5)
+    d = g.score([torch.tensor([[2.0, 0.0], [0.0, 0.0], [1.0, 0.0]])])
+    assert torch.allclose(d, torch.tensor([1.0, 1.0, 0.0]) / 0.5 ** 0.5, atol=1e-5)
+    # Two layers: the distances to the same normal image add up (covariance of 3x: 4.5 I).
     two = fit_gaussian([x, 3 * x]).score([torch.tensor([[2.0, 0.0]]), torch.tensor([[6.0, 0.0]])])
-    assert torch.allclose(two, torch.tensor([2 * 2.0 / 0.5 ** 0.5]), atol=1e-4), "layers add up"
+    assert torch.allclose(two, torch.tensor([2 * 1.0 / 0.5 ** 0.5]), atol=1e-4)
+
+
+def test_a_rare_normal_mode_is_near_its_image_not_far_from_the_mean():
+    """Cookie's case: most normal images in one mode, one in another; a new image of the rare mode
+    is close to that image, while a shift away from both modes stays far."""
+    torch.manual_seed(0)
+    x = torch.randn(30, 3)
+    x[29] += torch.tensor([8.0, 0.0, 0.0])  # the rare mode, seen once
+    g = fit_gaussian([x])
+    rare, shifted = x[29:] + 0.1, torch.tensor([[0.0, 8.0, 0.0]])
+    mean_distance = float(((rare[0] - g.means[0]) @ g.precisions[0] @ (rare[0] - g.means[0])).sqrt())
+    assert float(g.score([rare])) < 0.5 < 2.0 < mean_distance
+    assert float(g.score([shifted])) > 3 * float(g.score([rare]))
 
 
 def test_held_out_scores_leave_each_fold_out():
@@ -32,7 +46,8 @@ def test_held_out_scores_leave_each_fold_out():
     held = held_out_scores([x], folds=10)
     inside = fit_gaussian([x]).score([x])
     assert held.shape == (30,) and int(held.argmax()) == 7
-    assert held[7] > 2 * inside[7], "in-sample the outlier inflates its own covariance"
+    assert float(inside.abs().max()) < 1e-4, "in sample each image is its own nearest normal: hence held out"
+    assert held.min() > 0.1
     fold = torch.arange(30) % 10 == 7 % 10
     ref = fit_gaussian([x[~fold]]).score([x[fold]])
     assert torch.allclose(held[fold], ref)
