@@ -149,4 +149,4 @@ def test_clip_model_round_trip_with_local_weights(tmp_path):
     x, cats = _probe(4), ["tile", "wood", "wood", "tile"]
     a, b = predict(model, x, cats), predict(loaded, x, cats)
     assert np.allclose(a.scores, b.scores, atol=1e-5) and np.allclose(a.maps, b.maps, atol=1e-5)
-    assert set(model.calibration["tile"].fusion) == {"memory", "head", "text"}
+    assert set(model.calibration["tile"].fusion) == {"memory", "regional", "head", "text", "global"}

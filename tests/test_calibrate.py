@@ -1,0 +1,71 @@
+"""Thresholds that keep their promise (calibrate.py) and one feature space for bank and queries."""
+import numpy as np
+import pytest
+import torch
+
+from promptad.calibrate import conformal_threshold
+from promptad.model import ModelConfig
+from promptad.pipeline import fit_in_process
+from promptad.predict import components_of, extract
+from promptad.synthesis import procedural_texture
+from promptad.training import TrainConfig
+
+import tinyclip
+
+SIZE = 64
+
+
+def test_conformal_threshold_by_hand():
+    scores = np.arange(1, 10, dtype=np.float32)  # n = 9 held-out normal scores 1..9
+    # k = ceil(10 * 0.8) = 8: the 8th smallest; a new normal is at or above it with prob 2/10
+    assert conformal_threshold(scores, 0.2) == (8.0, 0.2)
+    # k = ceil(10 * 0.9) = 9: the largest, promising 1/10
+    assert conformal_threshold(scores, 0.1) == (9.0, 0.1)
+    # 1 % cannot be promised by 9 images: still the largest, promising 1/(n+1) = 0.1
+    assert conformal_threshold(scores[::-1].copy(), 0.01) == (9.0, 0.1)
+    t, p = conformal_threshold(np.linspace(0, 1, 999, dtype=np.float32), 0.01)
+    assert p == pytest.approx(10 / 1000) and t == np.float32(np.linspace(0, 1, 999, dtype=np.float32)[989])
+    assert isinstance(t, float) and np.float32(t) == t, "one of the float32 scores"
+
+
+def _images(n, seed):
+    rng = np.random.default_rng(seed)
+    base = procedural_texture(SIZE, rng)
+    return np.stack([np.clip(base.astype(int) + rng.integers(-6, 7, base.shape), 0, 255).astype(np.uint8)
+                     for _ in range(n)])
+
+
+@pytest.fixture(scope="module")
+def small_fit():
+    return fit_in_process({"tile": _images(12, 0), "few": _images(3, 1)},
+                          ModelConfig(backbone="effnet-lite0", input_size=SIZE), TrainConfig(epochs=1), log=None)
+
+
+def test_every_normal_image_calibrates_without_its_own_entries(small_fit):
+    """The training images score ~0 against their own bank; calibration scores them without
+    their own entries, so even a 3-image category gets distances that are not ~0 and a threshold
+    above them, with its small sample stated."""
+    model = small_fit
+    for cat, n in (("tile", 12), ("few", 3)):
+        cal = model.calibration[cat]
+        imgs = _images(n, 0 if cat == "tile" else 1)
+        own = components_of(model, extract(model, imgs), [cat] * n)["memory"]
+        assert float(own.max()) < 1e-3, "a bank holds its own images"
+        assert cal.memory_scale > 100 * max(float(own.max()), 1e-6)
+        assert cal.stats["n_normal"] == n and cal.stats["image_fpr_achievable"] == pytest.approx(1 / (n + 1))
+        assert cal.stats["image_fpr_promised"] == pytest.approx(1 / (n + 1))
+        assert any(f"{n} normal images cannot support a 1.0% false-alarm target" in w for w in cal.stats["warnings"])
+        assert np.isfinite(cal.image_threshold) and np.isfinite(cal.pixel_threshold)
+
+
+def test_clip_bank_and_queries_share_one_feature_space(tmp_path):
+    """On the tiny CLIP: a normal training image scores ~0 against its own bank (the bank and the
+    query both come from the frozen pass, which the trained prompts never enter)."""
+    tinyclip.register()
+    imgs = _images(6, 2)
+    model = fit_in_process({"tile": imgs}, ModelConfig(backbone=f"clip:{tinyclip.NAME}:"), TrainConfig(epochs=1),
+                           log=None)
+    assert model.trainable.vision_prompts is not None and model.trainable.vision_prompts.abs().sum() > 0
+    comps = components_of(model, extract(model, imgs), ["tile"] * len(imgs))
+    assert float(comps["memory"].max()) < 1e-4
+    assert float(comps["regional"].max()) < 1e-4
