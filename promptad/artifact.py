@@ -124,7 +124,7 @@ def read_manifest(uri: str) -> dict:
         raise UserError(f"unreadable model artifact at {uri}: {MANIFEST} is not valid JSON" + _REFIT) from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(f"model artifact at {uri} has format {manifest.get('format_version')}, "
-                        f"this promptad reads format {FORMAT_VERSION}")
+                        f"this promptad reads format {FORMAT_VERSION}" + _REFIT)
     return manifest
 
 

@@ -105,16 +105,17 @@ def _fused(model: PromptAD, comps: dict[str, torch.Tensor], category: str, batch
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def calibrate_category(model: PromptAD, category: str, feats: Features, image_fpr: float = IMAGE_FPR,
-                       pixel_fpr: float = PIXEL_FPR, batch_size: int = 32) -> Calibration:
+def calibrate_category(model: PromptAD, category: str, feats: Features, trained: bool,
+                       image_fpr: float = IMAGE_FPR, pixel_fpr: float = PIXEL_FPR,
+                       batch_size: int = 32) -> Calibration:
     """Calibration of one category from the backbone features of all its normal training images,
     the same images (in the same order) its memory was built from. Needs model.memory[category]
-    and the trained head."""
+    and, when `trained`, the trained head (else the head and learned prompts get no weight)."""
     n = len(feats)
     if n == 0:
         raise ValueError(f"no normal images to calibrate category {category!r}")
     comps = held_out_components(model, category, feats, batch_size)
-    base = model.calibration[category]
+    base = replace(model.calibration[category], fusion=model.default_fusion(trained))
     cal = replace(base, memory_scale=_scale(comps["memory"]), regional_scale=_scale(comps["regional"]),
                   local_center=0.0, local_scale=1.0, global_center=0.0, global_scale=1.0)
     model.calibration[category] = cal

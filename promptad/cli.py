@@ -19,6 +19,16 @@ from typing import Sequence
 from .errors import UserError
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -136,8 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs per worker; > 0 trains in fp16 on GPUs (default: %(default)g, CPU)")
     f.add_argument("--cpus-per-worker", type=_non_negative_float, default=0.5, metavar="C",
                    help="CPUs Ray reserves per worker (default: %(default)g)")
-    f.add_argument("--epochs", type=_positive_int, default=30, metavar="E",
-                   help="training epochs (default: %(default)s)")
+    f.add_argument("--epochs", type=_non_negative_int, default=0, metavar="E",
+                   help="epochs of training for the localization head (and CLIP's prompts); 0 fits the memory "
+                        "banks and the global branch only, which measured best (benchmarks/RESULTS.md) "
+                        "(default: %(default)s)")
     f.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
                    help="images per worker and step (default: %(default)s)")
     f.add_argument("--seed", type=int, default=0, metavar="S",

@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> FitSummary:
                is_local(args.address))
     run_name = run_name or runs.new_run(storage_uri, config)
     run_dir = storage.join(storage_uri, run_name)
-    done = runs.read_done(run_dir, args.epochs, categories)
+    done = runs.read_done(run_dir, args.epochs, categories, model.trainable.state_dict())
     restored = {"trained": done.trained is not None, "memory": sorted(done.memory),
                 "calibration": sorted(done.calibration)}
     if args.resume:
@@ -188,7 +188,9 @@ def run(args: argparse.Namespace) -> FitSummary:
     stage = _Stages(args, model.cfg.to_dict(), feats, ok, run_dir, done, clock)
     stage.start_memory(need_memory)  # needs no training: runs beside it
     t = time.time()
-    if done.trained is None:
+    if args.epochs == 0:
+        print("fit: no training (--epochs 0): memory banks and global branch only", flush=True)
+    elif done.trained is None:
         _train(args, model.cfg.to_dict(), feats, ok, storage_uri, run_name)
         final = read_state(run_dir, args.epochs)
         done.trained, done.metrics = final["ema"]["state"], dict(final.get("metrics") or {})
@@ -242,7 +244,7 @@ class _Stages:
                  ok: dict[str, list[int]], run_dir: str, done: runs.Done, clock: dict[str, float]):
         self.model_cfg, self.feats, self.ok, self.run_dir, self.done, self.clock = \
             model_cfg, feats, ok, run_dir, done, clock
-        self.seed = args.seed
+        self.seed, self.was_trained = args.seed, args.epochs > 0
         self.slot = {"num_cpus": args.cpus_per_worker, "num_gpus": args.gpus_per_worker}
         self.device, self.threads = stages.device_for(args.gpus_per_worker), max(1, int(args.cpus_per_worker))
         self.memory_refs: dict[str, tuple[Any, Any]] = {}
@@ -270,7 +272,8 @@ class _Stages:
         need = [c for c in sorted(done.memory.keys() | self.memory_refs.keys()) if c not in done.calibration]
         for c in need:
             memory = self.memory_refs[c][0] if c in self.memory_refs else done.memory[c]
-            cal, secs = task.remote(self.model_cfg, trained, c, memory, self.device, self.threads, *self._rows(c))
+            cal, secs = task.remote(self.model_cfg, trained, self.was_trained, c, memory, self.device, self.threads,
+                                    *self._rows(c))
             pending[cal] = ("calibration", c, secs)
         self.clock.update(memory_task_s=0.0, calibration_task_s=0.0, memory_wait=0.0)
         while pending:

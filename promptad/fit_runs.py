@@ -129,13 +129,14 @@ class Done:
     rows: dict[str, Any]  # ROWS_FILE: readable images per category, skipped files
 
 
-def read_done(run_dir: str, epochs: int, categories: list[str]) -> Done:
-    """What `run_dir` holds for a fit of `epochs` epochs (nothing, for a new run)."""
+def read_done(run_dir: str, epochs: int, categories: list[str], initial: dict[str, torch.Tensor]) -> Done:
+    """What `run_dir` holds for a fit of `epochs` epochs (nothing, for a new run). With no
+    training (epochs 0) the trainable state is `initial`, the seeded model's, from the start."""
     from safetensors.torch import load as st_load
 
     newest = newest_state(run_dir)
     final = newest[1] if newest and newest[0] == epochs else None
-    trained = None if final is None else final["ema"]["state"]
+    trained = initial if epochs == 0 else None if final is None else final["ema"]["state"]
     memory, calibration = {}, {}
     for c in categories:
         if storage.exists(memory_path(run_dir, c)):

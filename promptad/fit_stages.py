@@ -302,10 +302,11 @@ def category_memory(model_cfg: dict[str, Any], seed: int, device: str, threads: 
     return memory, time.perf_counter() - t0
 
 
-def category_calibration(model_cfg: dict[str, Any], trained: dict[str, torch.Tensor], category: str, memory,
-                         device: str, threads: int, picks: list[tuple[int, int]], *tables):
-    """Ray task: one category's calibration (calibrate.calibrate_category) with the trained
-    weights, its memory and its rows in the order the memory was built from; (Calibration, s)."""
+def category_calibration(model_cfg: dict[str, Any], trained: dict[str, torch.Tensor], was_trained: bool,
+                         category: str, memory, device: str, threads: int, picks: list[tuple[int, int]], *tables):
+    """Ray task: one category's calibration (calibrate.calibrate_category) with the trainable
+    weights (`was_trained` False: the untrained ones of --epochs 0), its memory and its rows in
+    the order the memory was built from; (Calibration, s)."""
     from .calibrate import calibrate_category
 
     t0 = time.perf_counter()
@@ -313,7 +314,7 @@ def category_calibration(model_cfg: dict[str, Any], trained: dict[str, torch.Ten
     model.trainable.load_state_dict(trained)
     model.memory = {category: memory.to(model.device)}
     feats = as_features(take_rows(picks, *tables))
-    calibration = calibrate_category(model, category, feats)
+    calibration = calibrate_category(model, category, feats, trained=was_trained)
     return calibration, time.perf_counter() - t0
 
 

@@ -66,6 +66,7 @@ class ModelConfig:
 
 FUSION_NO_TEXT = {"memory": 1.0, "regional": 1.0, "head": 1.0, "text": 0.0, "global": 1.0}
 FUSION_TEXT = {"memory": 1.0, "regional": 1.0, "head": 1.0, "text": 0.5, "global": 1.0}
+FUSION_UNTRAINED = {"memory": 1.0, "regional": 1.0, "head": 0.0, "text": 0.0, "global": 1.0}
 GLOBAL_HINGE = 3.0  # robust standard deviations of normal global distances before they count
 MEMORY_ONLY = {"memory": 1.0, "regional": 1.0, "head": 0.0, "text": 0.0, "global": 0.0}
 
@@ -77,7 +78,7 @@ class Calibration:
 
     memory_scale: float = 1.0  # divides local memory distances: normal patches sit below ~1
     regional_scale: float = 1.0  # the same for regional distances
-    fusion: dict[str, float] = field(default_factory=lambda: dict(FUSION_NO_TEXT))
+    fusion: dict[str, float] = field(default_factory=lambda: dict(FUSION_UNTRAINED))
     local_center: float = 0.0  # z(local): median of normal local scores ...
     local_scale: float = 1.0  # ... and 1.4826 x their median absolute deviation
     global_center: float = 0.0  # z(global), the same for the global distance
@@ -255,9 +256,16 @@ class PromptAD(nn.Module):
         self.local_dim = min(sum(self.backbone.channels), cfg.memory_dim)
         self.trainable = Trainable(self.backbone, cfg, self.local_dim)
         self.memory: dict[str, CategoryMemory] = {}
-        default = FUSION_TEXT if self.backbone.has_text else FUSION_NO_TEXT
-        self.calibration: dict[str, Calibration] = {c: Calibration(fusion=dict(default)) for c in cfg.categories}
+        self.calibration: dict[str, Calibration] = {c: Calibration(fusion=self.default_fusion(False))
+                                                    for c in cfg.categories}
         self._handcrafted: dict[str, torch.Tensor] = {}
+
+    def default_fusion(self, trained: bool) -> dict[str, float]:
+        """Fusion weights: untrained parts (head, learned prompts) get none, so a fit without
+        training (the default, --epochs 0) is the memory banks and the global branch alone."""
+        if not trained:
+            return dict(FUSION_UNTRAINED)
+        return dict(FUSION_TEXT if self.backbone.has_text else FUSION_NO_TEXT)
 
     @property
     def categories(self) -> list[str]:

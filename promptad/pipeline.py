@@ -82,6 +82,6 @@ def fit_in_process(images: dict[str, np.ndarray], model_cfg: ModelConfig, train_
     clock["training"] = time.perf_counter() - t
     t = time.perf_counter()
     for c in model.categories:
-        calibrate_category(model, c, feats[c])
+        calibrate_category(model, c, feats[c], trained=train_cfg.epochs > 0)
     clock["calibration"] = time.perf_counter() - t
     return model

@@ -180,7 +180,7 @@ def _calibration_table(report: dict) -> str:
         return ""
     return ('<section id="calibration"><h2>What the deployed thresholds were calibrated for'
             '</h2><table class="calibration"><tr><th>category</th><th>image threshold</th>'
-            "<th>pixel threshold</th><th>target false-alarm rate</th><th>held-out normals</th>"
+            "<th>pixel threshold</th><th>target false-alarm rate</th><th>calibration normals</th>"
             "<th>smallest supportable rate</th><th>rule</th></tr>" + "".join(rows)
             + "</table></section>")
 
@@ -367,10 +367,10 @@ GLOSSARY = (
                                         "at the deployed pixel threshold."),
     ("change under a shift", "shifted minus clean; drops of {large_drop:.2f} or more are "
                              "highlighted."),
-    ("target false-alarm rate, held-out normals", "what the threshold was calibrated for and "
-                                                  "how many normal images (not in this audit) "
-                                                  "set it."),
-    ("smallest supportable rate", "about 1 / (held-out normals + 1): a quantile of n scores "
+    ("target false-alarm rate, calibration normals", "what the threshold was calibrated for and "
+                                                  "how many normal training images (each scored "
+                                                  "without its own memory entries) set it."),
+    ("smallest supportable rate", "about 1 / (calibration normals + 1): a quantile of n scores "
                                   "cannot resolve a smaller false-alarm rate."),
     ("what if", "the lowest threshold whose false-alarm rate on these normal images is within "
                 "the budget, and the recall it gives."),

@@ -28,7 +28,7 @@ MIN_EPOCH_SAMPLES = 256  # an epoch visits at least this many samples (cycling a
 
 @dataclass
 class TrainConfig:
-    epochs: int = 8
+    epochs: int = 0  # benchmarks/RESULTS.md: the head did not beat the memory banks at any epoch count
     batch_size: int = 16
     lr: float = 3e-4
     weight_decay: float = 1e-4

@@ -394,6 +394,39 @@ def test_one_worker_fit_is_the_in_process_fit(ray_local, data, tmp_path):
 
 
 @pytest.mark.slow
+def test_default_fit_trains_nothing_and_weights_only_what_it_fitted(ray_local, data, tmp_path):
+    """At the defaults (--epochs 0) fit runs no Ray Train and writes no epoch checkpoint; the
+    artifact's fusion gives the untrained head no weight, and its calibration is the in-process
+    fit's without training."""
+    from promptad.artifact import load_artifact
+    from promptad.datasets import load_samples
+    from promptad.model import FUSION_UNTRAINED, ModelConfig
+    from promptad.pipeline import fit_in_process, load_images
+    from promptad.predict import predict
+    from promptad.training import TrainConfig
+
+    summary = fit.run(fit_args(str(data), str(tmp_path / "model"), "--storage", str(tmp_path / "ckpt")))
+    assert not list(Path(summary.run_dir).glob("epoch_*")) and summary.metrics == {}
+    model = load_artifact(summary.artifact)
+    manifest = json.loads((tmp_path / "model" / "promptad.json").read_text())
+    assert manifest["training"]["epochs"] == 0
+    images = {c: load_images([s for s in sorted(load_samples(str(data), [c], "train"), key=lambda s: s.image_id)
+                              if not s.path.endswith("zz_truncated.png")], SIZE) for c in ("tile", "wood")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = fit_in_process(images, ModelConfig(backbone="effnet-lite0", input_size=SIZE),
+                             TrainConfig(epochs=0, batch_size=4, seed=0), log=None)
+    finally:
+        torch.set_num_threads(threads)
+    for c in ("tile", "wood"):
+        assert model.calibration[c].fusion == FUSION_UNTRAINED == ref.calibration[c].fusion
+        assert model.calibration[c].image_threshold == pytest.approx(ref.calibration[c].image_threshold, rel=1e-3)
+    out = predict(model, images["tile"][:2], ["tile", "tile"])
+    assert np.isfinite(out.scores).all()
+
+
+@pytest.mark.slow
 def test_data_checkpoints_and_artifact_on_s3(ray_local, data, s3_bucket):
     from promptad.artifact import load_artifact
     from promptad.predict import predict
