@@ -2,8 +2,9 @@
 
     python benchmarks/coreset_speed.py --data ../shared/datasets --category magnetic_tile
 
-Features are real effnet-lite0 patch features (256 px -> 32x32 patches, 152 dims) of the first
-200 train/good images; the coreset is the default 1 % (min 1000) and a 10 % one.
+Features are real effnet-lite0 local patch embeddings (features.local_embedding: 256 px -> 32x32
+patches, 152 dims) of the first 200 train/good images; the coreset is the default 1 % (min 1000)
+and a 10 % one.
 """
 from __future__ import annotations
 
@@ -16,11 +17,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from promptad.backbones import create_backbone  # noqa: E402
 from promptad.datasets import load_samples  # noqa: E402
-from promptad.memory import build_bank, patch_features  # noqa: E402
-from promptad.pipeline import load_images  # noqa: E402
-from promptad.predict import as_input  # noqa: E402
+from promptad.memory import build_bank  # noqa: E402
+from promptad.model import ModelConfig, PromptAD  # noqa: E402
+from promptad.pipeline import extract_all, load_images  # noqa: E402
 
 
 def main() -> None:
@@ -29,17 +29,16 @@ def main() -> None:
     ap.add_argument("--category", required=True)
     ap.add_argument("--images", type=int, default=200)
     args = ap.parse_args()
-    bb = create_backbone("effnet-lite0")
-    images = load_images(load_samples(args.data, [args.category], "train")[: args.images], bb.input_size)
+    model = PromptAD(ModelConfig(backbone="effnet-lite0"))
+    images = load_images(load_samples(args.data, [args.category], "train")[: args.images], model.cfg.input_size)
     with torch.no_grad():
-        feats = torch.cat([patch_features(bb(as_input(images[s:s + 16], torch.device("cpu"))).layers)
-                           for s in range(0, len(images), 16)])
+        feats = model.local_features(extract_all(model, images))
     n = feats.shape[0] * feats.shape[2] * feats.shape[3]
     print(f"{len(images)} images -> {n} patches x {feats.shape[1]} dims")
     for ratio in (0.01, 0.1):
         t0 = time.perf_counter()
         bank = build_bank(feats, ratio=ratio)
-        print(f"coreset ratio {ratio}: {bank.shape[0]} entries in {time.perf_counter() - t0:.1f} s")
+        print(f"coreset ratio {ratio}: {bank.entries.shape[0]} entries in {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":

@@ -14,49 +14,28 @@ import importlib
 import sys
 import textwrap
 import traceback
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import UserError
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse type: `convert`, then `ok`; either failing is "expected <expected>, got ..."."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):  # `not` so that nan fails every range
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1] (e.g. 0.01 for 1 %), got {text!r}") from None
-    if not 0.0 <= value <= 1.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1] (e.g. 0.01 for 1 %), got {text!r}")
-    return value
+_non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
+_rate = _checked(float, lambda v: 0.0 <= v <= 1.0, "a rate in [0, 1] (e.g. 0.01 for 1 %)")
 
 
 def _categories(text: str) -> list[str]:
@@ -127,9 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--debug", action="store_true",
                         help="show the traceback of an error, keeping its exit code (default: off)")
 
+    def model_actors(sp: argparse.ArgumentParser, actors_help: str) -> None:
+        """The model stage's actors, shared by score and audit."""
+        sp.add_argument("--actors", type=_positive_int, default=1, metavar="N",
+                        help=actors_help + " (default: %(default)s)")
+        sp.add_argument("--gpus-per-actor", type=_non_negative_float, default=0.0, metavar="G",
+                        help="GPUs per actor (default: %(default)g, CPU)")
+        sp.add_argument("--batch-size", type=_positive_int, default=16, metavar="B",
+                        help="images per model batch (default: %(default)s)")
+
     f = command("fit", "train a model on normal images (Ray Train)",
-                "Train on the normal images of one or more categories with Ray Train, then write the model "
-                "artifact (weights, memory banks, calibrated thresholds) to --out.")
+                "Fit on the normal images of one or more categories on Ray (features, memory banks, calibration; "
+                "with --epochs, Ray Train trains the localization head), then write the model artifact to --out.")
     f.add_argument("--data", required=True, type=_location, metavar="URI",
                    help="MVTec AD root (ROOT/CATEGORY/train/good/...) or a Parquet/CSV manifest, local or "
                         "s3:// (required)")
@@ -181,14 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true",
                    help="print the plan (inputs, already done, changed, to retry, to score, files and bytes) "
                         "and stop: nothing is read, scored or written, Ray does not start (default: off)")
-    s.add_argument("--actors", type=_positive_int, default=1, metavar="N",
-                   help="model actors scoring in parallel (default: %(default)s)")
-    s.add_argument("--gpus-per-actor", type=_non_negative_float, default=0.0, metavar="G",
-                   help="GPUs per actor (default: %(default)g, CPU)")
+    model_actors(s, "model actors scoring in parallel")
     s.add_argument("--cpus-per-actor", type=_non_negative_float, default=0.5, metavar="C",
                    help="CPUs Ray reserves per actor; whole CPUs become torch threads (default: %(default)g)")
-    s.add_argument("--batch-size", type=_positive_int, default=16, metavar="B",
-                   help="images per model batch (default: %(default)s)")
     s.add_argument("--run-id", default=None, metavar="ID",
                    help="id written in every row of this run, e.g. the scheduler's job id (default: "
                         "generated from the time)")
@@ -210,12 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated shifts (brightness, contrast, gamma, rotation, translation, scale, "
                         "blur, noise, jpeg), groups (lighting, camera, sensor) or all (default: none, clean "
                         "images only)")
-    a.add_argument("--batch-size", type=_positive_int, default=16, metavar="B",
-                   help="images per model batch (default: %(default)s)")
-    a.add_argument("--actors", type=_positive_int, default=1, metavar="N",
-                   help="model actors (default: %(default)s)")
-    a.add_argument("--gpus-per-actor", type=_non_negative_float, default=0.0, metavar="G",
-                   help="GPUs per actor (default: %(default)g, CPU)")
+    model_actors(a, "model actors")
     a.add_argument("--max-false-alarm", type=_rate, default=None, metavar="RATE",
                    help="target per category: the 95%% upper bound of the false-alarm rate on normal "
                         "images must be <= RATE, else exit 3 (default: no target)")
