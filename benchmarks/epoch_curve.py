@@ -6,7 +6,8 @@
 Runs benchmarks/quality.py (without the reference) once per epoch count, each a separate fit with
 the same seed and data, and prints one row per count: the full model's and the memory-only
 variant's I-AUROC / P-AUROC / AUPRO and the fit time. Memory-only does not depend on the epochs;
-it is the row the learned parts have to beat.
+it is the row the learned parts have to beat; "model without global" is the model's image AUROC
+with the global branch's weight set to 0 (the head's effect alone).
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def main() -> None:
             rows.append({"epochs": epochs, "model": r["model"], "memory_only": r["memory_only"],
                          "timings": r.get("timings", {})})
             m, b = r["model"], r["memory_only"]
-            print(f"epochs {epochs:2d}  model {m['image_auroc']:.4f} / {m.get('pixel_auroc') or float('nan'):.4f} / "
+            print(f"epochs {epochs:2d}  model {m['image_auroc']:.4f} (without global "
+                  f"{m['image_auroc_without_global']:.4f}) / {m.get('pixel_auroc') or float('nan'):.4f} / "
                   f"{m.get('aupro') or float('nan'):.4f}  memory-only {b['image_auroc']:.4f} / "
                   f"{b.get('pixel_auroc') or float('nan'):.4f} / {b.get('aupro') or float('nan'):.4f}  "
                   f"fit {m['fit_s']:.1f}s (training {r.get('timings', {}).get('training', float('nan')):.1f}s)",
