@@ -70,7 +70,7 @@ EXAMPLES = {
     "fit": """examples:
   promptad fit --data /data/mvtec_ad --category bottle --out runs/bottle-effnet
   promptad fit --data s3://promptad-data/mvtec_ad --category bottle,cable --out s3://promptad-models/mvtec-v1 \\
-      --workers 4 --gpus-per-worker 1 --epochs 30 --address ray://head:10001""",
+      --workers 4 --gpus-per-worker 1 --epochs 8 --address ray://head:10001""",
     "score": """examples:
   promptad score --model runs/bottle-effnet --input /data/incoming/bottle --output runs/scores-bottle
   promptad score --model s3://promptad-models/mvtec-v1 --input s3://inspection-archive/images/ \\
@@ -80,7 +80,7 @@ EXAMPLES = {
   promptad audit --model runs/bottle-effnet --data /data/mvtec_ad --report runs/audit-shifts --shifts all""",
     "demo": """examples:
   promptad demo
-  promptad demo --data /data/mvtec_ad --category bottle --epochs 30 --workdir runs/demo-bottle""",
+  promptad demo --data /data/mvtec_ad --category bottle --epochs 0 --workdir runs/demo-bottle""",
 }
 
 
@@ -212,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="demo_output", type=_location, metavar="DIR",
                    help="where data, model, scores, report and logs go; a re-run replaces its own outputs "
                         "(default: %(default)s)")
-    d.add_argument("--epochs", type=_positive_int, default=None, metavar="E",
-                   help="training epochs (default: 15)")
+    d.add_argument("--epochs", type=_non_negative_int, default=None, metavar="E",
+                   help="epochs of head training in the demo's fit; 0 is `promptad fit`'s default (no "
+                        "training) (default: 3, to show the Ray Train stage)")
     common(d)
     return p
 
