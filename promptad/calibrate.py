@@ -114,8 +114,10 @@ def calibrate_category(model: PromptAD, category: str, feats: Features, trained:
     n = len(feats)
     if n == 0:
         raise ValueError(f"no normal images to calibrate category {category!r}")
-    comps = held_out_components(model, category, feats, batch_size)
+    # The fusion first: it decides which components the held-out pass computes.
     base = replace(model.calibration[category], fusion=model.default_fusion(trained))
+    model.calibration[category] = base
+    comps = held_out_components(model, category, feats, batch_size)
     cal = replace(base, memory_scale=_scale(comps["memory"]), regional_scale=_scale(comps["regional"]),
                   local_center=0.0, local_scale=1.0, global_center=0.0, global_scale=1.0)
     model.calibration[category] = cal

@@ -305,9 +305,11 @@ class PromptAD(nn.Module):
         """Raw evidence before fusion: maps at their grids (N, h, w), image-level values (N,).
 
         `exclude` (N,): score image i without the memory entries of training image exclude[i]
-        (leave-one-out calibration); the global distance is then left to the caller (k-fold)."""
+        (leave-one-out calibration); the global distance is then left to the caller (k-fold).
+        The trainable part (head, CLIP's prompted last block and text) runs only when a category
+        of the batch weighs it: a fit without training weighs none, and then "head" and "text"
+        are absent (fuse refuses weights on them)."""
         local = self.local_features(feats)
-        out = self.trainable(self.trainable.standardize(local), feats.tokens, list(categories))
         n, (h, w) = local.shape[0], local.shape[-2:]
         regional = self.regional_features(feats)
         mem = torch.zeros(n, h, w, device=local.device)
@@ -323,21 +325,32 @@ class PromptAD(nn.Module):
             reg[idx] = nn_distance(regional[idx], m.regional.entries, bank_source=m.regional.source, exclude=ex)
             if exclude is None:
                 glob[idx] = m.gaussian.score([p[idx] for p in pooled]).to(glob.device)
-        comps = {"memory": mem, "regional": reg, "head": torch.sigmoid(out.head_logits[:, 0].float()),
-                 "global": glob}
+        comps = {"memory": mem, "regional": reg, "global": glob}
+        if not self.weighs_trainable(categories):
+            return comps
+        out = self.trainable(self.trainable.standardize(local), feats.tokens, list(categories))
+        comps["head"] = torch.sigmoid(out.head_logits[:, 0].float())
         if out.text_logits is not None:
             comps["text"] = torch.sigmoid(out.text_logits[:, 0].float())
             comps["image_text"] = torch.sigmoid(out.image_text_logit.float())
         return comps
+
+    def weighs_trainable(self, categories: list[str]) -> bool:
+        """Whether the calibrated fusion of any of these categories gives the head or the text
+        branch weight (not for a category the model does not hold: components skips those)."""
+        return any(self.calibration[c].fusion.get("head", 0.0) or self.calibration[c].fusion.get("text", 0.0)
+                   for c in set(categories) if c in self.calibration)
 
     @float32_math
     def fuse(self, comps: dict[str, torch.Tensor], categories: list[str],
              fusion: dict[str, dict[str, float]] | None = None) -> Fused:
         """Image scores and pixel maps from components (module docstring); `fusion` overrides the
         calibrated weights per category. fp32 under any autocast (numerics.float32_math)."""
-        head = comps["head"]
         cals = [self.calibration[c] for c in categories]
         weights = [(fusion or {}).get(c, cal.fusion) for c, cal in zip(categories, cals)]
+        if "head" not in comps and any(w.get("head", 0.0) or w.get("text", 0.0) for w in weights):
+            raise ValueError("fusion weighs the head or text, but the components were computed without them")
+        head = comps.get("head", torch.zeros_like(comps["memory"]))
 
         def per_row(values: list[float], dims: int = 2) -> torch.Tensor:  # one value per image, broadcast
             return torch.tensor(values, dtype=head.dtype, device=head.device).view(-1, *([1] * dims))

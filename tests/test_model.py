@@ -150,3 +150,30 @@ def test_clip_model_round_trip_with_local_weights(tmp_path):
     a, b = predict(model, x, cats), predict(loaded, x, cats)
     assert np.allclose(a.scores, b.scores, atol=1e-5) and np.allclose(a.maps, b.maps, atol=1e-5)
     assert set(model.calibration["tile"].fusion) == {"memory", "regional", "head", "text", "global"}
+
+
+def test_untrained_fit_scores_without_running_the_trainable_part(monkeypatch):
+    """At the default (no training) the head weighs nothing, so prediction never runs it: the same
+    scores as with the head computed and weighted 0, and a head weight asked of such components
+    is refused rather than read as zeros."""
+    from promptad.predict import predict_components
+
+    model = fit_in_process({"tile": _images(8, 0)}, ModelConfig(backbone="effnet-lite0", input_size=SIZE),
+                           TrainConfig(epochs=0), log=None)
+    x = _probe(3)
+    fusion = dict(model.calibration["tile"].fusion)
+    assert fusion["head"] == 0.0 and not model.weighs_trainable(["tile"])
+    full_cal = model.calibration["tile"]
+    monkeypatch.setattr(full_cal, "fusion", {**fusion, "head": 1e-30})  # weighs it: the head runs
+    with_head = predict_components(model, x, ["tile"] * 3)
+    monkeypatch.setattr(full_cal, "fusion", fusion)
+    calls = []
+    monkeypatch.setattr(type(model.trainable), "forward", lambda *a, **k: calls.append(1))
+    without = predict_components(model, x, ["tile"] * 3)
+    assert not calls and "head" not in without and "head" in with_head
+    a = model.fuse(with_head, ["tile"] * 3, {"tile": fusion})
+    b = model.fuse(without, ["tile"] * 3)
+    torch.testing.assert_close(a.scores, b.scores)
+    torch.testing.assert_close(a.maps, b.maps)
+    with pytest.raises(ValueError, match="head or text"):
+        model.fuse(without, ["tile"] * 3, {"tile": {**fusion, "head": 1.0}})
