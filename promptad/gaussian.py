@@ -23,12 +23,15 @@ import torch
 
 @dataclass
 class Gaussian:
-    """Per layer: mean (C,), precision (C, C) and the normal images' pooled features (N, C),
-    float64 for a stable inverse."""
+    """Per layer: precision (C, C) and the normal images' pooled features (N, C), float64 for a
+    stable inverse."""
 
-    means: list[torch.Tensor]
     precisions: list[torch.Tensor]
     normals: list[torch.Tensor]
+
+    @property
+    def means(self) -> list[torch.Tensor]:
+        return [x.mean(0) for x in self.normals]
 
     def score(self, pooled: list[torch.Tensor]) -> torch.Tensor:
         """(N,) distance of each image to its nearest normal image: the sum over layers of the
@@ -43,19 +46,18 @@ class Gaussian:
         return total.min(1).values.float()
 
     def to(self, device: torch.device | str) -> "Gaussian":
-        return Gaussian(*([t.to(device) for t in ts] for ts in (self.means, self.precisions, self.normals)))
+        return Gaussian([t.to(device) for t in self.precisions], [t.to(device) for t in self.normals])
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
-        for i, (mu, prec, ref) in enumerate(zip(self.means, self.precisions, self.normals)):
-            out[f"global_mean_{i}"], out[f"global_precision_{i}"], out[f"global_normals_{i}"] = mu, prec, ref
+        for i, (prec, ref) in enumerate(zip(self.precisions, self.normals)):
+            out[f"global_precision_{i}"], out[f"global_normals_{i}"] = prec, ref
         return out
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Gaussian":
-        n = sum(1 for k in tensors if k.startswith("global_mean_"))
-        return cls(*([tensors[f"global_{name}_{i}"].double() for i in range(n)]
-                     for name in ("mean", "precision", "normals")))
+        n = sum(1 for k in tensors if k.startswith("global_normals_"))
+        return cls(*([tensors[f"global_{name}_{i}"].double() for i in range(n)] for name in ("precision", "normals")))
 
 
 def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
@@ -75,15 +77,14 @@ def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
 
 def fit_gaussian(pooled: list[torch.Tensor]) -> Gaussian:
     """Gaussian per layer of (N, C_l) pooled features (N >= 2), keeping the N images."""
-    means, precisions = [], []
+    precisions = []
     for x in pooled:
         x = x.double()
         cov = ledoit_wolf(x)
         eps = 1e-9 * float(torch.trace(cov)) / cov.shape[0] + 1e-12  # a single image has cov = 0
         cov = cov + eps * torch.eye(cov.shape[0], dtype=cov.dtype)
-        means.append(x.mean(0))
         precisions.append(torch.linalg.inv(cov))
-    return Gaussian(means, precisions, [x.double() for x in pooled])
+    return Gaussian(precisions, [x.double() for x in pooled])
 
 
 def held_out_scores(pooled: list[torch.Tensor], folds: int = 10) -> torch.Tensor:
