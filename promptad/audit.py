@@ -411,6 +411,7 @@ def run(args: argparse.Namespace) -> int:
     targets = Targets(getattr(args, "max_false_alarm", None), getattr(args, "min_recall", None))
     model = load_artifact(args.model)  # fails fast (UserError) before Ray starts
     model_id, calibration = model.model_id, dict(model.calibration)
+    tolerated = set((model.manifest.get("training") or {}).get("tolerate") or [])
     input_size, model_categories = int(model.cfg.input_size), list(model.categories)
     del model  # the actors load their own; the driver keeps only the calibration
     samples = _select_samples(args.data, args.category, model_categories)
@@ -437,7 +438,7 @@ def run(args: argparse.Namespace) -> int:
                 _fold(row, calibration, accs, cats, errors, report_dir, made_dirs, writer)
 
     report = _build_report(args, model_id, created_at, categories, conditions, calibration,
-                           accs, cats, errors, targets)
+                           accs, cats, errors, targets, tolerated)
     report["duration_s"] = round(time.time() - started, 1)
     write_report_json(report_dir / "report.json", report)
     curves = {c: CategoryCurves.from_scores(np.asarray(accs[(c, CLEAN)].scores),
@@ -533,7 +534,7 @@ def _pooled(categories: list[str], conditions: list[str], calibration: dict[str,
 def _build_report(args: argparse.Namespace, model_id: str, created_at: str,
                   categories: list[str], conditions: list[str],
                   calibration: dict[str, Calibration], accs: dict, cats: dict,
-                  errors: list[dict], targets: Targets) -> dict:
+                  errors: list[dict], targets: Targets, tolerated: set[str] = frozenset()) -> dict:
     per_category = {}
     for c in categories:
         cal, info = calibration[c], cats[c]
@@ -559,7 +560,8 @@ def _build_report(args: argparse.Namespace, model_id: str, created_at: str,
         "targets": targets.as_dict(),
         "verdict": overall_verdict(per_category, targets),
         "counts": dict(totals),
-        "shifts": {k: {"group": SHIFTS[k].group, "description": SHIFTS[k].description}
+        "shifts": {k: {"group": SHIFTS[k].group, "description": SHIFTS[k].description,
+                       "tolerated_by_model": k in tolerated}  # fit --tolerate: trained as normal
                    for k in conditions[1:]},
         "categories": per_category,
         "overall": overall_summary(per_category),

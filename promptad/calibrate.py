@@ -72,11 +72,12 @@ def _scale(values: torch.Tensor) -> float:
     return q if q > 1e-6 else 1.0
 
 
-def held_out_components(model: PromptAD, category: str, feats: Features, batch_size: int = 32
-                        ) -> dict[str, torch.Tensor]:
+def held_out_components(model: PromptAD, category: str, feats: Features, batch_size: int = 32,
+                        tolerated: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Components of every normal image of a category, each scored without its own memory entries
     (its row index is its source in the banks) and its global distance from a Gaussian of the
-    other folds. Maps stay at their patch grids (small)."""
+    other folds (with their tolerated views, as the memory's Gaussian holds them). Maps stay at
+    their patch grids (small)."""
     n = len(feats)
     parts: dict[str, list[torch.Tensor]] = {}
     for s in range(0, n, batch_size):
@@ -87,7 +88,7 @@ def held_out_components(model: PromptAD, category: str, feats: Features, batch_s
             parts.setdefault(k, []).append(v.float().cpu())
     out = {k: torch.cat(v) for k, v in parts.items()}
     pooled = model.pooled_features(feats)
-    out["global"] = held_out_scores(pooled) if n >= 3 else model.memory[category].gaussian.score(pooled).cpu()
+    out["global"] = held_out_scores(pooled, extra=tolerated) if n >= 3 else model.memory[category].gaussian.score(pooled).cpu()
     return out
 
 
@@ -107,17 +108,18 @@ def _fused(model: PromptAD, comps: dict[str, torch.Tensor], category: str, batch
 
 def calibrate_category(model: PromptAD, category: str, feats: Features, trained: bool,
                        image_fpr: float = IMAGE_FPR, pixel_fpr: float = PIXEL_FPR,
-                       batch_size: int = 32) -> Calibration:
+                       batch_size: int = 32, tolerated: list[torch.Tensor] | None = None) -> Calibration:
     """Calibration of one category from the backbone features of all its normal training images,
-    the same images (in the same order) its memory was built from. Needs model.memory[category]
-    and, when `trained`, the trained head (else the head and learned prompts get no weight)."""
+    the same images (in the same order) its memory was built from, and the pooled features of
+    their tolerated views if the memory has them. Needs model.memory[category] and, when
+    `trained`, the trained head (else the head and learned prompts get no weight)."""
     n = len(feats)
     if n == 0:
         raise ValueError(f"no normal images to calibrate category {category!r}")
     # The fusion first: it decides which components the held-out pass computes.
     base = replace(model.calibration[category], fusion=model.default_fusion(trained))
     model.calibration[category] = base
-    comps = held_out_components(model, category, feats, batch_size)
+    comps = held_out_components(model, category, feats, batch_size, tolerated)
     cal = replace(base, memory_scale=_scale(comps["memory"]), regional_scale=_scale(comps["regional"]),
                   local_center=0.0, local_scale=1.0, global_center=0.0, global_scale=1.0)
     model.calibration[category] = cal
@@ -142,6 +144,7 @@ def calibrate_category(model: PromptAD, category: str, feats: Features, trained:
              "image_fpr_achievable": 1.0 / (n + 1), "pixel_fpr_target": pixel_fpr,
              "held_out_fpr_at_threshold": float((scores >= image_threshold).mean()),
              "threshold_rule": "conformal order statistic of leave-one-out normal scores",
+             "tolerated_views": 0 if tolerated is None else int(tolerated[0].shape[1]),
              "warnings": warnings}
     cal = replace(cal, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
                   image_center=float(np.median(scores)), pixel_center=float(np.median(pixels)), stats=stats)

@@ -45,6 +45,16 @@ def _categories(text: str) -> list[str]:
     return cats
 
 
+def _shift_names(text: str) -> list[str]:
+    """Shift names or groups, comma-separated (as audit --shifts takes them)."""
+    from .shifts import parse_shifts
+
+    try:
+        return parse_shifts(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _location(text: str) -> str:
     """A path or URI that must not be empty: '' would mean the current folder (`--input "$UNSET"`)."""
     if not text.strip():
@@ -70,7 +80,7 @@ EXAMPLES = {
     "fit": """examples:
   promptad fit --data /data/mvtec_ad --category bottle --out runs/bottle-effnet
   promptad fit --data s3://promptad-data/mvtec_ad --category bottle,cable --out s3://promptad-models/mvtec-v1 \\
-      --workers 4 --gpus-per-worker 1 --epochs 8 --address ray://head:10001""",
+      --workers 4 --gpus-per-worker 1 --epochs 8 --tolerate sensor --address ray://head:10001""",
     "score": """examples:
   promptad score --model runs/bottle-effnet --input /data/incoming/bottle --output runs/scores-bottle
   promptad score --model s3://promptad-models/mvtec-v1 --input s3://inspection-archive/images/ \\
@@ -140,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     f.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
                    help="images per worker and step (default: %(default)s)")
+    f.add_argument("--tolerate", type=_shift_names, default=[], metavar="LIST",
+                   help="imaging conditions the line must accept as normal, named as audit --shifts names them "
+                        "(e.g. sensor, or noise,jpeg): the global branch learns them from shifted copies of "
+                        "the training images, at one more backbone pass per condition and image; without it, "
+                        "sensor noise, JPEG or blur read as whole-image anomalies (default: none)")
     f.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of the data order, synthetic anomalies and initialization (default: %(default)s)")
     # Advanced: a smaller model input than the backbone's default (quick tests and benchmarks).

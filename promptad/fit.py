@@ -188,6 +188,9 @@ def run(args: argparse.Namespace) -> FitSummary:
     stage = _Stages(args, model.cfg.to_dict(), feats, ok, run_dir, done, clock)
     stage.start_memory(need_memory)  # needs no training: runs beside it
     t = time.time()
+    if args.tolerate:
+        print(f"fit: the global branch tolerates {', '.join(args.tolerate)} "
+              f"({len(args.tolerate)} extra backbone pass(es) per image)", flush=True)
     if args.epochs == 0:
         print("fit: no training (--epochs 0): memory banks and global branch only", flush=True)
     elif done.trained is None:
@@ -203,6 +206,7 @@ def run(args: argparse.Namespace) -> FitSummary:
     model.calibration.update({c: done.calibration[c] for c in categories})
     skipped = [p for c in categories for p, _ in done.rows["skipped"].get(c, [])]
     training = {"data": args.data, "categories": categories, "epochs": args.epochs, "seed": args.seed,
+                "tolerate": list(args.tolerate),
                 "batch_size": args.batch_size, "lr": TrainConfig.lr, "workers": args.workers,
                 "precision": done.metrics.get("precision"), "final_loss": done.metrics.get("loss"),
                 "train_images": {c: int(done.rows["images"].get(c, 0)) for c in categories},
@@ -222,7 +226,8 @@ def _features(args: argparse.Namespace, model_cfg: dict[str, Any], rows: list[di
     import ray
 
     t = time.time()
-    blocks = stages.feature_blocks(rows, model_cfg, args.workers, args.cpus_per_worker, args.gpus_per_worker)
+    blocks = stages.feature_blocks(rows, model_cfg, args.workers, args.cpus_per_worker, args.gpus_per_worker,
+                                   tolerate=args.tolerate)
     index_task = stages.remote(stages.index_block).options(num_cpus=stages.INDEX_CPUS)
     feats = stages.FeatureSet(blocks, ray.get([index_task.remote(b) for b in blocks]))
     ok, skipped = _readable(rows, feats)

@@ -64,7 +64,8 @@ def check_writable(uri: str, flag: str) -> None:
 def run_config(args: argparse.Namespace) -> dict[str, Any]:
     return {"data": args.data, "categories": sorted(set(args.category)), "backbone": args.backbone,
             "input_size": args.input_size, "epochs": args.epochs, "batch_size": args.batch_size,
-            "seed": args.seed, "workers": args.workers, "precision": args.precision}
+            "seed": args.seed, "workers": args.workers, "precision": args.precision,
+            "tolerate": list(args.tolerate)}
 
 
 def new_run(storage_uri: str, config: dict[str, Any]) -> str:

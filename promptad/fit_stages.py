@@ -2,11 +2,14 @@
 image or a feature map.
 
     rows (idx, path, category, image_id: strings, from the driver)
-      -> Ray Data, CPU tasks: read + decode + resize (one block = one batch of FEATURE_BATCH rows)
+      -> Ray Data, CPU tasks: read + decode + resize (one block = one batch of FEATURE_BATCH rows),
+         and the image under each --tolerate condition (shifts.tolerated_views)
       -> Ray Data, actor pool: predict.extract, the frozen backbone loaded once per actor
          (--gpus-per-worker GPUs each on a GPU cluster), plus each image's per-channel moments of
-         its local embedding (for the head's standardization)
-      -> materialized feature blocks in the object store: idx, error, layer_<k> (CLIP: tokens)
+         its local embedding (for the head's standardization) and the pooled features of its
+         tolerated views (all the global branch keeps of them)
+      -> materialized feature blocks in the object store: idx, error, layer_<k> (CLIP: tokens),
+         tolerated_<k> (N, T, C_k) with --tolerate
       -> one index task per block: which rows it holds, which failed, the block's moments
     then, per category, as plain Ray tasks over that category's block refs:
       memory       pipeline.build_memory (coreset banks, Gaussian); needs no training, so it runs
@@ -37,6 +40,7 @@ import torch
 from . import storage
 from .backbones import Features
 from .images import ImageDecodeError, decode_image, resize
+from .shifts import tolerated_views
 
 FEATURE_BATCH_CPU = 16  # images per block and extraction batch on CPU actors
 FEATURE_BATCH_GPU = 64  # ... and on GPU actors
@@ -116,20 +120,28 @@ def device_for(gpus: float) -> str:
 
 
 # --------------------------------------------------------------------------- decode and extract
-def decode_block(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """Ray Data map: read, decode and resize; a bad image becomes a zero image with its `error`."""
+def decode_block(batch: dict[str, np.ndarray], size: int, tolerate: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Ray Data map: read, decode and resize, and the tolerated views (shifted at the image's own
+    resolution, then resized); a bad image becomes a zero image with its `error`."""
     t0 = time.perf_counter()
-    images = np.zeros((len(batch["path"]), size, size, 3), np.uint8)
+    n = len(batch["path"])
+    images = np.zeros((n, size, size, 3), np.uint8)
+    views = np.zeros((n, len(tolerate), size, size, 3), np.uint8)
     errors = []
     for i, path in enumerate(batch["path"]):
         try:
-            images[i] = resize(decode_image(storage.read_bytes(str(path))), size)
+            img = decode_image(storage.read_bytes(str(path)))
+            images[i] = resize(img, size)
+            for t, view in enumerate(tolerated_views(img, list(tolerate), str(batch["image_id"][i]))):
+                views[i, t] = resize(view, size)
             errors.append("")
         except (ImageDecodeError, OSError) as e:  # unreadable object, missing file, bad bytes
             errors.append(" ".join(f"{type(e).__name__}: {e}".split())[:300])
-    n = len(errors)
-    return {"idx": batch["idx"], "image": images, "error": np.asarray(errors, dtype=object),
-            "decode_s": np.full(n, (time.perf_counter() - t0) / max(n, 1))}
+    out = {"idx": batch["idx"], "image": images, "error": np.asarray(errors, dtype=object),
+           "decode_s": np.full(n, (time.perf_counter() - t0) / max(n, 1))}
+    if tolerate:
+        out["tolerated"] = views
+    return out
 
 
 class FeatureExtractor:
@@ -140,9 +152,11 @@ class FeatureExtractor:
         self.model = stage_model(model_cfg, device, threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .pipeline import tolerated_stats
         from .predict import extract
 
         t0 = time.perf_counter()
+        views = batch.pop("tolerated", None)
         feats = extract(self.model, batch.pop("image"))
         mean, m2, per_image = image_moments(self.model.local_features(feats).cpu())
         n = len(batch["idx"])
@@ -151,6 +165,9 @@ class FeatureExtractor:
             out[f"layer_{i}"] = t.cpu().numpy()
         if feats.tokens is not None:
             out["tokens"] = feats.tokens.cpu().numpy()
+        if views is not None:
+            for i, t in enumerate(tolerated_stats(self.model, views, batch_size=max(1, n))):
+                out[f"tolerated_{i}"] = t.numpy()
         out["moment_mean"], out["moment_m2"] = mean, m2
         out["moment_count"] = np.full(n, per_image, np.int64)
         out["extract_s"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
@@ -158,9 +175,10 @@ class FeatureExtractor:
 
 
 def feature_blocks(rows: list[dict[str, Any]], model_cfg: dict[str, Any], actors: int, cpus: float,
-                   gpus: float) -> list:
-    """Decode and extract `rows` with Ray Data; the refs of the materialized feature blocks (Arrow
-    tables in the object store, owned by the driver, never fetched by it)."""
+                   gpus: float, tolerate: Sequence[str] = ()) -> list:
+    """Decode and extract `rows` (with the views of the `tolerate` conditions) with Ray Data; the
+    refs of the materialized feature blocks (Arrow tables in the object store, owned by the
+    driver, never fetched by it)."""
     import warnings
 
     import ray
@@ -169,7 +187,7 @@ def feature_blocks(rows: list[dict[str, Any]], model_cfg: dict[str, Any], actors
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch)))
     ds.context.enable_progress_bars = False  # fit prints its own lines
     ds = ds.map_batches(decode_block, batch_size=None, batch_format="numpy", num_cpus=DECODE_CPUS,
-                        fn_kwargs={"size": int(model_cfg["input_size"])})
+                        fn_kwargs={"size": int(model_cfg["input_size"]), "tolerate": list(tolerate)})
     with warnings.catch_warnings():
         # Ray 2.60 deprecates these keyword remote args but has no named form yet. They pin the
         # contract (a killed actor restarts and its block is redone) and keep Ray from fusing the
@@ -269,7 +287,8 @@ def take_rows(picks: list[tuple[int, int]], *tables) -> dict[str, np.ndarray]:
     import pyarrow as pa
     from ray.data.block import BlockAccessor
 
-    wanted = [c for c in tables[0].column_names if c == "idx" or c.startswith("layer_") or c == "tokens"]
+    wanted = [c for c in tables[0].column_names
+              if c in ("idx", "tokens") or c.startswith("layer_") or c.startswith("tolerated_")]
     parts, where = [], []
     for j, table in enumerate(tables):
         rows = [r for b, r in picks if b == j]
@@ -288,6 +307,12 @@ def as_features(rows: dict[str, np.ndarray]) -> Features:
                     None if tokens is None else torch.from_numpy(np.ascontiguousarray(tokens)))
 
 
+def as_tolerated(rows: dict[str, np.ndarray]) -> list[torch.Tensor] | None:
+    """Per layer, the (N, T, C_l) pooled features of the rows' tolerated views; None without."""
+    names = sorted((c for c in rows if c.startswith("tolerated_")), key=lambda c: int(c.split("_")[1]))
+    return [torch.from_numpy(np.ascontiguousarray(rows[c])).float() for c in names] or None
+
+
 # --------------------------------------------------------------------------- per-category tasks
 def category_memory(model_cfg: dict[str, Any], seed: int, device: str, threads: int,
                     picks: list[tuple[int, int]], *tables):
@@ -297,8 +322,8 @@ def category_memory(model_cfg: dict[str, Any], seed: int, device: str, threads: 
 
     t0 = time.perf_counter()
     model = stage_model(model_cfg, device, threads)
-    feats = as_features(take_rows(picks, *tables)).to(device)
-    memory = build_memory(model, feats, seed).to("cpu")
+    rows = take_rows(picks, *tables)
+    memory = build_memory(model, as_features(rows).to(device), seed, as_tolerated(rows)).to("cpu")
     return memory, time.perf_counter() - t0
 
 
@@ -313,8 +338,9 @@ def category_calibration(model_cfg: dict[str, Any], trained: dict[str, torch.Ten
     model = stage_model(model_cfg, device, threads)
     model.trainable.load_state_dict(trained)
     model.memory = {category: memory.to(model.device)}
-    feats = as_features(take_rows(picks, *tables))
-    calibration = calibrate_category(model, category, feats, trained=was_trained)
+    rows = take_rows(picks, *tables)
+    calibration = calibrate_category(model, category, as_features(rows), trained=was_trained,
+                                     tolerated=as_tolerated(rows))
     return calibration, time.perf_counter() - t0
 
 

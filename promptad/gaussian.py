@@ -13,6 +13,13 @@ of one), and a distance to the mean calls a rare but normal mode anomalous (cook
 normal). A whole-image defect is far from every normal image, so it still scores high. Covariances are
 shrunk towards a scaled identity with the Ledoit-Wolf formula, so a category with fewer images
 than feature dimensions (cookie: 31 images, 152 dimensions) still has a well-conditioned inverse.
+
+Tolerated conditions (`promptad fit --tolerate`). Every layer's statistics move under sensor drift
+(noise, JPEG, blur separate shifted normals from clean ones at every depth of EfficientNet-Lite:
+benchmarks/RESULTS.md), so no choice of layers tells drift the line must accept from a whole-image
+defect; only the user knows which is which. Shifted copies of the training images (`extra`) join
+the normal images of the Gaussian: the metric and the nearest-normal search then treat those
+conditions as normal, while a colour cast or a wrong texture stays far from every copy.
 """
 from __future__ import annotations
 
@@ -75,9 +82,11 @@ def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
     return (1 - shrink) * cov + shrink * mu * eye
 
 
-def fit_gaussian(pooled: list[torch.Tensor]) -> Gaussian:
-    """Gaussian per layer of (N, C_l) pooled features (N >= 2), keeping the N images."""
+def fit_gaussian(pooled: list[torch.Tensor], extra: list[torch.Tensor] | None = None) -> Gaussian:
+    """Gaussian per layer of (N, C_l) pooled features (N >= 2), keeping the N images; `extra`
+    (N, T, C_l) per layer: T tolerated-condition copies of each image, kept as normals too."""
     precisions = []
+    pooled = _with_extra(pooled, extra)
     for x in pooled:
         x = x.double()
         cov = ledoit_wolf(x)
@@ -87,14 +96,23 @@ def fit_gaussian(pooled: list[torch.Tensor]) -> Gaussian:
     return Gaussian(precisions, [x.double() for x in pooled])
 
 
-def held_out_scores(pooled: list[torch.Tensor], folds: int = 10) -> torch.Tensor:
-    """(N,) each image's score under a Gaussian fitted without it: k-fold (k = min(N, folds), images
-    dealt to folds in turn), so calibration sees how a new normal image scores."""
+def _with_extra(pooled: list[torch.Tensor], extra: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    if extra is None or extra[0].shape[1] == 0:
+        return pooled
+    return [torch.cat([x.double(), e.double().reshape(-1, e.shape[-1])]) for x, e in zip(pooled, extra)]
+
+
+def held_out_scores(pooled: list[torch.Tensor], folds: int = 10,
+                    extra: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """(N,) each image's score under a Gaussian fitted without it (nor its tolerated copies in
+    `extra`): k-fold (k = min(N, folds), images dealt to folds in turn), so calibration sees how a
+    new normal image scores."""
     n = int(pooled[0].shape[0])
     k = min(n, folds)
     fold = torch.arange(n) % k
     out = torch.empty(n)
     for f in range(k):
         held = fold == f
-        out[held] = fit_gaussian([x[~held] for x in pooled]).score([x[held] for x in pooled])
+        rest = None if extra is None else [e[~held] for e in extra]
+        out[held] = fit_gaussian([x[~held] for x in pooled], rest).score([x[held] for x in pooled])
     return out

@@ -2,7 +2,8 @@
 data). `promptad fit` runs the same functions as Ray stages (fit.py).
 
     images -> features (predict.extract, once per image)
-           -> memory per category (build_memory: local + regional coreset banks, global Gaussian)
+           -> memory per category (build_memory: local + regional coreset banks, global Gaussian;
+              with --tolerate, the pooled features of each image's tolerated views join it)
            -> training on the cached features (training.py)
            -> calibration per category (calibrate.py, leave-one-out)
 
@@ -26,6 +27,7 @@ from .images import decode_image, resize
 from .memory import build_bank
 from .model import CategoryMemory, ModelConfig, PromptAD
 from .predict import extract
+from .shifts import tolerated_views
 from .training import Shard, TrainConfig, set_standardization, train_in_process
 
 
@@ -36,6 +38,30 @@ def load_images(samples: Sequence[Sample], size: int) -> np.ndarray:
     return np.stack([resize(decode_image(storage.read_bytes(s.path)), size) for s in samples])
 
 
+def load_tolerated(samples: Sequence[Sample], size: int, names: list[str]) -> np.ndarray:
+    """(N, T, S, S, 3) uint8: each image under the T tolerated conditions (shifted at its own
+    resolution, as an audit shifts it, then resized)."""
+    out = np.zeros((len(samples), len(names), size, size, 3), np.uint8)
+    for i, s in enumerate(samples):
+        img = decode_image(storage.read_bytes(s.path))
+        for t, view in enumerate(tolerated_views(img, names, s.image_id)):
+            out[i, t] = resize(view, size)
+    return out
+
+
+@torch.no_grad()
+def tolerated_stats(model: PromptAD, views: np.ndarray, batch_size: int = 16) -> list[torch.Tensor]:
+    """Per layer, (N, T, C_l) pooled features of (N, T, S, S, 3) tolerated views: all the global
+    branch needs of them (the banks do not see them)."""
+    n, t = views.shape[:2]
+    flat = views.reshape(n * t, *views.shape[2:])
+    parts = [model.pooled_features(extract(model, flat[s:s + batch_size]))
+             for s in range(0, n * t, batch_size)]
+    if not parts:
+        return [torch.zeros(n, t, c) for c in model.backbone.channels]
+    return [torch.cat([p[i].float().cpu() for p in parts]).view(n, t, -1) for i in range(len(parts[0]))]
+
+
 def extract_all(model: PromptAD, images: np.ndarray, batch_size: int = 16) -> Features:
     """Backbone features of (N, S, S, 3) uint8 images, on the CPU."""
     return Features.cat([extract(model, images[s:s + batch_size]).to("cpu", torch.float32)
@@ -43,12 +69,13 @@ def extract_all(model: PromptAD, images: np.ndarray, batch_size: int = 16) -> Fe
 
 
 @torch.no_grad()
-def build_memory(model: PromptAD, feats: Features, seed: int = 0) -> CategoryMemory:
+def build_memory(model: PromptAD, feats: Features, seed: int = 0,
+                 tolerated: list[torch.Tensor] | None = None) -> CategoryMemory:
     """One category's memory from the features of its normal images; entry sources are row indices,
-    so calibration can leave each image out."""
+    so calibration can leave each image out. `tolerated` (tolerated_stats) joins the Gaussian."""
     return CategoryMemory(local=build_bank(model.local_features(feats), seed=seed),
                           regional=build_bank(model.regional_features(feats), seed=seed),
-                          gaussian=fit_gaussian(model.pooled_features(feats)))
+                          gaussian=fit_gaussian(model.pooled_features(feats), tolerated))
 
 
 def training_shard(model: PromptAD, feats: dict[str, Features]) -> Shard:
@@ -61,18 +88,22 @@ def training_shard(model: PromptAD, feats: dict[str, Features]) -> Shard:
 
 def fit_in_process(images: dict[str, np.ndarray], model_cfg: ModelConfig, train_cfg: TrainConfig,
                    device: str = "cpu", log: Callable[[str], None] | None = print,
-                   timings: dict[str, float] | None = None) -> PromptAD:
+                   timings: dict[str, float] | None = None,
+                   tolerated: dict[str, np.ndarray] | None = None) -> PromptAD:
     """Features, memory, training and calibration on normal images per category, in this process.
-    `timings`, when given, receives the seconds of each step."""
+    `timings`, when given, receives the seconds of each step; `tolerated` per category, the
+    (N, T, S, S, 3) views of load_tolerated (`promptad fit --tolerate`)."""
     clock = timings if timings is not None else {}
     torch.manual_seed(train_cfg.seed)
     model_cfg.categories = sorted(images)
     model = PromptAD(model_cfg).to(device)
     t = time.perf_counter()
     feats = {c: extract_all(model, images[c]) for c in model.categories}
+    extra = {c: tolerated_stats(model, v) for c, v in (tolerated or {}).items()}
     clock["features"] = time.perf_counter() - t
     t = time.perf_counter()
-    model.memory = {c: build_memory(model, feats[c], train_cfg.seed).to(model.device) for c in model.categories}
+    model.memory = {c: build_memory(model, feats[c], train_cfg.seed, extra.get(c)).to(model.device)
+                    for c in model.categories}
     clock["memory"] = time.perf_counter() - t
     t = time.perf_counter()
     shard = training_shard(model, feats)
@@ -82,6 +113,6 @@ def fit_in_process(images: dict[str, np.ndarray], model_cfg: ModelConfig, train_
     clock["training"] = time.perf_counter() - t
     t = time.perf_counter()
     for c in model.categories:
-        calibrate_category(model, c, feats[c], trained=train_cfg.epochs > 0)
+        calibrate_category(model, c, feats[c], trained=train_cfg.epochs > 0, tolerated=extra.get(c))
     clock["calibration"] = time.perf_counter() - t
     return model

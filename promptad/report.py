@@ -11,7 +11,8 @@ Report dict (what `write_report_json` stores and `report_html.write_html_report`
       "targets": {"max_false_alarm": float | None, "min_recall": float | None, "judged_on": str},
       "verdict": {"decision": "go" | "no-go" | "not judged", "failed": [CATEGORY],
                   "summary": str},     # the go / no-go line (verdict.overall_verdict)
-      "shifts": {SHIFT: {"group": str, "description": str}},   # description: its strength
+      "shifts": {SHIFT: {"group": str, "description": str,     # description: its strength
+                         "tolerated_by_model": bool}},          # fit --tolerate named it
       "categories": {
         CATEGORY: {
           "counts": {"images": int, "normal": int, "anomalous": int,

@@ -189,12 +189,15 @@ def _shifts_table(shifts: dict) -> str:
     if not shifts:
         return ""
     rows = "".join(f'<tr><td>{_e(name)}</td><td>{_e(s.get("group", ""))}</td>'
-                   f'<td data-shift="{_e(name)}">{_e(s.get("description", ""))}</td></tr>'
+                   f'<td data-shift="{_e(name)}">{_e(s.get("description", ""))}</td>'
+                   f'<td data-tolerated="{_e(name)}">{"yes" if s.get("tolerated_by_model") else "no"}</td></tr>'
                    for name, s in shifts.items())
     return ('<section id="shifts"><h2>Shifts</h2><p>Each shift has one fixed strength, is '
-            "applied at the image's original resolution and is seeded per image.</p>"
-            '<table class="shifts"><tr><th>shift</th><th>group</th><th>strength</th></tr>'
-            f"{rows}</table></section>")
+            "applied at the image's original resolution and is seeded per image. A shift the model "
+            "was fitted to tolerate (<code>promptad fit --tolerate</code>) is normal to its global "
+            "branch; the others read as whole-image changes.</p>"
+            '<table class="shifts"><tr><th>shift</th><th>group</th><th>strength</th>'
+            f"<th>tolerated by the model</th></tr>{rows}</table></section>")
 
 
 # --------------------------------------------------------------------------- tables

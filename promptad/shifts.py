@@ -13,6 +13,7 @@ rightly call anomalous. Photometric shifts return the mask untouched (the same o
 from __future__ import annotations
 
 import io
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -201,6 +202,13 @@ def parse_shifts(spec: str) -> list[str]:
             raise _unknown(token)
         names.extend(n for n in expanded if n not in names)
     return names
+
+
+def tolerated_views(img: np.ndarray, names: list[str], key: str) -> list[np.ndarray]:
+    """The image under each tolerated condition (`promptad fit --tolerate`), one per name, at the
+    audit's strengths; seeded by (key, name), so a view does not depend on the batch or the order
+    a fit met the image in (key: the image's id)."""
+    return [apply_shift(n, img, None, zlib.crc32(f"{key}\0{n}".encode()))[0] for n in names]
 
 
 # --------------------------------------------------------------------------- whole-image defects

@@ -315,6 +315,7 @@ def test_shifts_report_every_metric_and_its_drop(audited):
     report = audited["report"]
     assert list(report["shifts"]) == SHIFTS
     assert report["shifts"]["rotation"]["group"] == "camera"
+    assert report["shifts"]["rotation"]["tolerated_by_model"] is False  # the model was fitted without --tolerate
     for cat in CATEGORIES:
         clean = report["categories"][cat]["clean"]
         for name in SHIFTS:

@@ -393,6 +393,45 @@ def test_one_worker_fit_is_the_in_process_fit(ray_local, data, tmp_path):
         torch.testing.assert_close(sa[k].float(), sb[k].float(), rtol=1e-3, atol=1e-3, msg=k)
 
 
+def test_tolerated_conditions_join_the_global_branch_as_in_process(ray_local, data, tmp_path):
+    """--tolerate noise,jpeg: the feature stage adds each image's shifted views (pooled features
+    only) and the Gaussian and its calibration hold them exactly as pipeline.fit_in_process with
+    load_tolerated does; the banks stay those of the plain images; the artifact names them."""
+    from promptad.artifact import load_artifact
+    from promptad.datasets import load_samples
+    from promptad.model import ModelConfig
+    from promptad.pipeline import fit_in_process, load_images, load_tolerated
+    from promptad.training import TrainConfig
+
+    summary = fit.run(fit_args(str(data), str(tmp_path / "model"), "--tolerate", "noise,jpeg",
+                               "--storage", str(tmp_path / "ckpt")))
+    model = load_artifact(summary.artifact)
+    manifest = json.loads((tmp_path / "model" / "promptad.json").read_text())
+    assert manifest["training"]["tolerate"] == ["noise", "jpeg"]
+    samples = {c: [s for s in sorted(load_samples(str(data), [c], "train"), key=lambda s: s.image_id)
+                   if not s.path.endswith("zz_truncated.png")] for c in ("tile", "wood")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = fit_in_process({c: load_images(v, SIZE) for c, v in samples.items()},
+                             ModelConfig(backbone="effnet-lite0", input_size=SIZE), TrainConfig(epochs=0, seed=0),
+                             log=None, tolerated={c: load_tolerated(v, SIZE, ["noise", "jpeg"])
+                                                  for c, v in samples.items()})
+    finally:
+        torch.set_num_threads(threads)
+    for c in ("tile", "wood"):
+        a, b = model.memory[c], ref.memory[c]
+        n = len(samples[c])
+        assert a.gaussian.normals[0].shape[0] == 3 * n == b.gaussian.normals[0].shape[0]
+        assert torch.equal(a.local.entries, b.local.entries) and a.local.entries.shape[0] <= n * 16 * 16
+        for x, y in zip(a.gaussian.precisions + a.gaussian.normals, b.gaussian.precisions + b.gaussian.normals):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * float(y.abs().max()))
+        ca, cb = model.calibration[c], ref.calibration[c]
+        assert ca.stats["tolerated_views"] == 2 == cb.stats["tolerated_views"]
+        assert ca.global_center == pytest.approx(cb.global_center, rel=1e-3)
+        assert ca.image_threshold == pytest.approx(cb.image_threshold, rel=1e-3)
+
+
 @pytest.mark.slow
 def test_default_fit_trains_nothing_and_weights_only_what_it_fitted(ray_local, data, tmp_path):
     """At the defaults (--epochs 0) fit runs no Ray Train and writes no epoch checkpoint; the

@@ -51,3 +51,22 @@ def test_held_out_scores_leave_each_fold_out():
     fold = torch.arange(30) % 10 == 7 % 10
     ref = fit_gaussian([x[~fold]]).score([x[fold]])
     assert torch.allclose(held[fold], ref)
+
+
+def test_tolerated_copies_join_the_normals_and_leave_with_their_image():
+    """`extra` (N, T, C): each image's tolerated views are normals of the Gaussian (a view scores 0,
+    the metric is fitted on all of them), and a held-out fold loses its images' views too."""
+    torch.manual_seed(1)
+    x = torch.randn(20, 3)
+    extra = x[:, None] + torch.tensor([5.0, 0.0, 0.0]) + 0.1 * torch.randn(20, 2, 3)  # 2 shifted views each
+    g = fit_gaussian([x], [extra])
+    assert g.normals[0].shape == (60, 3)
+    assert torch.allclose(g.normals[0], torch.cat([x, extra.reshape(-1, 3)]).double())
+    assert float(g.score([extra[:, 0]]).abs().max()) < 1e-4
+    plain = fit_gaussian([x]).score([extra[:, 0] + 0.05])
+    assert float(g.score([extra[:, 0] + 0.05]).max()) < float(plain.min()), "the shift is normal now"
+    held = held_out_scores([x], folds=5, extra=[extra])
+    fold = torch.arange(20) % 5 == 2
+    ref = fit_gaussian([x[~fold]], [extra[~fold]]).score([x[fold]])
+    assert torch.allclose(held[fold], ref)
+    assert torch.allclose(held_out_scores([x], folds=5, extra=[extra[:, :0]]), held_out_scores([x], folds=5))

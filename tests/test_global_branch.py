@@ -42,3 +42,39 @@ def test_global_branch_flags_a_colour_cast_the_memory_misses(datasets_root):
     local_with = image_auroc(scores(x, cal.fusion), labels)
     local_without = image_auroc(scores(x, without_global), labels)
     assert local_with >= local_without - 0.01, (local_with, local_without)
+
+
+@pytest.mark.slow
+def test_tolerated_noise_stops_reading_as_a_whole_image_change_a_cast_still_does(datasets_root):
+    """fit --tolerate noise on real cookie photos: without it, the global distance tells noisy
+    normal photos from clean ones almost perfectly (every layer's statistics move); with the noisy
+    views of the training images among its normals it hardly can, while a colour cast (not
+    tolerated) is still flagged by the fused score."""
+    from promptad import storage
+    from promptad.images import decode_image, resize
+    from promptad.pipeline import load_tolerated
+    from promptad.shifts import apply_shift
+
+    train = load_samples(str(datasets_root), ["cookie"], "train")
+    normals = [s for s in load_samples(str(datasets_root), ["cookie"], "test") if s.label == 0]
+    images = {"cookie": load_images(train, SIZE)}
+    cfg = lambda: ModelConfig(backbone="effnet-lite0")  # noqa: E731
+    plain = fit_in_process(images, cfg(), TrainConfig(epochs=0), log=None)
+    tolerant = fit_in_process(images, cfg(), TrainConfig(epochs=0), log=None,
+                              tolerated={"cookie": load_tolerated(train, SIZE, ["noise"])})
+    raw = [decode_image(storage.read_bytes(s.path)) for s in normals]
+    clean = np.stack([resize(img, SIZE) for img in raw])
+    noisy = np.stack([resize(apply_shift("noise", img, None, 1000 + i)[0], SIZE) for i, img in enumerate(raw)])
+    cast = np.stack([colour_cast(img) for img in clean])
+    lab = np.r_[np.zeros(len(clean)), np.ones(len(clean))].astype(int)
+    cats = ["cookie"] * len(clean)
+
+    def global_auroc(model, shifted):
+        g = [predict_components(model, x, cats)["global"].numpy() for x in (clean, shifted)]
+        return image_auroc(np.concatenate(g), lab)
+
+    before, after = global_auroc(plain, noisy), global_auroc(tolerant, noisy)
+    assert before > 0.9 and after < 0.7, (before, after)
+    fused = [tolerant.fuse(predict_components(tolerant, x, cats), cats).scores.numpy() for x in (clean, cast)]
+    assert image_auroc(np.concatenate(fused), lab) > 0.97
+    assert tolerant.calibration["cookie"].stats["tolerated_views"] == 1

@@ -39,8 +39,8 @@ from promptad.verdict import Targets, decision_summary, overall_verdict, percent
 
 VOID = {"meta", "img", "br", "hr", "input", "link"}
 SHIFT_ORDER = ["noise", "blur"]  # not alphabetical: every table must keep this order
-SHIFT_INFO = {"noise": {"group": "sensor", "description": "Gaussian noise sigma 8/255"},
-              "blur": {"group": "camera", "description": "Gaussian blur sigma 1.5 px"}}
+SHIFT_INFO = {"noise": {"group": "sensor", "description": "Gaussian noise sigma 8/255", "tolerated_by_model": True},
+              "blur": {"group": "camera", "description": "Gaussian blur sigma 1.5 px", "tolerated_by_model": False}}
 
 
 class PageParser(HTMLParser):
@@ -80,7 +80,8 @@ class PageParser(HTMLParser):
             self.svgs += 1
         elif tag == "img":
             self.imgs.append(a["src"])
-        elif tag == "td" and ("data-metric" in a or "data-field" in a or "data-shift" in a):
+        elif tag == "td" and ("data-metric" in a or "data-field" in a or "data-shift" in a
+                              or "data-tolerated" in a):
             self._cell = {**a, "section": self.section, "text": ""}
             cond = a.get("data-condition")
             if cond and self.tables[-1][1] == "metrics" and \
@@ -238,12 +239,16 @@ def test_html_report_has_the_verdict_rates_and_the_dicts_numbers(tmp_path):
     assert page.svgs == 3 * len(sections)
     assert len(page.ids) == len(set(page.ids))  # several inline SVGs, no shared id
 
-    checked = 0
+    checked = tolerated_cells = 0
     sections["overall"] = report["overall"]
     for cell in page.cells:
         text = cell["text"].strip()
         if "data-shift" in cell:
             assert text == SHIFT_INFO[cell["data-shift"]]["description"]
+            continue
+        if "data-tolerated" in cell:
+            assert text == ("yes" if SHIFT_INFO[cell["data-tolerated"]]["tolerated_by_model"] else "no")
+            tolerated_cells += 1
             continue
         if "data-category" in cell:
             cat = report["categories"].get(cell["data-category"]) or \
@@ -288,6 +293,7 @@ def test_html_report_has_the_verdict_rates_and_the_dicts_numbers(tmp_path):
             assert float(text) == pytest.approx(expected, rel=1e-3, abs=5e-4)
         checked += 1
     assert checked >= 3 * (10 + 10 + 8) + 9 * 3 + 2 * (10 + 6 + 9)
+    assert tolerated_cells == len(SHIFT_INFO)
     assert any("large-drop" in c.get("class", "") for c in page.cells)
     # one order of rows everywhere: clean, then the shifts as asked
     assert page.conditions and all(c == ["clean", *SHIFT_ORDER] for c in page.conditions)

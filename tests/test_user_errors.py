@@ -132,6 +132,7 @@ def test_output_holding_another_models_rows(tiny, ray_local, tmp_path, capsys):
     (["score", "--batch-size", "-1"], "--batch-size"),
     (["score", "--gpus-per-actor", "-0.5"], "--gpus-per-actor"),
     (["fit", "--category", ","], "--category"),
+    (["fit", "--tolerate", "noise,fog"], "--tolerate"),
 ])
 def test_bad_flag_values(argv, flag, capsys):
     required = {"fit": ["--data", "d", "--category", "c", "--out", "o"],

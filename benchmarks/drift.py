@@ -1,0 +1,127 @@
+"""Imaging drift vs whole-image defects: what `promptad fit --tolerate` buys and costs.
+
+    python benchmarks/drift.py --data ../shared/datasets --category magnetic_tile [--tolerate noise,jpeg,blur]
+        [--json out.json]
+
+One in-process fit (pipeline.fit_in_process, defaults); a second model that differs only in its
+global branch, fitted with the tolerated views of the same images (the banks are the same). On the
+test images under each tolerated condition (shifted at their own resolution as an audit shifts
+them, labels unchanged) and clean, both are scored and it prints, per model:
+
+    image AUROC          defective vs normal test images under that condition
+    false alarms         normal test images at or above the deployed threshold (target 1 %)
+    whole-image defects  AUROC of clean test normals vs the same normals with a whole-image defect
+                         (shifts.WHOLE_IMAGE_DEFECTS): the branch must still catch these
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from promptad import storage  # noqa: E402
+from promptad.calibrate import calibrate_category  # noqa: E402
+from promptad.datasets import load_samples  # noqa: E402
+from promptad.gaussian import fit_gaussian  # noqa: E402
+from promptad.images import decode_image, resize  # noqa: E402
+from promptad.metrics import image_auroc  # noqa: E402
+from promptad.model import CategoryMemory, ModelConfig  # noqa: E402
+from promptad.pipeline import extract_all, fit_in_process, load_images, load_tolerated, tolerated_stats  # noqa: E402
+from promptad.predict import predict  # noqa: E402
+from promptad.shifts import WHOLE_IMAGE_DEFECTS, apply_shift, parse_shifts  # noqa: E402
+from promptad.training import TrainConfig  # noqa: E402
+
+
+def tolerant_copy(model, category: str, train, names: list[str]):
+    """The model with its global branch refitted on the training images plus their tolerated views."""
+    other = copy.deepcopy(model)
+    size = model.cfg.input_size
+    feats = extract_all(model, load_images(train, size))
+    extra = tolerated_stats(model, load_tolerated(train, size, names))
+    m = model.memory[category]
+    other.memory[category] = CategoryMemory(m.local, m.regional, fit_gaussian(model.pooled_features(feats), extra))
+    calibrate_category(other, category, feats, trained=False, tolerated=extra)
+    return other
+
+
+def shifted(test, name: str | None, size: int) -> np.ndarray:
+    out = []
+    for i, s in enumerate(test):
+        img = decode_image(storage.read_bytes(s.path))
+        if name is not None:
+            img, _ = apply_shift(name, img, None, i)
+        out.append(resize(img, size))
+    return np.stack(out)
+
+
+def scores(model, images: np.ndarray, category: str, batch: int = 16) -> np.ndarray:
+    return np.concatenate([predict(model, images[s:s + batch], [category] * len(images[s:s + batch])).scores
+                           for s in range(0, len(images), batch)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--category", required=True)
+    ap.add_argument("--backbone", default="effnet-lite0")
+    ap.add_argument("--tolerate", default="noise,jpeg,blur", help="conditions, as promptad fit --tolerate (default: noise,jpeg,blur)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    names = parse_shifts(args.tolerate)
+    cat = args.category
+    train = sorted([s for s in load_samples(args.data, [cat], "train") if s.label != 1], key=lambda s: s.image_id)
+    test = load_samples(args.data, [cat], "test")
+    labels = np.array([s.label for s in test])
+    t = time.perf_counter()
+    plain = fit_in_process({cat: load_images(train, 256)}, ModelConfig(backbone=args.backbone),
+                           TrainConfig(epochs=0), log=None)
+    fit_s = time.perf_counter() - t
+    t = time.perf_counter()
+    tolerant = tolerant_copy(plain, cat, train, names)
+    extra_s = time.perf_counter() - t
+    size = plain.cfg.input_size
+    models = {"plain": plain, "tolerant": tolerant}
+    rows: dict[str, dict] = {}
+    for cond in ["clean", *names]:
+        x = shifted(test, None if cond == "clean" else cond, size)
+        for key, m in models.items():
+            s = scores(m, x, cat)
+            thr = m.calibration[cat].image_threshold
+            rows.setdefault(cond, {})[key] = {"image_auroc": round(image_auroc(s, labels), 4),
+                                              "false_alarms": round(float((s[labels == 0] >= thr).mean()), 4)}
+        print(cond, rows[cond], flush=True)
+    normals = shifted([s for s in test if s.label == 0], None, size)
+    raw = [decode_image(storage.read_bytes(s.path)) for s in test if s.label == 0]
+    whole = {}
+    for name, fn in WHOLE_IMAGE_DEFECTS.items():
+        bad = np.stack([resize(fn(img if img.ndim == 3 else np.stack([img] * 3, -1)), size) for img in raw])
+        lab = np.r_[np.zeros(len(normals)), np.ones(len(bad))].astype(int)
+        whole[name] = {k: round(image_auroc(np.r_[scores(m, normals, cat), scores(m, bad, cat)], lab), 4)
+                       for k, m in models.items()}
+    result = {"category": cat, "tolerate": names, "conditions": rows, "whole_image_defects": whole,
+              "fit_s": round(fit_s, 1), "tolerance_extra_s": round(extra_s, 1),
+              "date": time.strftime("%Y-%m-%d"), "train_images": len(train), "test_images": len(test)}
+    print(f"\n{cat}: tolerate {','.join(names)}  (fit {fit_s:.0f} s; tolerant Gaussian + calibration "
+          f"+{extra_s:.0f} s)")
+    print(f"{'condition':14s} {'I-AUROC plain':>14s} {'tolerant':>9s} {'false alarms plain':>19s} {'tolerant':>9s}")
+    for cond, r in rows.items():
+        print(f"{cond:14s} {r['plain']['image_auroc']:14.3f} {r['tolerant']['image_auroc']:9.3f} "
+              f"{r['plain']['false_alarms']:19.3f} {r['tolerant']['false_alarms']:9.3f}")
+    for name, r in whole.items():
+        print(f"whole-image {name:16s} plain {r['plain']:.3f}  tolerant {r['tolerant']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
