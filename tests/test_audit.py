@@ -21,16 +21,13 @@ from browser import probe_page
 from promptad import storage
 from promptad.audit import (
     EXIT_TARGETS_MISSED,
-    CLEAN,
     _Category,
     _Condition,
     _fold,
-    _Scorer,
-    caption,
-    shift_seed,
     to_unit,
     visualization_paths,
 )
+from promptad.audit_stages import CLEAN, _Scorer, caption, shift_seed
 from promptad.cli import main
 from promptad.datasets import Sample
 from promptad.model import Calibration
@@ -571,7 +568,7 @@ def test_scorer_turns_non_finite_predictions_into_error_rows(monkeypatch):
         maps[2, 0, 0] = np.nan
         return Prediction(scores=np.array([0.5, np.nan, 0.7], np.float32), maps=maps)
 
-    monkeypatch.setattr("promptad.audit.predict_rows", fake_predict_rows)
+    monkeypatch.setattr("promptad.audit_stages.predict_rows", fake_predict_rows)
     scorer = _Scorer.__new__(_Scorer)  # no model needed: predict_rows is replaced
     scorer.model = None
     batch = {"image_id": np.array(["a", "b", "c"], object), "category": np.array(["x"] * n, object),

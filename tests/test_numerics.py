@@ -173,7 +173,7 @@ def test_output_problem_checks_score_and_every_map_value():
 def test_audit_scorer_uses_the_errors_predict_rows_names(monkeypatch, untrained):
     """audit's model stage reads Prediction.errors: a reason predict_rows gives becomes the
     row's `predict: ...` error entry even where audit's own check would find nothing."""
-    from promptad.audit import _Scorer
+    from promptad.audit_stages import _Scorer
 
     n = 3
 
@@ -186,7 +186,7 @@ def test_audit_scorer_uses_the_errors_predict_rows_names(monkeypatch, untrained)
              "width": np.full(n, 6, np.int32), "input": np.zeros((n, 8, 8, 3), np.uint8)}
     scorer = _Scorer.__new__(_Scorer)
     with monkeypatch.context() as mp:
-        mp.setattr("promptad.audit.predict_rows", fake_predict_rows)
+        mp.setattr("promptad.audit_stages.predict_rows", fake_predict_rows)
         scorer.model = None
         out = scorer(dict(batch))
     assert list(out["error"]) == ["", "predict: named by predict_rows", ""]
