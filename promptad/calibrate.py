@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .backbones import Features
+from .features import group_views
 from .gaussian import held_out_scores
 from .model import Calibration, PromptAD
 from .predict import components_of
@@ -73,7 +74,7 @@ def _scale(values: torch.Tensor) -> float:
 
 
 def held_out_components(model: PromptAD, category: str, feats: Features, batch_size: int = 32,
-                        tolerated: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                        tolerated: Features | None = None) -> dict[str, torch.Tensor]:
     """Components of every normal image of a category, each scored without its own memory entries
     (its row index is its source in the banks) and its global distance from a Gaussian of the
     other folds (with their tolerated views, as the memory's Gaussian holds them). Maps stay at
@@ -88,7 +89,8 @@ def held_out_components(model: PromptAD, category: str, feats: Features, batch_s
             parts.setdefault(k, []).append(v.float().cpu())
     out = {k: torch.cat(v) for k, v in parts.items()}
     pooled = model.pooled_features(feats)
-    out["global"] = held_out_scores(pooled, extra=tolerated) if n >= 3 else model.memory[category].gaussian.score(pooled).cpu()
+    extra = None if tolerated is None else group_views(model.pooled_features(tolerated), n)
+    out["global"] = held_out_scores(pooled, extra=extra) if n >= 3 else model.memory[category].gaussian.score(pooled).cpu()
     return out
 
 
@@ -108,10 +110,10 @@ def _fused(model: PromptAD, comps: dict[str, torch.Tensor], category: str, batch
 
 def calibrate_category(model: PromptAD, category: str, feats: Features, trained: bool,
                        image_fpr: float = IMAGE_FPR, pixel_fpr: float = PIXEL_FPR,
-                       batch_size: int = 32, tolerated: list[torch.Tensor] | None = None) -> Calibration:
+                       batch_size: int = 32, tolerated: Features | None = None) -> Calibration:
     """Calibration of one category from the backbone features of all its normal training images,
-    the same images (in the same order) its memory was built from, and the pooled features of
-    their tolerated views if the memory has them. Needs model.memory[category] and, when
+    the same images (in the same order) its memory was built from, and the features of their
+    tolerated views (pipeline.tolerated_features) if the memory holds them. Needs model.memory[category] and, when
     `trained`, the trained head (else the head and learned prompts get no weight)."""
     n = len(feats)
     if n == 0:
@@ -144,7 +146,7 @@ def calibrate_category(model: PromptAD, category: str, feats: Features, trained:
              "image_fpr_achievable": 1.0 / (n + 1), "pixel_fpr_target": pixel_fpr,
              "held_out_fpr_at_threshold": float((scores >= image_threshold).mean()),
              "threshold_rule": "conformal order statistic of leave-one-out normal scores",
-             "tolerated_views": 0 if tolerated is None else int(tolerated[0].shape[1]),
+             "tolerated_views": 0 if tolerated is None else len(tolerated) // n,
              "warnings": warnings}
     cal = replace(cal, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
                   image_center=float(np.median(scores)), pixel_center=float(np.median(pixels)), stats=stats)

@@ -152,9 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per worker and step (default: %(default)s)")
     f.add_argument("--tolerate", type=_shift_names, default=[], metavar="LIST",
                    help="imaging conditions the line must accept as normal, named as audit --shifts names them "
-                        "(e.g. sensor, or noise,jpeg): the global branch learns them from shifted copies of "
-                        "the training images, at one more backbone pass per condition and image; without it, "
-                        "sensor noise, JPEG or blur read as whole-image anomalies (default: none)")
+                        "(e.g. sensor, or noise,jpeg): shifted copies of the training images join the memory "
+                        "banks and the global branch, at one more backbone pass per condition and image; "
+                        "without it, sensor noise, JPEG or blur read as anomalies (default: none)")
     f.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of the data order, synthetic anomalies and initialization (default: %(default)s)")
     # Advanced: a smaller model input than the backbone's default (quick tests and benchmarks).

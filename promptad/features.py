@@ -60,6 +60,11 @@ def pooled_stats(layers: list[torch.Tensor]) -> list[torch.Tensor]:
     return [t.float().mean(dim=(2, 3)) for t in layers]
 
 
+def group_views(stats: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """Pooled stats of n images' views, (n * T, C) image-major per layer -> (n, T, C)."""
+    return [t.reshape(n, -1, t.shape[-1]) for t in stats]
+
+
 def _cap_channels(feats: torch.Tensor, max_dim: int) -> torch.Tensor:
     """Average neighbouring channels down to max_dim (keeps wide CLIP layers affordable)."""
     if feats.shape[1] <= max_dim:

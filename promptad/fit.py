@@ -189,8 +189,8 @@ def run(args: argparse.Namespace) -> FitSummary:
     stage.start_memory(need_memory)  # needs no training: runs beside it
     t = time.time()
     if args.tolerate:
-        print(f"fit: the global branch tolerates {', '.join(args.tolerate)} "
-              f"({len(args.tolerate)} extra backbone pass(es) per image)", flush=True)
+        print(f"fit: tolerating {', '.join(args.tolerate)}: each image's views under them join the memory banks "
+              f"and the global branch ({len(args.tolerate)} extra backbone pass(es) per image)", flush=True)
     if args.epochs == 0:
         print("fit: no training (--epochs 0): memory banks and global branch only", flush=True)
     elif done.trained is None:

@@ -6,10 +6,10 @@ image or a feature map.
          and the image under each --tolerate condition (shifts.tolerated_views)
       -> Ray Data, actor pool: predict.extract, the frozen backbone loaded once per actor
          (--gpus-per-worker GPUs each on a GPU cluster), plus each image's per-channel moments of
-         its local embedding (for the head's standardization) and the pooled features of its
-         tolerated views (all the global branch keeps of them)
+         its local embedding (for the head's standardization), and the layers of its tolerated
+         views (memory takes them into its banks and Gaussian; training does not see them)
       -> materialized feature blocks in the object store: idx, error, layer_<k> (CLIP: tokens),
-         tolerated_<k> (N, T, C_k) with --tolerate
+         tolerated_layer_<k> (N, T, C_k, H_k, W_k) with --tolerate
       -> one index task per block: which rows it holds, which failed, the block's moments
     then, per category, as plain Ray tasks over that category's block refs:
       memory       pipeline.build_memory (coreset banks, Gaussian); needs no training, so it runs
@@ -152,7 +152,6 @@ class FeatureExtractor:
         self.model = stage_model(model_cfg, device, threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .pipeline import tolerated_stats
         from .predict import extract
 
         t0 = time.perf_counter()
@@ -165,9 +164,11 @@ class FeatureExtractor:
             out[f"layer_{i}"] = t.cpu().numpy()
         if feats.tokens is not None:
             out["tokens"] = feats.tokens.cpu().numpy()
-        if views is not None:
-            for i, t in enumerate(tolerated_stats(self.model, views, batch_size=max(1, n))):
-                out[f"tolerated_{i}"] = t.numpy()
+        if views is not None:  # T batches of the block's size: the shapes the images ran in
+            t = views.shape[1]
+            vf = Features.cat([extract(self.model, views[:, k]) for k in range(t)])  # condition-major
+            for i, layer in enumerate(vf.layers):
+                out[f"tolerated_layer_{i}"] = layer.cpu().view(t, n, *layer.shape[1:]).transpose(0, 1).numpy()
         out["moment_mean"], out["moment_m2"] = mean, m2
         out["moment_count"] = np.full(n, per_image, np.int64)
         out["extract_s"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
@@ -288,7 +289,7 @@ def take_rows(picks: list[tuple[int, int]], *tables) -> dict[str, np.ndarray]:
     from ray.data.block import BlockAccessor
 
     wanted = [c for c in tables[0].column_names
-              if c in ("idx", "tokens") or c.startswith("layer_") or c.startswith("tolerated_")]
+              if c in ("idx", "tokens") or c.startswith("layer_") or c.startswith("tolerated_layer_")]
     parts, where = [], []
     for j, table in enumerate(tables):
         rows = [r for b, r in picks if b == j]
@@ -307,10 +308,13 @@ def as_features(rows: dict[str, np.ndarray]) -> Features:
                     None if tokens is None else torch.from_numpy(np.ascontiguousarray(tokens)))
 
 
-def as_tolerated(rows: dict[str, np.ndarray]) -> list[torch.Tensor] | None:
-    """Per layer, the (N, T, C_l) pooled features of the rows' tolerated views; None without."""
-    names = sorted((c for c in rows if c.startswith("tolerated_")), key=lambda c: int(c.split("_")[1]))
-    return [torch.from_numpy(np.ascontiguousarray(rows[c])).float() for c in names] or None
+def as_tolerated(rows: dict[str, np.ndarray]) -> Features | None:
+    """The rows' tolerated views as Features of N * T images, image-major (pipeline's order);
+    None without --tolerate."""
+    names = sorted((c for c in rows if c.startswith("tolerated_layer_")), key=lambda c: int(c.rsplit("_", 1)[1]))
+    if not names:
+        return None
+    return Features([torch.from_numpy(np.ascontiguousarray(rows[c])).flatten(0, 1) for c in names])
 
 
 # --------------------------------------------------------------------------- per-category tasks
@@ -323,7 +327,9 @@ def category_memory(model_cfg: dict[str, Any], seed: int, device: str, threads: 
     t0 = time.perf_counter()
     model = stage_model(model_cfg, device, threads)
     rows = take_rows(picks, *tables)
-    memory = build_memory(model, as_features(rows).to(device), seed, as_tolerated(rows)).to("cpu")
+    views = as_tolerated(rows)
+    memory = build_memory(model, as_features(rows).to(device), seed,
+                          None if views is None else views.to(device)).to("cpu")
     return memory, time.perf_counter() - t0
 
 

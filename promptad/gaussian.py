@@ -18,8 +18,9 @@ Tolerated conditions (`promptad fit --tolerate`). Every layer's statistics move 
 (noise, JPEG, blur separate shifted normals from clean ones at every depth of EfficientNet-Lite:
 benchmarks/RESULTS.md), so no choice of layers tells drift the line must accept from a whole-image
 defect; only the user knows which is which. Shifted copies of the training images (`extra`) join
-the normal images of the Gaussian: the metric and the nearest-normal search then treat those
-conditions as normal, while a colour cast or a wrong texture stays far from every copy.
+the normal images of the Gaussian (and the memory banks: pipeline.build_memory): the metric and
+the nearest-normal search then treat those conditions as normal, while a colour cast or a wrong
+texture stays far from every copy.
 """
 from __future__ import annotations
 

@@ -87,13 +87,13 @@ def bank_size(patches: int, ratio: float = 0.01, min_size: int = 1000, max_size:
 
 
 def build_bank(feats: torch.Tensor, source: torch.Tensor | None = None, ratio: float = 0.01,
-               seed: int = 0) -> Bank:
+               seed: int = 0, size: int | None = None) -> Bank:
     """Coreset bank of (N, C, h, w) normal patch features; `source` (N,) names each image
-    (default 0..N-1)."""
+    (default 0..N-1); `size` overrides bank_size of all the patches."""
     n, c, h, w = feats.shape
     flat = feats.float().permute(0, 2, 3, 1).reshape(-1, c)
     src = (torch.arange(n) if source is None else torch.as_tensor(source)).long().repeat_interleave(h * w)
-    idx = greedy_coreset(flat, bank_size(flat.shape[0], ratio), seed=seed)
+    idx = greedy_coreset(flat, min(size, flat.shape[0]) if size else bank_size(flat.shape[0], ratio), seed=seed)
     return Bank(flat[idx].contiguous(), src[idx].contiguous())
 
 

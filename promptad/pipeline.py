@@ -3,7 +3,7 @@ data). `promptad fit` runs the same functions as Ray stages (fit.py).
 
     images -> features (predict.extract, once per image)
            -> memory per category (build_memory: local + regional coreset banks, global Gaussian;
-              with --tolerate, the pooled features of each image's tolerated views join it)
+              with --tolerate, each image's tolerated views join both)
            -> training on the cached features (training.py)
            -> calibration per category (calibrate.py, leave-one-out)
 
@@ -22,9 +22,10 @@ from . import storage
 from .backbones import Features
 from .calibrate import calibrate_category
 from .datasets import Sample
+from .features import group_views
 from .gaussian import fit_gaussian
 from .images import decode_image, resize
-from .memory import build_bank
+from .memory import Bank, bank_size, build_bank
 from .model import CategoryMemory, ModelConfig, PromptAD
 from .predict import extract
 from .shifts import tolerated_views
@@ -49,17 +50,13 @@ def load_tolerated(samples: Sequence[Sample], size: int, names: list[str]) -> np
     return out
 
 
-@torch.no_grad()
-def tolerated_stats(model: PromptAD, views: np.ndarray, batch_size: int = 16) -> list[torch.Tensor]:
-    """Per layer, (N, T, C_l) pooled features of (N, T, S, S, 3) tolerated views: all the global
-    branch needs of them (the banks do not see them)."""
+def tolerated_features(model: PromptAD, views: np.ndarray, batch_size: int = 16) -> Features:
+    """Backbone features of (N, T, S, S, 3) tolerated views as N * T images, image-major (the
+    views of image i are rows i*T ... i*T + T - 1), on the CPU. Extracted one condition at a time,
+    in the batches the plain images run in (as the fit's feature actors do)."""
     n, t = views.shape[:2]
-    flat = views.reshape(n * t, *views.shape[2:])
-    parts = [model.pooled_features(extract(model, flat[s:s + batch_size]))
-             for s in range(0, n * t, batch_size)]
-    if not parts:
-        return [torch.zeros(n, t, c) for c in model.backbone.channels]
-    return [torch.cat([p[i].float().cpu() for p in parts]).view(n, t, -1) for i in range(len(parts[0]))]
+    per = [extract_all(model, views[:, k], batch_size) for k in range(t)]
+    return Features([torch.stack([p.layers[i] for p in per], 1).flatten(0, 1) for i in range(len(per[0].layers))])
 
 
 def extract_all(model: PromptAD, images: np.ndarray, batch_size: int = 16) -> Features:
@@ -69,13 +66,27 @@ def extract_all(model: PromptAD, images: np.ndarray, batch_size: int = 16) -> Fe
 
 
 @torch.no_grad()
-def build_memory(model: PromptAD, feats: Features, seed: int = 0,
-                 tolerated: list[torch.Tensor] | None = None) -> CategoryMemory:
+def build_memory(model: PromptAD, feats: Features, seed: int = 0, tolerated: Features | None = None) -> CategoryMemory:
     """One category's memory from the features of its normal images; entry sources are row indices,
-    so calibration can leave each image out. `tolerated` (tolerated_stats) joins the Gaussian."""
-    return CategoryMemory(local=build_bank(model.local_features(feats), seed=seed),
-                          regional=build_bank(model.regional_features(feats), seed=seed),
-                          gaussian=fit_gaussian(model.pooled_features(feats), tolerated))
+    so calibration can leave each image out. `tolerated` (tolerated_features): each image's views
+    under the conditions a line must accept join the banks, with their image as source (a
+    left-out image leaves with its views), and the Gaussian's normals. The banks keep the size the
+    plain images give them, so scoring costs the same."""
+    n = len(feats)
+    local, regional = model.local_features(feats), model.regional_features(feats)
+    source = torch.arange(n)
+    extra = None
+    if tolerated is not None:
+        local = torch.cat([local, model.local_features(tolerated).to(local.device)])
+        regional = torch.cat([regional, model.regional_features(tolerated).to(regional.device)])
+        source = torch.cat([source, torch.arange(n).repeat_interleave(len(tolerated) // n)])
+        extra = group_views(model.pooled_features(tolerated), n)
+
+    def bank(x: torch.Tensor) -> Bank:
+        return build_bank(x, source, seed=seed, size=bank_size(n * x.shape[-2] * x.shape[-1]))
+
+    return CategoryMemory(local=bank(local), regional=bank(regional),
+                          gaussian=fit_gaussian(model.pooled_features(feats), extra))
 
 
 def training_shard(model: PromptAD, feats: dict[str, Features]) -> Shard:
@@ -99,7 +110,7 @@ def fit_in_process(images: dict[str, np.ndarray], model_cfg: ModelConfig, train_
     model = PromptAD(model_cfg).to(device)
     t = time.perf_counter()
     feats = {c: extract_all(model, images[c]) for c in model.categories}
-    extra = {c: tolerated_stats(model, v) for c, v in (tolerated or {}).items()}
+    extra = {c: tolerated_features(model, v) for c, v in (tolerated or {}).items()}
     clock["features"] = time.perf_counter() - t
     t = time.perf_counter()
     model.memory = {c: build_memory(model, feats[c], train_cfg.seed, extra.get(c)).to(model.device)

@@ -394,11 +394,13 @@ def test_one_worker_fit_is_the_in_process_fit(ray_local, data, tmp_path):
 
 
 def test_tolerated_conditions_join_the_global_branch_as_in_process(ray_local, data, tmp_path):
-    """--tolerate noise,jpeg: the feature stage adds each image's shifted views (pooled features
-    only) and the Gaussian and its calibration hold them exactly as pipeline.fit_in_process with
-    load_tolerated does; the banks stay those of the plain images; the artifact names them."""
+    """--tolerate noise,jpeg: the feature stage adds each image's shifted views, and the banks
+    (same size as without views, each view's entries sourced to its image), the Gaussian and
+    the calibration hold them exactly as pipeline.fit_in_process with load_tolerated does; the
+    artifact names the conditions."""
     from promptad.artifact import load_artifact
     from promptad.datasets import load_samples
+    from promptad.memory import bank_size
     from promptad.model import ModelConfig
     from promptad.pipeline import fit_in_process, load_images, load_tolerated
     from promptad.training import TrainConfig
@@ -423,7 +425,9 @@ def test_tolerated_conditions_join_the_global_branch_as_in_process(ray_local, da
         a, b = model.memory[c], ref.memory[c]
         n = len(samples[c])
         assert a.gaussian.normals[0].shape[0] == 3 * n == b.gaussian.normals[0].shape[0]
-        assert torch.equal(a.local.entries, b.local.entries) and a.local.entries.shape[0] <= n * 16 * 16
+        assert torch.equal(a.local.entries, b.local.entries) and torch.equal(a.local.source, b.local.source)
+        assert torch.equal(a.regional.entries, b.regional.entries)
+        assert a.local.entries.shape[0] == bank_size(n * 8 * 8) and int(a.local.source.max()) < n  # 64 px: 8x8
         for x, y in zip(a.gaussian.precisions + a.gaussian.normals, b.gaussian.precisions + b.gaussian.normals):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * float(y.abs().max()))
         ca, cb = model.calibration[c], ref.calibration[c]

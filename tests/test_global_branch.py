@@ -75,6 +75,38 @@ def test_tolerated_noise_stops_reading_as_a_whole_image_change_a_cast_still_does
 
     before, after = global_auroc(plain, noisy), global_auroc(tolerant, noisy)
     assert before > 0.9 and after < 0.7, (before, after)
+
     fused = [tolerant.fuse(predict_components(tolerant, x, cats), cats).scores.numpy() for x in (clean, cast)]
     assert image_auroc(np.concatenate(fused), lab) > 0.97
     assert tolerant.calibration["cookie"].stats["tolerated_views"] == 1
+
+
+@pytest.mark.slow
+def test_tolerated_noise_joins_the_memory_banks(datasets_root):
+    """On magnetic_tile (grayscale tiles, where sensor noise moves every patch feature: cookie's
+    banks hardly see it) the local evidence tells noisy normal tiles from clean ones; with the
+    noisy views in the banks (fit --tolerate noise) it no longer does. 80 training tiles."""
+    from promptad import storage
+    from promptad.images import decode_image, resize
+    from promptad.pipeline import load_tolerated
+    from promptad.shifts import apply_shift
+
+    train = load_samples(str(datasets_root), ["magnetic_tile"], "train")[::9][:80]
+    normals = [s for s in load_samples(str(datasets_root), ["magnetic_tile"], "test") if s.label == 0][::4]
+    images = {"magnetic_tile": load_images(train, SIZE)}
+    plain = fit_in_process(images, ModelConfig(backbone="effnet-lite0"), TrainConfig(epochs=0), log=None)
+    tolerant = fit_in_process(images, ModelConfig(backbone="effnet-lite0"), TrainConfig(epochs=0), log=None,
+                              tolerated={"magnetic_tile": load_tolerated(train, SIZE, ["noise"])})
+    assert tolerant.memory["magnetic_tile"].local.entries.shape == plain.memory["magnetic_tile"].local.entries.shape
+    raw = [decode_image(storage.read_bytes(s.path)) for s in normals]
+    clean = np.stack([resize(img, SIZE) for img in raw])
+    noisy = np.stack([resize(apply_shift("noise", img, None, 1000 + i)[0], SIZE) for i, img in enumerate(raw)])
+    lab = np.r_[np.zeros(len(clean)), np.ones(len(clean))].astype(int)
+    cats = ["magnetic_tile"] * len(clean)
+
+    def local_auroc(model):
+        local = [model.fuse(predict_components(model, x, cats), cats).local.numpy() for x in (clean, noisy)]
+        return image_auroc(np.concatenate(local), lab)
+
+    before, after = local_auroc(plain), local_auroc(tolerant)
+    assert before > 0.9 and after < 0.75, (before, after)
