@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,7 +61,6 @@ def main() -> None:
     ap.add_argument("--tolerate", default="noise,jpeg,blur", help="conditions, as promptad fit --tolerate (default: noise,jpeg,blur)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     names = parse_shifts(args.tolerate)
     cat = args.category
     train = sorted([s for s in load_samples(args.data, [cat], "train") if s.label != 1], key=lambda s: s.image_id)
