@@ -13,7 +13,6 @@ Ragged data (views, masks, maps) travel between stages as bytes plus a shape.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 
 import numpy as np
@@ -25,15 +24,10 @@ from .model import Calibration
 from .plots import visualization
 from .postprocess import resize_map
 from .predict import load_for_worker, predict_rows
-from .shifts import apply_shift
+from .shifts import apply_shift, shift_seed
 
 CLEAN = "clean"
 LOAD_BATCH = 4  # images per read task; each becomes 1 + len(shifts) rows
-
-
-def shift_seed(image_id: str, shift: str) -> int:
-    """Seed of one image under one shift: stable across runs, machines and worker order."""
-    return int.from_bytes(hashlib.sha256(f"{image_id}\0{shift}".encode()).digest()[:8], "little")
 
 
 

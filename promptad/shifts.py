@@ -12,8 +12,8 @@ rightly call anomalous. Photometric shifts return the mask untouched (the same o
 
 from __future__ import annotations
 
+import hashlib
 import io
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -204,11 +204,16 @@ def parse_shifts(spec: str) -> list[str]:
     return names
 
 
+def shift_seed(image_id: str, shift: str) -> int:
+    """Seed of one image under one shift: stable across runs, machines and worker order."""
+    return int.from_bytes(hashlib.sha256(f"{image_id}\0{shift}".encode()).digest()[:8], "little")
+
+
 def tolerated_views(img: np.ndarray, names: list[str], key: str) -> list[np.ndarray]:
     """The image under each tolerated condition (`promptad fit --tolerate`), one per name, at the
-    audit's strengths; seeded by (key, name), so a view does not depend on the batch or the order
-    a fit met the image in (key: the image's id)."""
-    return [apply_shift(n, img, None, zlib.crc32(f"{key}\0{n}".encode()))[0] for n in names]
+    audit's strengths and seeds (shift_seed of the image's id `key`), so a view does not depend
+    on the batch or the order a fit met the image in."""
+    return [apply_shift(n, img, None, shift_seed(key, n))[0] for n in names]
 
 
 # --------------------------------------------------------------------------- whole-image defects

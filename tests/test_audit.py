@@ -27,14 +27,14 @@ from promptad.audit import (
     to_unit,
     visualization_paths,
 )
-from promptad.audit_stages import CLEAN, _Scorer, caption, shift_seed
+from promptad.audit_stages import CLEAN, _Scorer, caption
 from promptad.cli import main
 from promptad.datasets import Sample
 from promptad.model import Calibration
 from promptad.plots import VisualizationLayout
 from promptad.predict import Prediction
 from promptad.report import METRICS, THRESHOLD_METRICS
-from promptad.shifts import apply_shift
+from promptad.shifts import apply_shift, shift_seed
 from promptad.synthesis import procedural_texture, synthesize_anomaly
 
 H, W = 64, 80  # non-square on purpose: metrics are computed at the input's aspect ratio
