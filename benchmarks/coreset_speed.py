@@ -17,10 +17,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from promptad.datasets import load_samples  # noqa: E402
-from promptad.memory import build_bank  # noqa: E402
-from promptad.model import ModelConfig, PromptAD  # noqa: E402
-from promptad.pipeline import extract_all, load_images  # noqa: E402
+from promptad.data.datasets import load_samples  # noqa: E402
+from promptad.fit.pipeline import extract_all, load_images  # noqa: E402
+from promptad.memory.bank import build_bank  # noqa: E402
+from promptad.models.model import ModelConfig, PromptAD  # noqa: E402
 
 
 def main() -> None:

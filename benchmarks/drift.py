@@ -27,15 +27,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from promptad import storage  # noqa: E402
-from promptad.datasets import load_samples  # noqa: E402
-from promptad.images import decode_image, resize  # noqa: E402
-from promptad.metrics import image_auroc  # noqa: E402
-from promptad.model import ModelConfig  # noqa: E402
-from promptad.pipeline import fit_in_process, load_images, load_tolerated  # noqa: E402
+from promptad.data import storage  # noqa: E402
+from promptad.data.datasets import load_samples  # noqa: E402
+from promptad.data.images import decode_image, resize  # noqa: E402
+from promptad.data.shifts import WHOLE_IMAGE_DEFECTS, apply_shift, parse_shifts  # noqa: E402
+from promptad.fit.pipeline import fit_in_process, load_images, load_tolerated  # noqa: E402
+from promptad.learning.training import TrainConfig  # noqa: E402
+from promptad.metrics.image import image_auroc  # noqa: E402
+from promptad.models.model import ModelConfig  # noqa: E402
 from promptad.predict import predict  # noqa: E402
-from promptad.shifts import WHOLE_IMAGE_DEFECTS, apply_shift, parse_shifts  # noqa: E402
-from promptad.training import TrainConfig  # noqa: E402
 
 
 def shifted(test, name: str | None, size: int) -> np.ndarray:

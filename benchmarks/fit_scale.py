@@ -66,8 +66,8 @@ def peak_rss() -> int:
 
 def child(argv: list[str], out: str) -> None:
     """One fit in this process (the driver); writes its timings and peak RSS to `out`."""
-    from promptad import fit
     from promptad.cli import build_parser
+    from promptad.fit import command as fit
 
     summary = fit.run(build_parser().parse_args(argv))
     Path(out).write_text(json.dumps({"timings": summary.timings, "peak_rss": peak_rss(),

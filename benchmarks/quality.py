@@ -35,15 +35,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from promptad import storage  # noqa: E402
-from promptad.datasets import load_samples  # noqa: E402
-from promptad.images import decode_mask, resize_mask  # noqa: E402
-from promptad.metrics import AUPRO, f1_max, image_auroc  # noqa: E402
-from promptad.model import MEMORY_ONLY, ModelConfig  # noqa: E402
-from promptad.pipeline import fit_in_process, load_images  # noqa: E402
+from promptad.data import storage  # noqa: E402
+from promptad.data.datasets import load_samples  # noqa: E402
+from promptad.data.images import decode_mask, resize_mask  # noqa: E402
+from promptad.data.shifts import WHOLE_IMAGE_DEFECTS  # noqa: E402
+from promptad.fit.pipeline import fit_in_process, load_images  # noqa: E402
+from promptad.learning.training import TrainConfig  # noqa: E402
+from promptad.metrics.image import f1_max, image_auroc  # noqa: E402
+from promptad.metrics.pixel import AUPRO
+from promptad.models.model import MEMORY_ONLY, ModelConfig  # noqa: E402
 from promptad.predict import predict_components  # noqa: E402
-from promptad.shifts import WHOLE_IMAGE_DEFECTS  # noqa: E402
-from promptad.training import TrainConfig  # noqa: E402
 
 REFERENCE = REPO.parent / "shared" / "tools" / "ref_patchcore.py"
 
@@ -125,7 +126,7 @@ def main() -> None:
     cfg = ModelConfig(backbone=args.backbone)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    from promptad.backbones import create_backbone
+    from promptad.models.backbones import create_backbone
 
     size = create_backbone(args.backbone).input_size
     images = load_images(train, size)

@@ -37,8 +37,9 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from promptad import artifact, score  # noqa: E402
-from promptad.score_output import OUTPUT_SCHEMA  # noqa: E402
+from promptad.models import artifact
+from promptad.score import command as score  # noqa: E402
+from promptad.score.output import OUTPUT_SCHEMA  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTAD = Path(sys.executable).with_name("promptad")
@@ -58,11 +59,11 @@ def machine() -> str:
 
 def tiny_model(workdir: Path) -> str:
     """A 1-epoch effnet-lite0 model at 64 px on generated images: planning does not depend on it."""
-    from promptad.datasets import load_samples
+    from promptad.data.datasets import load_samples
     from promptad.demo import make_dataset
-    from promptad.model import ModelConfig
-    from promptad.pipeline import fit_in_process, load_images
-    from promptad.training import TrainConfig
+    from promptad.fit.pipeline import fit_in_process, load_images
+    from promptad.learning.training import TrainConfig
+    from promptad.models.model import ModelConfig
 
     data = make_dataset(workdir / "data", size=64, n_train=8, n_test_good=1, n_test_defect=1)
     images = {"tile": load_images(load_samples(str(data), ["tile"], "train"), 64)}

@@ -33,7 +33,9 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from promptad import artifact, score, storage  # noqa: E402
+from promptad.data import storage  # noqa: E402
+from promptad.models import artifact
+from promptad.score import command as score
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"
 
@@ -48,10 +50,10 @@ def dataset_images(n: int) -> list[str]:
 
 def fit_model(workdir: Path) -> str:
     """A small effnet-lite0 model (default input size) for benchmarks: speed does not depend on training."""
-    from promptad.datasets import mvtec_samples
-    from promptad.model import ModelConfig
-    from promptad.pipeline import fit_in_process, load_images
-    from promptad.training import TrainConfig
+    from promptad.data.datasets import mvtec_samples
+    from promptad.fit.pipeline import fit_in_process, load_images
+    from promptad.learning.training import TrainConfig
+    from promptad.models.model import ModelConfig
 
     train = mvtec_samples(str(DATA.parent), "magnetic_tile", "train")[:32]
     model = fit_in_process({"magnetic_tile": load_images(train, 256)}, ModelConfig(backbone="effnet-lite0"),

@@ -16,7 +16,7 @@ import textwrap
 import traceback
 from typing import Any, Callable, Sequence
 
-from .errors import UserError
+from promptad.errors import UserError
 
 
 def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
@@ -47,7 +47,7 @@ def _categories(text: str) -> list[str]:
 
 def _shift_names(text: str) -> list[str]:
     """Shift names or groups, comma-separated (as audit --shifts takes them)."""
-    from .shifts import parse_shifts
+    from promptad.data.shifts import parse_shifts
 
     try:
         return parse_shifts(text)
@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"fit": "promptad.fit", "score": "promptad.score", "audit": "promptad.audit", "demo": "promptad.demo"}
+COMMANDS = {"fit": "promptad.fit.command", "score": "promptad.score.command", "audit": "promptad.audit.command",
+            "demo": "promptad.demo"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:  # bare `promptad`: what it can do, not a usage error
         parser.print_help()
         return 2
-    from . import console
+    from promptad import console
 
     with console.session(args.command, verbose=args.verbose) as session:
         try:

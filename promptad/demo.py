@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import console, datasets, raycluster
-from .cli import build_parser
-from .errors import UserError
-from .synthesis import procedural_texture, synthesize_anomaly
+from promptad import console, raycluster
+from promptad.cli import build_parser
+from promptad.data import datasets
+from promptad.data.synthesis import procedural_texture, synthesize_anomaly
+from promptad.errors import UserError
 
 CATEGORY = "tile"
 IMAGE_SIZE = 192
@@ -124,7 +125,9 @@ def _step(argv: list[str], common: list[str]) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     """Generate (or take) the data, then fit -> score -> audit, then say where everything is."""
-    from . import audit, fit, score
+    from promptad.audit import command as audit
+    from promptad.fit import command as fit
+    from promptad.score import command as score
 
     workdir = Path(args.workdir).expanduser().resolve()
     if args.data:  # a wrong --data or --category fails here, before anything is written

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import encode_png, map_shape
-from .model import Calibration
+from promptad.data.images import encode_png, map_shape
+from promptad.models.model import Calibration
 
 
 def resize_map(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -8,9 +8,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .backbones import Features
-from .model import PromptAD
-from .training import autocast, resolve_precision
+from promptad.learning.training import autocast, resolve_precision
+from promptad.models.backbones import Features
+from promptad.models.model import PromptAD
 
 
 @dataclass
@@ -76,7 +76,7 @@ def load_for_worker(model_uri: str, device: str, threads: int) -> PromptAD:
     fight the read and commit tasks for cores, and OpenMP threads slow down badly when preempted
     (on the 2-CPU test machine, 2 threads next to other work ran 1.5-4x slower than 1).
     """
-    from .artifact import load_artifact
+    from promptad.models.artifact import load_artifact
 
     if device == "cpu":
         torch.set_num_threads(max(1, threads))

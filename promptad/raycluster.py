@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 
-from .errors import UserError
+from promptad.errors import UserError
 
 PROBE_TIMEOUT_S = 3.0
 # All of ray.init against an existing cluster; it normally takes 1-5 s. Override with
@@ -100,7 +100,7 @@ def connect(address: str | None = None) -> None:
     Ray's console output goes where console.py says (a log file unless --verbose)."""
     import ray
 
-    from . import console
+    from promptad import console
 
     session = console.current()
     if ray.is_initialized():

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import probe_page
 from PIL import Image
 from scipy import ndimage
 from scipy.stats import binomtest
 from sklearn import metrics as skm
 
-from browser import probe_page
-from promptad import storage
-from promptad.audit import (
+from promptad.audit.command import (
     EXIT_TARGETS_MISSED,
     _Category,
     _Condition,
@@ -27,15 +26,16 @@ from promptad.audit import (
     to_unit,
     visualization_paths,
 )
-from promptad.audit_stages import CLEAN, _Scorer, caption
+from promptad.audit.stages import CLEAN, _Scorer, caption
 from promptad.cli import main
-from promptad.datasets import Sample
-from promptad.model import Calibration
-from promptad.plots import VisualizationLayout
+from promptad.data import storage
+from promptad.data.datasets import Sample
+from promptad.data.shifts import apply_shift, shift_seed
+from promptad.data.synthesis import procedural_texture, synthesize_anomaly
+from promptad.models.model import Calibration
 from promptad.predict import Prediction
-from promptad.report import METRICS, THRESHOLD_METRICS
-from promptad.shifts import apply_shift, shift_seed
-from promptad.synthesis import procedural_texture, synthesize_anomaly
+from promptad.report.plots import VisualizationLayout
+from promptad.report.summary import METRICS, THRESHOLD_METRICS
 
 H, W = 64, 80  # non-square on purpose: metrics are computed at the input's aspect ratio
 SIZE = 64  # model input
@@ -85,11 +85,11 @@ def build_dataset(root: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     """The dataset and a one-epoch effnet-lite0 model saved as an artifact."""
-    from promptad.artifact import save_artifact
-    from promptad.datasets import load_samples
-    from promptad.model import ModelConfig
-    from promptad.pipeline import fit_in_process, load_images
-    from promptad.training import TrainConfig
+    from promptad.data.datasets import load_samples
+    from promptad.fit.pipeline import fit_in_process, load_images
+    from promptad.learning.training import TrainConfig
+    from promptad.models.artifact import save_artifact
+    from promptad.models.model import ModelConfig
 
     root = tmp_path_factory.mktemp("audit")
     data = root / "data"
@@ -241,7 +241,7 @@ def reference_maps(tiny: dict, cat: str, condition: str) -> tuple[list, list, np
     import torch
     import torch.nn.functional as F
 
-    from promptad.artifact import load_artifact
+    from promptad.models.artifact import load_artifact
     from promptad.predict import predict
 
     model = load_artifact(tiny["model"])
@@ -568,7 +568,7 @@ def test_scorer_turns_non_finite_predictions_into_error_rows(monkeypatch):
         maps[2, 0, 0] = np.nan
         return Prediction(scores=np.array([0.5, np.nan, 0.7], np.float32), maps=maps)
 
-    monkeypatch.setattr("promptad.audit_stages.predict_rows", fake_predict_rows)
+    monkeypatch.setattr("promptad.audit.stages.predict_rows", fake_predict_rows)
     scorer = _Scorer.__new__(_Scorer)  # no model needed: predict_rows is replaced
     scorer.model = None
     batch = {"image_id": np.array(["a", "b", "c"], object), "category": np.array(["x"] * n, object),

@@ -8,12 +8,11 @@ import importlib.resources
 
 import numpy as np
 import pytest
+import tinyclip
 import torch
 from PIL import Image
 
-from promptad.backbones import create_backbone
-
-import tinyclip
+from promptad.models.backbones import create_backbone
 
 # Real photos shipped inside installed wheels, and the ImageNet classes each must rank in its top 5.
 PHOTOS = {

@@ -1,13 +1,11 @@
-import os
 import time
 
 import pytest
+import tinyclip
 import torch
 
-from promptad.backbones import create_backbone, parse_spec
 from promptad.errors import UserError
-
-import tinyclip
+from promptad.models.backbones import create_backbone, parse_spec
 
 
 @pytest.mark.parametrize("name,size,channels", [("effnet-lite0", 256, [40, 112]), ("effnet-lite2", 288, [48, 120])])
@@ -95,7 +93,7 @@ def test_clip_local_weight_file_and_sha(tmp_path):
 
 
 def test_clip_weight_file_from_s3(tmp_path, s3_bucket):
-    from promptad import storage
+    from promptad.data import storage
 
     path = tinyclip.write_weights(str(tmp_path / "tiny.safetensors"))
     uri = f"{s3_bucket}/models/tiny.safetensors"

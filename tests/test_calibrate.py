@@ -1,16 +1,14 @@
 """Thresholds that keep their promise (calibrate.py) and one feature space for bank and queries."""
 import numpy as np
 import pytest
-import torch
-
-from promptad.calibrate import conformal_threshold
-from promptad.model import ModelConfig
-from promptad.pipeline import fit_in_process
-from promptad.predict import components_of, extract
-from promptad.synthesis import procedural_texture
-from promptad.training import TrainConfig
-
 import tinyclip
+
+from promptad.data.synthesis import procedural_texture
+from promptad.fit.calibrate import conformal_threshold
+from promptad.fit.pipeline import fit_in_process
+from promptad.learning.training import TrainConfig
+from promptad.models.model import ModelConfig
+from promptad.predict import components_of, extract
 
 SIZE = 64
 

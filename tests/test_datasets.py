@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from promptad import storage
-from promptad.datasets import Sample, load_samples, manifest_samples, mvtec_categories, mvtec_samples
+from promptad.data import storage
+from promptad.data.datasets import Sample, load_samples, manifest_samples, mvtec_categories, mvtec_samples
 from promptad.errors import UserError
 
 LAYOUT = [

@@ -32,7 +32,7 @@ def _digest(root: Path) -> str:
 
 
 def test_dataset_is_an_mvtec_layout_with_exact_masks(tmp_path):
-    from promptad.datasets import load_samples
+    from promptad.data.datasets import load_samples
 
     root = demo.make_dataset(tmp_path / "a", size=64, n_train=5, n_test_good=3, n_test_defect=4)
     train = load_samples(str(root), ["tile"], "train")

@@ -1,7 +1,7 @@
 """The three views of an image (features.py), against hand-computed values."""
 import torch
 
-from promptad.features import flatten_patches, local_embedding, pooled_stats, regional_embedding, regional_kernel
+from promptad.models.features import flatten_patches, local_embedding, pooled_stats, regional_embedding, regional_kernel
 
 
 def test_local_embedding_averages_3x3_with_zero_padding_and_upsamples():

@@ -20,9 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
-from promptad import fit, fit_runs, fit_stages, storage
 from promptad.cli import build_parser, main
-from promptad.synthesis import procedural_texture
+from promptad.data import storage
+from promptad.data.synthesis import procedural_texture
+from promptad.fit import command as fit
+from promptad.fit import runs as fit_runs
+from promptad.fit import stages as fit_stages
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64  # model input size (the hidden --input-size flag): fast, and enough for effnet-lite0's stride 16
@@ -99,7 +102,7 @@ def test_default_storage_is_next_to_the_artifact():
 def test_standardization_from_per_image_moments_is_set_standardization():
     """The driver never holds the features: per-image moments, combined per block and then over
     blocks in any grouping, give what training.set_standardization computes on all of them."""
-    from promptad.training import set_standardization
+    from promptad.learning.training import set_standardization
 
     gen = torch.Generator().manual_seed(0)
     # Channels far from zero with a small spread: where a naive sum of squares loses its digits.
@@ -212,8 +215,8 @@ def baseline(ray_local, three, tmp_path_factory) -> dict:
 
 
 def _images(rows: list[tuple[str, str]]) -> tuple[np.ndarray, list[str]]:
-    from promptad.pipeline import load_images
-    from promptad.datasets import Sample
+    from promptad.data.datasets import Sample
+    from promptad.fit.pipeline import load_images
 
     samples = [Sample(p, p, c, 0, "good", None) for p, c in rows]
     return load_images(samples, SIZE), [c for _, c in rows]
@@ -239,7 +242,7 @@ def test_bad_training_image_is_skipped_with_a_warning(baseline):
     summary = baseline["summary"]
     assert [Path(p).name for p in summary.skipped_images] == ["zz_truncated.png"]
     assert "skipping unreadable training image" in baseline["stderr"] and "zz_truncated.png" in baseline["stderr"]
-    from promptad.artifact import read_manifest
+    from promptad.models.artifact import read_manifest
 
     training = read_manifest(str(baseline["model"]))["training"]
     assert training["skipped_images"] == 1
@@ -250,7 +253,7 @@ def test_bad_training_image_is_skipped_with_a_warning(baseline):
 def test_three_categories_each_get_their_own_memory_and_calibration(baseline, three):
     """One run, three categories: a memory (two banks and a Gaussian) and a calibration each,
     built from that category's images only; the head and prompts are shared."""
-    from promptad.artifact import load_artifact
+    from promptad.models.artifact import load_artifact
     from promptad.predict import predict
 
     model = load_artifact(str(baseline["model"]))
@@ -356,11 +359,11 @@ def test_one_worker_fit_is_the_in_process_fit(ray_local, data, tmp_path):
     """The Ray stages compute what pipeline.fit_in_process computes on the same images: the same
     banks and Gaussians, the same standardization, and (fp32, one worker: no DDP, no bf16 noise)
     the same training and calibration up to float rounding."""
-    from promptad.artifact import load_artifact
-    from promptad.datasets import load_samples
-    from promptad.model import ModelConfig
-    from promptad.pipeline import fit_in_process, load_images
-    from promptad.training import TrainConfig
+    from promptad.data.datasets import load_samples
+    from promptad.fit.pipeline import fit_in_process, load_images
+    from promptad.learning.training import TrainConfig
+    from promptad.models.artifact import load_artifact
+    from promptad.models.model import ModelConfig
 
     summary = fit.run(fit_args(str(data), str(tmp_path / "model"), "--workers", "1", "--epochs", "2",
                                "--precision", "fp32", "--storage", str(tmp_path / "ckpt")))
@@ -398,12 +401,12 @@ def test_tolerated_conditions_join_the_global_branch_as_in_process(ray_local, da
     (same size as without views, each view's entries sourced to its image), the Gaussian and
     the calibration hold them exactly as pipeline.fit_in_process with load_tolerated does; the
     artifact names the conditions."""
-    from promptad.artifact import load_artifact
-    from promptad.datasets import load_samples
-    from promptad.memory import bank_size
-    from promptad.model import ModelConfig
-    from promptad.pipeline import fit_in_process, load_images, load_tolerated
-    from promptad.training import TrainConfig
+    from promptad.data.datasets import load_samples
+    from promptad.fit.pipeline import fit_in_process, load_images, load_tolerated
+    from promptad.learning.training import TrainConfig
+    from promptad.memory.bank import bank_size
+    from promptad.models.artifact import load_artifact
+    from promptad.models.model import ModelConfig
 
     summary = fit.run(fit_args(str(data), str(tmp_path / "model"), "--tolerate", "noise,jpeg",
                                "--storage", str(tmp_path / "ckpt")))
@@ -441,12 +444,12 @@ def test_default_fit_trains_nothing_and_weights_only_what_it_fitted(ray_local, d
     """At the defaults (--epochs 0) fit runs no Ray Train and writes no epoch checkpoint; the
     artifact's fusion gives the untrained head no weight, and its calibration is the in-process
     fit's without training."""
-    from promptad.artifact import load_artifact
-    from promptad.datasets import load_samples
-    from promptad.model import FUSION_UNTRAINED, ModelConfig
-    from promptad.pipeline import fit_in_process, load_images
+    from promptad.data.datasets import load_samples
+    from promptad.fit.pipeline import fit_in_process, load_images
+    from promptad.learning.training import TrainConfig
+    from promptad.models.artifact import load_artifact
+    from promptad.models.model import FUSION_UNTRAINED, ModelConfig
     from promptad.predict import predict
-    from promptad.training import TrainConfig
 
     summary = fit.run(fit_args(str(data), str(tmp_path / "model"), "--storage", str(tmp_path / "ckpt")))
     assert not list(Path(summary.run_dir).glob("epoch_*")) and summary.metrics == {}
@@ -471,7 +474,7 @@ def test_default_fit_trains_nothing_and_weights_only_what_it_fitted(ray_local, d
 
 @pytest.mark.slow
 def test_data_checkpoints_and_artifact_on_s3(ray_local, data, s3_bucket):
-    from promptad.artifact import load_artifact
+    from promptad.models.artifact import load_artifact
     from promptad.predict import predict
 
     for path in sorted((data / "tile" / "train" / "good").glob("0*.png")):

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 
-from promptad.gaussian import fit_gaussian, held_out_scores, ledoit_wolf
+from promptad.memory.gaussian import fit_gaussian, held_out_scores, ledoit_wolf
 
 
 def test_ledoit_wolf_equals_sklearn():

@@ -6,13 +6,13 @@ from the normal Gaussian; the local defects (cracks) rank as well with the branc
 import numpy as np
 import pytest
 
-from promptad.datasets import load_samples
-from promptad.metrics import image_auroc
-from promptad.model import MEMORY_ONLY, ModelConfig
-from promptad.pipeline import fit_in_process, load_images
+from promptad.data.datasets import load_samples
+from promptad.data.shifts import colour_cast
+from promptad.fit.pipeline import fit_in_process, load_images
+from promptad.learning.training import TrainConfig
+from promptad.metrics.image import image_auroc
+from promptad.models.model import MEMORY_ONLY, ModelConfig
 from promptad.predict import predict_components
-from promptad.shifts import colour_cast
-from promptad.training import TrainConfig
 
 SIZE = 256
 
@@ -50,10 +50,10 @@ def test_tolerated_noise_stops_reading_as_a_whole_image_change_a_cast_still_does
     normal photos from clean ones almost perfectly (every layer's statistics move); with the noisy
     views of the training images among its normals it hardly can, while a colour cast (not
     tolerated) is still flagged by the fused score."""
-    from promptad import storage
-    from promptad.images import decode_image, resize
-    from promptad.pipeline import load_tolerated
-    from promptad.shifts import apply_shift
+    from promptad.data import storage
+    from promptad.data.images import decode_image, resize
+    from promptad.data.shifts import apply_shift
+    from promptad.fit.pipeline import load_tolerated
 
     train = load_samples(str(datasets_root), ["cookie"], "train")
     normals = [s for s in load_samples(str(datasets_root), ["cookie"], "test") if s.label == 0]
@@ -86,10 +86,10 @@ def test_tolerated_noise_joins_the_memory_banks(datasets_root):
     """On magnetic_tile (grayscale tiles, where sensor noise moves every patch feature: cookie's
     banks hardly see it) the local evidence tells noisy normal tiles from clean ones; with the
     noisy views in the banks (fit --tolerate noise) it no longer does. 80 training tiles."""
-    from promptad import storage
-    from promptad.images import decode_image, resize
-    from promptad.pipeline import load_tolerated
-    from promptad.shifts import apply_shift
+    from promptad.data import storage
+    from promptad.data.images import decode_image, resize
+    from promptad.data.shifts import apply_shift
+    from promptad.fit.pipeline import load_tolerated
 
     train = load_samples(str(datasets_root), ["magnetic_tile"], "train")[::9][:80]
     normals = [s for s in load_samples(str(datasets_root), ["magnetic_tile"], "test") if s.label == 0][::4]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from promptad.images import (
+from promptad.data.images import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     decode_image,

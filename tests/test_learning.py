@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from promptad.datasets import load_samples
-from promptad.feature_anomalies import add_anomalies
-from promptad.metrics import image_auroc
-from promptad.model import ModelConfig, PromptAD
-from promptad.pipeline import extract_all, load_images
-from promptad.training import Shard, TrainConfig, set_standardization, train_in_process
+from promptad.data.datasets import load_samples
+from promptad.fit.pipeline import extract_all, load_images
+from promptad.learning.feature_anomalies import add_anomalies
+from promptad.learning.training import Shard, TrainConfig, set_standardization, train_in_process
+from promptad.metrics.image import image_auroc
+from promptad.models.model import ModelConfig, PromptAD
 
 SIZE = 128
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from promptad import losses
+from promptad.learning import losses
 
 
 def test_image_bce_known_value():

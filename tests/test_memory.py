@@ -3,7 +3,7 @@ import inspect
 import pytest
 import torch
 
-from promptad.memory import bank_size, build_bank, greedy_coreset, nn_distance
+from promptad.memory.bank import bank_size, build_bank, greedy_coreset, nn_distance
 
 
 def test_nn_distance_matches_cdist():

@@ -7,16 +7,13 @@ import pytest
 from scipy import ndimage
 from sklearn import metrics as skm
 
-from promptad.metrics import (
-    AUPRO,
-    PixelMetrics,
+from promptad.metrics.image import (
     _tied_auroc,
     binary_stats,
     bootstrap_auroc,
     f1_max,
     image_auroc,
     image_summary,
-    label_regions,
     per_defect,
     pr_curve,
     rates_at_threshold,
@@ -25,6 +22,7 @@ from promptad.metrics import (
     wilson_interval,
     wilson_min_n,
 )
+from promptad.metrics.pixel import AUPRO, PixelMetrics, label_regions
 
 EIGHT = np.ones((3, 3), dtype=int)
 

@@ -4,20 +4,20 @@ import json
 
 import numpy as np
 import pytest
+import tinyclip
 import torch
 from PIL import Image
 
-from promptad import artifact, storage
+from promptad.data import storage
+from promptad.data.images import decode_image, resize
+from promptad.data.synthesis import procedural_texture, synthesize_anomaly
 from promptad.errors import UserError
-from promptad.images import decode_image, resize
-from promptad.model import ModelConfig
-from promptad.pipeline import fit_in_process
+from promptad.fit.pipeline import fit_in_process
+from promptad.learning.training import TrainConfig
+from promptad.models import artifact
+from promptad.models.model import ModelConfig
 from promptad.postprocess import postprocess
 from promptad.predict import predict
-from promptad.synthesis import procedural_texture, synthesize_anomaly
-from promptad.training import TrainConfig
-
-import tinyclip
 
 SIZE = 64
 

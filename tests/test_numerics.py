@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from promptad.memory import Bank, nn_distance
-from promptad.pipeline import build_memory
-from promptad.model import ModelConfig, PromptAD, gaussian_blur
-from promptad.numerics import as_float32, no_autocast
+from promptad.fit.pipeline import build_memory
+from promptad.memory.bank import Bank, nn_distance
+from promptad.models.model import ModelConfig, PromptAD, gaussian_blur
+from promptad.models.numerics import as_float32, no_autocast
 from promptad.predict import Prediction, output_problem, predict, predict_rows
 
 SIZE = 64
@@ -93,7 +93,7 @@ def test_fuse_and_blur_are_fp32_inside_autocast(untrained, monkeypatch):
         s, m = _scores_maps(untrained.fuse(comps, cats, fusion))
         blurred = gaussian_blur(ref_m, 4.0)
         naive_blur = gaussian_blur.__wrapped__(ref_m, 4.0)  # the same code without float32_math
-        monkeypatch.setattr("promptad.model.gaussian_blur", gaussian_blur.__wrapped__)
+        monkeypatch.setattr("promptad.models.model.gaussian_blur", gaussian_blur.__wrapped__)
         naive_s, naive_m = _scores_maps(PromptAD.fuse.__wrapped__(untrained, comps, cats, fusion))
     assert s.dtype == m.dtype == blurred.dtype == torch.float32
     torch.testing.assert_close(s, ref_s, rtol=1e-5, atol=0)
@@ -173,7 +173,7 @@ def test_output_problem_checks_score_and_every_map_value():
 def test_audit_scorer_uses_the_errors_predict_rows_names(monkeypatch, untrained):
     """audit's model stage reads Prediction.errors: a reason predict_rows gives becomes the
     row's `predict: ...` error entry even where audit's own check would find nothing."""
-    from promptad.audit_stages import _Scorer
+    from promptad.audit.stages import _Scorer
 
     n = 3
 
@@ -186,7 +186,7 @@ def test_audit_scorer_uses_the_errors_predict_rows_names(monkeypatch, untrained)
              "width": np.full(n, 6, np.int32), "input": np.zeros((n, 8, 8, 3), np.uint8)}
     scorer = _Scorer.__new__(_Scorer)
     with monkeypatch.context() as mp:
-        mp.setattr("promptad.audit_stages.predict_rows", fake_predict_rows)
+        mp.setattr("promptad.audit.stages.predict_rows", fake_predict_rows)
         scorer.model = None
         out = scorer(dict(batch))
     assert list(out["error"]) == ["", "predict: named by predict_rows", ""]

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from promptad import score
-from promptad.model import Calibration
+from promptad.models.model import Calibration
 from promptad.postprocess import is_anomalous, postprocess
+from promptad.score import command as score
 
 # centre 2, threshold 6: y = 0.25 + 0.25 * (x - 2) / 4 = x / 16 + 0.125, clipped to [0, 1]
 PIXEL = dict(pixel_center=2.0, pixel_threshold=6.0)

@@ -11,12 +11,14 @@ from html.parser import HTMLParser
 import matplotlib
 import numpy as np
 import pytest
+from browser import probe_page
 from PIL import Image
 
-from browser import probe_page
-from promptad.images import encode_png
-from promptad.metrics import image_summary, per_defect
-from promptad.plots import (
+from promptad.audit.verdict import Targets, decision_summary, overall_verdict, percent
+from promptad.data.images import encode_png
+from promptad.metrics.image import image_summary, per_defect
+from promptad.report.page import THUMB_WIDTH, _fmt, _signed, write_html_report
+from promptad.report.plots import (
     COLORMAP,
     VisualizationLayout,
     histogram_svg,
@@ -25,7 +27,7 @@ from promptad.plots import (
     roc_svg,
     visualization,
 )
-from promptad.report import (
+from promptad.report.summary import (
     CategoryCurves,
     Example,
     WorstCases,
@@ -34,8 +36,6 @@ from promptad.report import (
     worst_indices,
     write_report_json,
 )
-from promptad.report_html import THUMB_WIDTH, _fmt, _signed, write_html_report
-from promptad.verdict import Targets, decision_summary, overall_verdict, percent
 
 VOID = {"meta", "img", "br", "hr", "input", "link"}
 SHIFT_ORDER = ["noise", "blur"]  # not alphabetical: every table must keep this order

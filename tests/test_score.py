@@ -23,16 +23,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from promptad.memory import Bank
 from PIL import Image
 
-from promptad import artifact, cli, score, storage
-from promptad.datasets import mvtec_samples
+from promptad import cli
+from promptad.data import storage
+from promptad.data.datasets import mvtec_samples
+from promptad.data.images import decode_image, resize
 from promptad.errors import UserError
-from promptad.images import decode_image, resize
+from promptad.memory.bank import Bank
+from promptad.models import artifact
 from promptad.predict import predict
-from promptad.score_plan import human_bytes
+from promptad.score import command as score
+from promptad.score.plan import human_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -41,9 +43,9 @@ SIZE = 64
 @pytest.fixture(scope="session")
 def models(tmp_path_factory, datasets_root) -> dict[str, str]:
     """Artifacts: 'one' (magnetic_tile) and 'two' (magnetic_tile + cookie), each 1 epoch at 64 px."""
-    from promptad.model import ModelConfig
-    from promptad.pipeline import fit_in_process, load_images
-    from promptad.training import TrainConfig
+    from promptad.fit.pipeline import fit_in_process, load_images
+    from promptad.learning.training import TrainConfig
+    from promptad.models.model import ModelConfig
 
     root = tmp_path_factory.mktemp("models")
     images = {c: load_images(mvtec_samples(str(datasets_root), c, "train")[:12], SIZE)

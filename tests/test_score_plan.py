@@ -12,12 +12,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from promptad import storage
-from promptad.datasets import manifest_samples, manifest_table
+from promptad.data import storage
+from promptad.data.datasets import manifest_samples, manifest_table
 from promptad.errors import UserError
-from promptad.score_output import (OUTPUT_SCHEMA, commit_file, drop_superseded, newest_rows, read_rows,
-                                   verify)
-from promptad.score_plan import list_inputs, make_plan
+from promptad.score.output import OUTPUT_SCHEMA, commit_file, drop_superseded, newest_rows, read_rows, verify
+from promptad.score.plan import list_inputs, make_plan
 
 MODEL = "0123456789abcdef"
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
@@ -259,7 +258,7 @@ def test_planning_a_large_manifest(tmp_path):
 
 
 def test_progress_line_says_done_total_rate_eta_and_errors():
-    from promptad.score_progress import Progress, Summary
+    from promptad.score.progress import Progress, Summary
 
     progress = Progress(Summary(output="o", run_id="r", model_id="m", inputs=300, already_done=100), total=200)
     progress.start -= 10  # ten seconds in

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from promptad.data.shifts import GROUPS, SHIFTS, apply_shift, parse_shifts
 from promptad.errors import UserError
-from promptad.shifts import GROUPS, SHIFTS, apply_shift, parse_shifts
 
 GEOMETRIC = ["rotation", "translation", "scale"]
 PHOTOMETRIC = [n for n in SHIFTS if n not in GEOMETRIC]

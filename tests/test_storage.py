@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from promptad import storage
+from promptad.data import storage
 from promptad.errors import UserError
 
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from promptad import synthesis
-from promptad.synthesis import (
+from promptad.data import synthesis
+from promptad.data.synthesis import (
     MAX_AREA,
     MIN_AREA,
     MIN_MEAN_CHANGE,

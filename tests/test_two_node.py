@@ -95,11 +95,11 @@ def two_node_cluster(tmp_path):
 @pytest.fixture
 def scoring_inputs(tmp_path) -> dict:
     """A one-epoch effnet-lite0 artifact and a manifest of 256 generated images."""
-    from promptad.artifact import save_artifact
-    from promptad.datasets import load_samples
-    from promptad.model import ModelConfig
-    from promptad.pipeline import fit_in_process, load_images
-    from promptad.training import TrainConfig
+    from promptad.data.datasets import load_samples
+    from promptad.fit.pipeline import fit_in_process, load_images
+    from promptad.learning.training import TrainConfig
+    from promptad.models.artifact import save_artifact
+    from promptad.models.model import ModelConfig
 
     data = make_dataset(tmp_path / "data", size=SIZE, n_train=128, n_test_good=64, n_test_defect=64)
     train = load_samples(str(data), ["tile"], "train")
@@ -147,7 +147,7 @@ def _predict_tasks_per_node(dashboard: str) -> Counter:
     """Finished model-stage tasks per node id (the state API's task events arrive a moment late)."""
     from ray.util.state import list_tasks
 
-    from promptad.score import Predictor
+    from promptad.score.command import Predictor
 
     name = f"MapWorker(MapBatches({Predictor.__name__})).submit"  # Ray Data's actor-pool task name
     per_node: Counter = Counter()

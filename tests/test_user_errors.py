@@ -29,11 +29,11 @@ SIZE = 64  # model input size: small and fast; these tests are about messages, n
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     """A generated MVTec layout (category "tile") and a one-epoch effnet-lite0 artifact of it."""
-    from promptad.artifact import save_artifact
-    from promptad.datasets import load_samples
-    from promptad.model import ModelConfig
-    from promptad.pipeline import fit_in_process, load_images
-    from promptad.training import TrainConfig
+    from promptad.data.datasets import load_samples
+    from promptad.fit.pipeline import fit_in_process, load_images
+    from promptad.learning.training import TrainConfig
+    from promptad.models.artifact import save_artifact
+    from promptad.models.model import ModelConfig
 
     root = tmp_path_factory.mktemp("user_errors")
     data = make_dataset(root / "data", size=SIZE, n_train=6, n_test_good=2, n_test_defect=2)
@@ -113,7 +113,7 @@ def test_altered_artifact(command, tiny, ray_local, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- scoring output
 def test_output_holding_another_models_rows(tiny, ray_local, tmp_path, capsys):
-    from promptad.score import OUTPUT_SCHEMA
+    from promptad.score.command import OUTPUT_SCHEMA
 
     out = tmp_path / "scores"
     out.mkdir()

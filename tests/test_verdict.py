@@ -3,7 +3,7 @@ go / no-go judged on confidence bounds, against hand-computed Wilson bounds."""
 import numpy as np
 import pytest
 
-from promptad.verdict import (
+from promptad.audit.verdict import (
     GO,
     NO_GO,
     NOT_JUDGED,

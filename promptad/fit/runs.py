@@ -3,7 +3,7 @@ checks before it continues one. Plain storage, no Ray.
 
     fit-<UTC time>-<id>/
       promptad-fit.json              the run's flags (RESUME_KEYS must match on --resume)
-      epoch_NNNN/state.pt            Ray Train checkpoints (fit_train.py), the newest CHECKPOINTS_KEPT
+      epoch_NNNN/state.pt            Ray Train checkpoints (fit/train.py), the newest CHECKPOINTS_KEPT
       rows.json                      readable images per category, skipped files
       memory/<category>.safetensors  a finished category's memory (artifact.memory_tensors)
       calibration/<category>.json    a finished category's calibration, with the digest of the
@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from . import storage
-from .artifact import _memory_name, memory_from_tensors, memory_tensors
-from .errors import UserError
-from .fit_train import checkpoint_epochs, newest_state, state_digest
-from .model import Calibration, CategoryMemory
+from promptad.data import storage
+from promptad.errors import UserError
+from promptad.fit.train import checkpoint_epochs, newest_state, state_digest
+from promptad.models.artifact import _memory_name, memory_from_tensors, memory_tensors
+from promptad.models.model import Calibration, CategoryMemory
 
 RUN_PREFIX = "fit-"
 RUN_FILE = "promptad-fit.json"

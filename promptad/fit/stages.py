@@ -37,10 +37,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import storage
-from .backbones import Features
-from .images import ImageDecodeError, decode_image, resize
-from .shifts import tolerated_views
+from promptad.data import storage
+from promptad.data.images import ImageDecodeError, decode_image, resize
+from promptad.data.shifts import tolerated_views
+from promptad.models.backbones import Features
 
 FEATURE_BATCH_CPU = 16  # images per block and extraction batch on CPU actors
 FEATURE_BATCH_GPU = 64  # ... and on GPU actors
@@ -99,7 +99,7 @@ def standardization(m: Moments) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------- models in tasks
 @functools.lru_cache(maxsize=1)
 def _backbone(spec: str, layers: tuple[int, ...], input_size: int, device: str):
-    from .backbones import create_backbone
+    from promptad.models.backbones import create_backbone
 
     return create_backbone(spec, layers=list(layers), input_size=input_size).to(device)
 
@@ -107,7 +107,7 @@ def _backbone(spec: str, layers: tuple[int, ...], input_size: int, device: str):
 def stage_model(model_cfg: dict[str, Any], device: str, threads: int):
     """The model in a task or actor; the frozen backbone is loaded once per worker process (Ray
     reuses processes across tasks), the rest is cheap to build."""
-    from .model import ModelConfig, PromptAD
+    from promptad.models.model import ModelConfig, PromptAD
 
     torch.set_num_threads(max(1, threads))
     cfg = ModelConfig(**model_cfg)
@@ -152,7 +152,7 @@ class FeatureExtractor:
         self.model = stage_model(model_cfg, device, threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .predict import extract
+        from promptad.predict import extract
 
         t0 = time.perf_counter()
         views = batch.pop("tolerated", None)
@@ -322,7 +322,7 @@ def category_memory(model_cfg: dict[str, Any], seed: int, device: str, threads: 
                     picks: list[tuple[int, int]], *tables):
     """Ray task: one category's memory (pipeline.build_memory) from its rows in idx order; returns
     (CategoryMemory on the CPU, seconds)."""
-    from .pipeline import build_memory
+    from promptad.fit.pipeline import build_memory
 
     t0 = time.perf_counter()
     model = stage_model(model_cfg, device, threads)
@@ -338,7 +338,7 @@ def category_calibration(model_cfg: dict[str, Any], trained: dict[str, torch.Ten
     """Ray task: one category's calibration (calibrate.calibrate_category) with the trainable
     weights (`was_trained` False: the untrained ones of --epochs 0), its memory and its rows in
     the order the memory was built from; (Calibration, s)."""
-    from .calibrate import calibrate_category
+    from promptad.fit.calibrate import calibrate_category
 
     t0 = time.perf_counter()
     model = stage_model(model_cfg, device, threads)

@@ -1,10 +1,10 @@
 """The steps of a fit as plain functions, and all of them in one process (tests, benchmarks, small
-data). `promptad fit` runs the same functions as Ray stages (fit.py).
+data). `promptad fit` runs the same functions as Ray stages (fit/command.py).
 
     images -> features (predict.extract, once per image)
            -> memory per category (build_memory: local + regional coreset banks, global Gaussian;
               with --tolerate, each image's tolerated views join both)
-           -> training on the cached features (training.py)
+           -> training on the cached features (learning/training.py)
            -> calibration per category (calibrate.py, leave-one-out)
 
 Memory does not depend on training (the backbone is frozen and the banks hold its features), so
@@ -18,18 +18,18 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import storage
-from .backbones import Features
-from .calibrate import calibrate_category
-from .datasets import Sample
-from .features import group_views
-from .gaussian import fit_gaussian
-from .images import decode_image, resize
-from .memory import Bank, bank_size, build_bank
-from .model import CategoryMemory, ModelConfig, PromptAD
-from .predict import extract
-from .shifts import tolerated_views
-from .training import Shard, TrainConfig, set_standardization, train_in_process
+from promptad.data import storage
+from promptad.data.datasets import Sample
+from promptad.data.images import decode_image, resize
+from promptad.data.shifts import tolerated_views
+from promptad.fit.calibrate import calibrate_category
+from promptad.learning.training import Shard, TrainConfig, set_standardization, train_in_process
+from promptad.memory.bank import Bank, bank_size, build_bank
+from promptad.memory.gaussian import fit_gaussian
+from promptad.models.backbones import Features
+from promptad.models.features import group_views
+from promptad.models.model import CategoryMemory, ModelConfig, PromptAD
+from promptad.predict import extract
 
 
 def load_images(samples: Sequence[Sample], size: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The Ray stages of `promptad audit`: what runs on the cluster (audit.py is the driver).
+"""The Ray stages of `promptad audit`: what runs on the cluster (command.py is the driver).
 
     _load_rows  (CPU tasks) read + decode the image and its mask once, then for each condition
                 (clean, then every --shifts name) apply the seeded shift to the full-resolution
@@ -17,14 +17,14 @@ import math
 
 import numpy as np
 
-from . import storage
-from .datasets import NORMAL_DEFECT, Sample
-from .images import ImageDecodeError, decode_image, decode_mask, encode_png, map_shape, resize, resize_mask
-from .model import Calibration
-from .plots import visualization
-from .postprocess import resize_map
-from .predict import load_for_worker, predict_rows
-from .shifts import apply_shift, shift_seed
+from promptad.data import storage
+from promptad.data.datasets import NORMAL_DEFECT, Sample
+from promptad.data.images import ImageDecodeError, decode_image, decode_mask, encode_png, map_shape, resize, resize_mask
+from promptad.data.shifts import apply_shift, shift_seed
+from promptad.models.model import Calibration
+from promptad.postprocess import resize_map
+from promptad.predict import load_for_worker, predict_rows
+from promptad.report.plots import visualization
 
 CLEAN = "clean"
 LOAD_BATCH = 4  # images per read task; each becomes 1 + len(shifts) rows

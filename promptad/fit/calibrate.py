@@ -6,7 +6,7 @@ against the banks without the entries taken from it (leave-one-out, memory.nn_di
 and against a Gaussian fitted without its fold (gaussian.held_out_scores). Those held-out scores
 stand for new normal images, and set
 - the memory scales: the 99th percentile of normal local and regional patch distances;
-- z(local) and z(global) (model.py): robust standard scores (median, 1.4826 x MAD);
+- z(local) and z(global) (models/model.py): robust standard scores (median, 1.4826 x MAD);
 - the image threshold: the conformal order statistic. With n held-out scores and a target
   false-alarm rate a, the threshold is the k-th smallest score, k = ceil((n + 1)(1 - a)); a new
   normal image, exchangeable with them, then scores at or above it with probability
@@ -29,11 +29,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from .backbones import Features
-from .features import group_views
-from .gaussian import held_out_scores
-from .model import Calibration, PromptAD
-from .predict import components_of
+from promptad.memory.gaussian import held_out_scores
+from promptad.models.backbones import Features
+from promptad.models.features import group_views
+from promptad.models.model import Calibration, PromptAD
+from promptad.predict import components_of
 
 IMAGE_FPR = 0.01  # target false-alarm rate on normal images
 PIXEL_FPR = 0.001  # target false-positive rate on normal pixels
@@ -56,7 +56,7 @@ def conformal_threshold(scores: np.ndarray, target: float) -> tuple[float, float
 
 
 def _robust_z(values: torch.Tensor) -> tuple[float, float]:
-    """(median, 1.4826 x median absolute deviation) of held-out normal values: the z() of model.py,
+    """(median, 1.4826 x median absolute deviation) of held-out normal values: the z() of models/model.py,
     a standard score that one outlying normal image among few cannot stretch (a 99th percentile of
     31 cookie images is their maximum, and one odd image set it 4x too wide)."""
     v = values.float().flatten()

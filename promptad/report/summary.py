@@ -1,6 +1,6 @@
 """The audit report's data: the report dict, its derived parts (drops, macro means),
-report.json, and what the page needs beside the dict (curves, worst cases). The HTML page is report_html.py, the pictures plots.py, the sign-off numbers
-(rates, intervals, targets, verdict) verdict.py. No Ray, no torch.
+report.json, and what the page needs beside the dict (curves, worst cases). The HTML page is page.py, the pictures plots.py, the sign-off
+numbers (rates, intervals, targets, verdict) audit/verdict.py. No Ray, no torch.
 
 Report dict (what `write_report_json` stores and `report_html.write_html_report` renders)::
 
@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import binary_stats, pr_curve, roc_curve
+from promptad.metrics.image import binary_stats, pr_curve, roc_curve
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_f1_max_threshold",
            "precision", "recall", "f1", "accuracy", "pixel_f1")

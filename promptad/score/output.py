@@ -30,8 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from . import storage
-from .errors import UserError
+from promptad.data import storage
+from promptad.errors import UserError
 
 OUTPUT_SCHEMA = pa.schema([
     ("image_id", pa.string()),

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .plots import histogram_svg, pr_svg, roc_svg
-from .report import METRICS, THRESHOLD_METRICS, CategoryCurves, Example, WorstCases
-from .verdict import percent
+from promptad.audit.verdict import percent
+from promptad.report.plots import histogram_svg, pr_svg, roc_svg
+from promptad.report.summary import METRICS, THRESHOLD_METRICS, CategoryCurves, Example, WorstCases
 
 THUMB_WIDTH = 640  # px: thumbnails embedded in the page; full size in visualization_results/
 THUMB_QUALITY = 85  # JPEG: a fifth of the PNG's size at this width, text still crisp enough

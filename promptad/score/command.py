@@ -1,13 +1,13 @@
 """`promptad score`: a Ray Data pipeline around predict.py that writes the Parquet table of
 DESIGN.md (Scoring output), exactly once per (input, content version), resumable after a kill.
 
-    plan (driver, score_plan.py: listing or manifest with versions, minus what the output holds)
+    plan (driver, plan.py: listing or manifest with versions, minus what the output holds)
       -> read + decode + resize      CPU tasks reading the plan's rows; a failure becomes an `error` row
       -> predict                     actor pool (--actors, --gpus-per-actor); the artifact loads once per actor
       -> postprocess + commit        CPU tasks: PNG map, defect area, decision; one Parquet file per bundle
       -> driver                      one small summary row per committed file: progress, summary;
                                      then superseded rows are dropped and every input counted
-                                     (score_output.py)
+                                     (output.py)
 
 Everything that can be checked before Ray starts is: the artifact (verified against its model
 id), the output (a file, or another model's rows), the inputs (missing, empty); --dry-run stops
@@ -33,14 +33,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from . import artifact, storage
-from .score_output import (OUTPUT_SCHEMA, RUNS_DIR, TMP_DIR, clean_staging, commit_file,  # noqa: F401 (API)
-                           committed_files, verify)
-from .score_plan import Plan, make_plan
-from .score_progress import Progress, Summary
+from promptad.data import storage
+from promptad.models import artifact
+from promptad.score.output import OUTPUT_SCHEMA, RUNS_DIR, TMP_DIR, clean_staging, commit_file, committed_files, verify  # noqa: F401 (API)
+from promptad.score.plan import Plan, make_plan
+from promptad.score.progress import Progress, Summary
 
 if TYPE_CHECKING:
-    from .model import Calibration
+    from promptad.models.model import Calibration
 
 INPUT_COLUMNS = ["image_id", "path", "category", "source_version"]  # what the pipeline gets of the plan
 _RESULT_FIELDS = ("score", "score_norm", "is_anomalous", "threshold", "map_png", "map_height", "map_width",
@@ -81,7 +81,7 @@ def read_and_decode(batch: pa.Table, size: int, categories: list[str]) -> dict[s
     The file's bytes live only inside this function. Between stages "" stands for null in `error`,
     `category` and `source_version`: a column of nulls only would lose its string type on the way.
     """
-    from .images import ImageDecodeError, decode_image, resize
+    from promptad.data.images import ImageDecodeError, decode_image, resize
 
     n = batch.num_rows
     images = np.zeros((n, size, size, 3), np.uint8)
@@ -135,12 +135,12 @@ class Predictor:
     an exception: the rest of its batch is written as usual."""
 
     def __init__(self, model_uri: str, device: str, threads: int):
-        from .predict import load_for_worker
+        from promptad.predict import load_for_worker
 
         self.model = load_for_worker(model_uri, device, threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .predict import predict_rows
+        from promptad.predict import predict_rows
 
         pred = predict_rows(self.model, batch.pop("image"), batch["category"], batch["error"])
         batch["score"], batch["map"] = pred.scores, pred.maps
@@ -154,8 +154,8 @@ def postprocess_and_commit(batch: dict[str, np.ndarray], output_uri: str, calibr
     """Output rows of one bundle -> one atomically committed Parquet file; returns its summary row.
 
     The file name hashes this invocation's `nonce` with the bundle's image_ids: a retried task
-    rewrites its own file, and no file another run left is ever overwritten (score_output.py)."""
-    from .postprocess import postprocess
+    rewrites its own file, and no file another run left is ever overwritten (output.py)."""
+    from promptad.postprocess import postprocess
 
     n = len(batch["image_id"])
     cols: dict[str, list] = {name: [None] * n for name in _RESULT_FIELDS}
@@ -233,7 +233,7 @@ def _warn_if_local_output_on_many_nodes(output_uri: str) -> None:
 def plan(model_uri: str, input_uri: str, output_uri: str) -> tuple[Plan, dict]:
     """The artifact (verified: a damaged one is one line here, not a dead actor pool) and the plan.
     No Ray: every mistake in --model, --input and --output surfaces here, in seconds."""
-    from .score_plan import check_output_location
+    from promptad.score.plan import check_output_location
 
     check_output_location(output_uri)
     manifest, _, _ = artifact.read_verified(model_uri)
@@ -265,7 +265,7 @@ def execute(the_plan: Plan, model_uri: str, manifest: dict, *, actors: int = 1, 
           f"{the_plan.changed:,} changed, {the_plan.retry:,} to retry; scoring {todo.num_rows:,} with model "
           f"{the_plan.model_id} (run {run_id}; planned in {the_plan.seconds:.1f} s)", file=sys.stderr, flush=True)
     if todo.num_rows:
-        from .raycluster import check_fits, connect
+        from promptad.raycluster import check_fits, connect
 
         connect(address)
         check_fits({"CPU": (cpus_per_actor + READ_CPUS + COMMIT_CPUS,
@@ -332,7 +332,7 @@ def _run_pipeline(todo: pa.Table, summary: Summary, model_uri: str, output_uri: 
 def run(args: argparse.Namespace) -> Summary | Plan:
     """`promptad score` (and jobs/score.py): plan without Ray; then --dry-run prints the plan, a
     real run joins Ray (only if there is something to score) and runs it."""
-    from .raycluster import is_local
+    from promptad.raycluster import is_local
 
     the_plan, manifest = plan(args.model, args.input, args.output)
     if getattr(args, "dry_run", False):

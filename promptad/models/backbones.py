@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UserError
+from promptad.errors import UserError
 
 DEFAULT_CLIP = "clip:ViT-B-16-plus-240:laion400m_e32"
 OFFLINE_HINT = (
@@ -348,7 +348,7 @@ def create_backbone(spec: str, layers: list[int] | None = None, input_size: int 
         weight_path = sha = None
         if ref is not None and _is_path(ref):
             if local_copy is None:
-                from .storage import local_copy  # noqa: PLC0415 (storage pulls in pyarrow.fs)
+                from promptad.data.storage import local_copy  # noqa: PLC0415 (storage pulls in pyarrow.fs)
             try:
                 weight_path = local_copy(ref)
             except FileNotFoundError:

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import storage
-from .datasets import MANIFEST_EXTENSIONS, manifest_table
-from .errors import UserError
-from .score_output import check_same_model, newest_rows, read_rows
+from promptad.data import storage
+from promptad.data.datasets import MANIFEST_EXTENSIONS, manifest_table
+from promptad.errors import UserError
+from promptad.score.output import check_same_model, newest_rows, read_rows
 
 INPUT_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("category", pa.string()),
                           ("source_version", pa.string()), ("size", pa.int64())])

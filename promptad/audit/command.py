@@ -55,16 +55,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import load_artifact
-from .audit_stages import CLEAN, dataset, unpack_mask
-from .datasets import NORMAL_DEFECT, Sample, load_samples
-from .errors import UserError
-from .metrics import AUPRO, PixelMetrics, image_summary, per_defect
-from .model import Calibration
-from .report import CategoryCurves, Example, WorstCases, overall_summary, with_drop, write_report_json
-from .report_html import write_html_report
-from .shifts import SHIFTS, parse_shifts
-from .verdict import NO_GO, Targets, decision_summary, overall_verdict
+from promptad.audit.stages import CLEAN, dataset, unpack_mask
+from promptad.audit.verdict import NO_GO, Targets, decision_summary, overall_verdict
+from promptad.data.datasets import NORMAL_DEFECT, Sample, load_samples
+from promptad.data.shifts import SHIFTS, parse_shifts
+from promptad.errors import UserError
+from promptad.metrics.image import image_summary, per_defect
+from promptad.metrics.pixel import AUPRO, PixelMetrics
+from promptad.models.artifact import load_artifact
+from promptad.models.model import Calibration
+from promptad.report.page import write_html_report
+from promptad.report.summary import CategoryCurves, Example, WorstCases, overall_summary, with_drop, write_report_json
 
 VIS_DIR = "visualization_results"
 WORST_K = 8  # worst false positives / negatives shown per category
@@ -230,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     categories = sorted({s.category for s in samples})
     vis = visualization_paths(samples)
 
-    from .raycluster import connect
+    from promptad.raycluster import connect
 
     connect(args.address)
     report_dir.mkdir(parents=True, exist_ok=True)

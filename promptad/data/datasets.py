@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from promptad import storage
+from promptad.data import storage
 from promptad.errors import UserError
 
 SPLITS = ("train", "test")

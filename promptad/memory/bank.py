@@ -1,6 +1,6 @@
 """Memory banks of normal patch features and their greedy coreset (PatchCore-style).
 
-A bank holds patch features of normal images (features.py: local or regional); a patch is as
+A bank holds patch features of normal images (models/features.py: local or regional); a patch is as
 anomalous as it is far from its nearest neighbour in the bank. Every entry remembers which
 training image it came from (`source`), so calibration can score each normal image against the
 bank without its own entries (leave-one-out): a normal image scored against a bank that holds it
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .numerics import float32_math
+from promptad.models.numerics import float32_math
 
 
 def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, batch: int | None = None,

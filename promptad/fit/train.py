@@ -29,12 +29,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import storage
-from .fit_stages import INDEX_CPUS, Selection, as_features, remote, take_rows
-from .model import ModelConfig, PromptAD
-from .pipeline import training_shard
-from .training import (Shard, TrainConfig, make_ema, make_optimizer, resolve_precision, steps_per_epoch,
-                       train_epoch, training_precision)
+from promptad.data import storage
+from promptad.fit.pipeline import training_shard
+from promptad.fit.stages import INDEX_CPUS, Selection, as_features, remote, take_rows
+from promptad.learning.training import (
+    Shard,
+    TrainConfig,
+    make_ema,
+    make_optimizer,
+    resolve_precision,
+    steps_per_epoch,
+    train_epoch,
+    training_precision,
+)
+from promptad.models.model import ModelConfig, PromptAD
 
 STATE_FILE = "state.pt"
 CHECKPOINTS_KEPT = 2
@@ -210,7 +218,7 @@ def _progress_callback():
     console.say relays the line to the driver, which does not forward Ray's own worker output)."""
     from ray.train import UserCallback
 
-    from .console import say
+    from promptad.console import say
 
     class Progress(UserCallback):
         def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:

@@ -13,15 +13,15 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import losses
-from .backbones import Features
-from .feature_anomalies import add_anomalies
+from promptad.learning import losses
+from promptad.learning.feature_anomalies import add_anomalies
+from promptad.models.backbones import Features
 
 MIN_EPOCH_SAMPLES = 256  # an epoch visits at least this many samples (cycling a small category)
 
@@ -233,7 +233,7 @@ def _flip_tokens(tokens: torch.Tensor, grid) -> torch.Tensor:
 
 def _split(out, n: int):
     """Split a forward over [x, flip(x)] into the two halves."""
-    from .model import Outputs
+    from promptad.models.model import Outputs
 
     def half(t, sl):
         return None if t is None else t[sl]

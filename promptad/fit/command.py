@@ -1,12 +1,12 @@
 """`promptad fit`: the steps of pipeline.fit_in_process as Ray stages; the driver only plans,
 checks, orchestrates and writes the artifact.
 
-    driver   samples (datasets.py) -> rows (idx, path, category, image_id) -> checks -> run folder
+    driver   samples (data/datasets.py) -> rows (idx, path, category, image_id) -> checks -> run folder
     Ray Data decode (CPU tasks) -> predict.extract (actor pool, --workers actors of the workers'
              resources) -> feature blocks in the object store; an index task per block
     tasks    memory per category (pipeline.build_memory), categories in parallel, beside training
     Train    TorchTrainer, --workers DDP workers over the trainable part; each loads only its
-             rows, once (fit_train.py); a checkpoint every epoch
+             rows, once (fit/train.py); a checkpoint every epoch
     tasks    calibration per category (calibrate.calibrate_category) on the trained weights
     driver   artifact (artifact.save_artifact) from the tasks' small results
 
@@ -33,7 +33,7 @@ nothing waits on itself. The feature actors are released when the features are m
 before training. GPU workers train in fp16 with a GradScaler; CPU workers in fp32, or in bf16
 where the CPU does it natively (training.training_precision).
 
-Runs live in --storage as fit-<UTC time>-<id>/ (fit_runs.py: flags, epoch checkpoints, finished
+Runs live in --storage as fit-<UTC time>-<id>/ (fit/runs.py: flags, epoch checkpoints, finished
 memories and calibrations). `--resume` continues the newest run there and redoes nothing it
 holds: after training it goes straight to the missing memories and calibrations, and it ends with
 the model_id an uninterrupted run gives.
@@ -50,17 +50,25 @@ from typing import Any
 
 import torch
 
-from . import fit_runs as runs
-from . import fit_stages as stages
-from . import storage
-from .artifact import save_artifact
-from .datasets import Sample, load_samples
-from .errors import UserError
-from .fit_runs import default_storage
-from .fit_train import CHECKPOINTS_KEPT, STATE_FILE, WORKER_RESTARTS  # noqa: F401 - documented names
-from .fit_train import deal, newest_state, prune_checkpoints, read_state, state_digest, train
-from .model import ModelConfig, PromptAD
-from .training import TrainConfig
+from promptad.data import storage
+from promptad.data.datasets import Sample, load_samples
+from promptad.errors import UserError
+from promptad.fit import runs, stages
+from promptad.fit.runs import default_storage
+from promptad.fit.train import (  # noqa: F401 - documented names
+    CHECKPOINTS_KEPT,
+    STATE_FILE,
+    WORKER_RESTARTS,
+    deal,
+    newest_state,
+    prune_checkpoints,
+    read_state,
+    state_digest,
+    train,
+)
+from promptad.learning.training import TrainConfig
+from promptad.models.artifact import save_artifact
+from promptad.models.model import ModelConfig, PromptAD
 
 # Test hook: the driver stops for good right after checkpointing the first category of this stage
 # (memory | calibration), so a test can kill it at a known point (tests/test_fit.py).
@@ -145,7 +153,7 @@ def run(args: argparse.Namespace) -> FitSummary:
     memory_task_s and calibration_task_s (summed over tasks; memory runs beside training);
     after_training (wall until every memory and calibration is in), of which memory_wait (until
     the last memory); write; total."""
-    from .raycluster import check_fits, connect, is_local
+    from promptad.raycluster import check_fits, connect, is_local
 
     t_start = time.time()
     clock: dict[str, float] = {}

@@ -6,7 +6,7 @@ Verdicts are judged on 95 % confidence bounds, never on point estimates: a false
 is met when the *upper* Wilson bound of the false-alarm rate is at or below it, a recall target
 when the *lower* Wilson bound of recall is at or above it. So 0 false alarms in 10 normal
 images does not show a 1 % false-alarm rate (the bound is 27.8 %): it takes 381 normals.
-No Ray, no torch; the statistics are in metrics.py.
+No Ray, no torch; the statistics are in metrics/.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .metrics import (
+from promptad.metrics.image import (
     WHAT_IF_FPRS,
     bootstrap_auroc,
     image_auroc,

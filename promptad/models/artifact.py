@@ -16,13 +16,13 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from . import storage
-from .errors import UserError
+from promptad.data import storage
+from promptad.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
-    from .model import Calibration, PromptAD
+    from promptad.models.model import Calibration, PromptAD
 
 # torch, safetensors and the model are imported inside the functions that build or load a model:
 # reading and verifying an artifact (what `score` checks before Ray starts) then takes no torch
@@ -66,9 +66,9 @@ def memory_tensors(memory) -> dict:
 
 
 def memory_from_tensors(t: dict):
-    from .gaussian import Gaussian
-    from .memory import Bank
-    from .model import CategoryMemory
+    from promptad.memory.bank import Bank
+    from promptad.memory.gaussian import Gaussian
+    from promptad.models.model import CategoryMemory
 
     return CategoryMemory(local=Bank(t["local"], t["local_source"]), regional=Bank(t["regional"], t["regional_source"]),
                           gaussian=Gaussian.from_tensors(t))
@@ -78,7 +78,7 @@ def save_artifact(model: PromptAD, uri: str, training: dict | None = None) -> st
     """Write the artifact to `uri`; returns the model id."""
     from safetensors.torch import save as st_save
 
-    from . import prompts
+    from promptad.models import prompts
 
     missing = [c for c in model.categories if c not in model.memory]
     if missing:
@@ -130,7 +130,7 @@ def read_manifest(uri: str) -> dict:
 
 def read_calibration(manifest: dict) -> dict[str, Calibration]:
     """Per-category calibration from a manifest, without loading weights (score's CPU tasks need only this)."""
-    from .model import Calibration
+    from promptad.models.model import Calibration
 
     out = {}
     for c, cal in manifest["calibration"].items():
@@ -157,8 +157,8 @@ def load_artifact(uri: str, device: str | torch.device = "cpu") -> PromptAD:
     """Rebuild the model from an artifact; raises UserError if it is missing, corrupt or altered."""
     from safetensors.torch import load as st_load
 
-    from .backbones import create_backbone
-    from .model import ModelConfig, PromptAD
+    from promptad.models.backbones import create_backbone
+    from promptad.models.model import ModelConfig, PromptAD
 
     manifest, weights, banks = read_verified(uri)
     cfg = ModelConfig(**manifest["model"])

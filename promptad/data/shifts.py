@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-from .errors import UserError
+from promptad.errors import UserError
 
 BRIGHTNESS = 1.25  # brightness: every channel x1.25 (+25 %), clipped
 CONTRAST = 0.7  # contrast: distance from the image's mean luma x0.7
@@ -219,7 +219,7 @@ def tolerated_views(img: np.ndarray, names: list[str], key: str) -> list[np.ndar
 # --------------------------------------------------------------------------- whole-image defects
 # Not robustness shifts (an audit asks the model to survive those) but defects of the whole image
 # that a model must flag: every patch of such an image still resembles some normal patch, so a
-# patch memory bank alone misses them and the global branch (gaussian.py) has to catch them.
+# patch memory bank alone misses them and the global branch (memory/gaussian.py) has to catch them.
 # They evaluate that branch (tests/test_global_branch.py, benchmarks/quality.py).
 
 

@@ -7,7 +7,7 @@ Evidence per image, all computed from one frozen backbone pass (backbones.Featur
 - head:     the localization head's probability, trained on feature-space synthetic anomalies;
 - text:     for CLIP, how much a patch matches the anomaly prompts rather than the normal ones;
 - global:   Mahalanobis distance of the pooled features to the nearest normal image's, under the
-            category's Gaussian (gaussian.py).
+            category's Gaussian (memory/gaussian.py).
 
     map    = max(memory, regional) * (1 + head * p_head) + text * p_text          (pixel map)
     local  = max over the blurred map of memory * (1 + head * p_head) + text * p_text (+ image text)
@@ -38,12 +38,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbones import Backbone, Features, create_backbone
-from .features import local_embedding, pooled_stats, regional_embedding
-from .gaussian import Gaussian
-from .memory import Bank, nn_distance
-from .numerics import float32_math
-from .prompts import TextPromptLearner, handcrafted_text_features
+from promptad.memory.bank import Bank, nn_distance
+from promptad.memory.gaussian import Gaussian
+from promptad.models.backbones import Backbone, Features, create_backbone
+from promptad.models.features import local_embedding, pooled_stats, regional_embedding
+from promptad.models.numerics import float32_math
+from promptad.models.prompts import TextPromptLearner, handcrafted_text_features
 
 
 @dataclass
@@ -74,7 +74,7 @@ MEMORY_ONLY = {"memory": 1.0, "regional": 1.0, "head": 0.0, "text": 0.0, "global
 @dataclass
 class Calibration:
     """Per-category deployment numbers, fitted on held-out scores of normal images (never on real
-    anomalies): each normal image scored against memory without its own entries (calibrate.py)."""
+    anomalies): each normal image scored against memory without its own entries (fit/calibrate.py)."""
 
     memory_scale: float = 1.0  # divides local memory distances: normal patches sit below ~1
     regional_scale: float = 1.0  # the same for regional distances
