@@ -17,7 +17,7 @@ from PIL import Image
 from promptad.audit.verdict import Targets, decision_summary, overall_verdict, percent
 from promptad.data.images import encode_png
 from promptad.metrics.image import image_summary, per_defect
-from promptad.report.page import THUMB_WIDTH, _fmt, _signed, write_html_report
+from promptad.report.page import THUMB_WIDTH, write_html_report
 from promptad.report.plots import (
     COLORMAP,
     VisualizationLayout,
@@ -36,6 +36,7 @@ from promptad.report.summary import (
     worst_indices,
     write_report_json,
 )
+from promptad.report.tables import fmt, signed
 
 VOID = {"meta", "img", "br", "hr", "input", "link"}
 SHIFT_ORDER = ["noise", "blur"]  # not alphabetical: every table must keep this order
@@ -308,10 +309,10 @@ def test_html_report_has_the_verdict_rates_and_the_dicts_numbers(tmp_path):
 
 
 def test_numbers_never_print_negative_zero():
-    assert _fmt(-0.0) == "0.000" and _fmt(-1e-5) == "0.000" and _fmt(-0.0006) == "-0.001"
-    assert _signed(-1e-5) == "0.000" and _signed(0.0) == "0.000" and _signed(0.0123) == "+0.012"
+    assert fmt(-0.0) == "0.000" and fmt(-1e-5) == "0.000" and fmt(-0.0006) == "-0.001"
+    assert signed(-1e-5) == "0.000" and signed(0.0) == "0.000" and signed(0.0123) == "+0.012"
     assert percent(-0.0) == "0 %" and percent(0.278) == "27.8 %" and percent(0.0005) == "0.05 %"
-    assert _fmt(float("nan")) == "n/a" and percent(None) == "n/a"
+    assert fmt(float("nan")) == "n/a" and percent(None) == "n/a"
 
 
 def test_thumbnails_are_embedded_downsized(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def _check_image_inputs(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scores = np.asarray(scores, dtype=np.float64).ravel()
     labels = np.asarray(labels).ravel()

@@ -1,1 +1,1 @@
-"""The audit report: its data and report.json (summary.py), the HTML page (page.py), the plots."""
+"""The audit report: its data and report.json (summary.py), the HTML page (page.py) and its tables (tables.py), the plots."""
