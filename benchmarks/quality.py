@@ -14,9 +14,10 @@ the same subset) and prints one table:
     reference    ref_patchcore.py (it reports no AUPRO)
 
 Pixel metrics are computed at the model's input size over every test pixel (exact, sorted), as the
-reference does at 256 x 256. Also reported: the false-alarm rate of the deployed threshold on the
-test normals against its target, and image AUROC of normal test images vs whole-image defects made
-from them (shifts.WHOLE_IMAGE_DEFECTS), with and without the global branch.
+reference does at the same size (quality.py hands it our backbone's blocks and input size). Also
+reported: the false-alarm rate of the deployed threshold on the test normals against its target,
+and image AUROC of normal test images vs whole-image defects made from them
+(shifts.WHOLE_IMAGE_DEFECTS), with and without the global branch.
 """
 from __future__ import annotations
 
@@ -42,16 +43,20 @@ from promptad.data.shifts import WHOLE_IMAGE_DEFECTS  # noqa: E402
 from promptad.fit.pipeline import fit_in_process, load_images  # noqa: E402
 from promptad.learning.training import TrainConfig  # noqa: E402
 from promptad.metrics.image import f1_max, image_auroc  # noqa: E402
-from promptad.metrics.pixel import AUPRO
+from promptad.metrics.pixel import AUPRO  # noqa: E402
+from promptad.models.backbones import create_backbone  # noqa: E402
 from promptad.models.model import MEMORY_ONLY, ModelConfig  # noqa: E402
 from promptad.predict import predict_components  # noqa: E402
 
 REFERENCE = REPO.parent / "shared" / "tools" / "ref_patchcore.py"
 
 
-def run_reference(root: str, category: str, lite: int) -> dict:
-    """The reference's one JSON line (its own fit timing included)."""
-    out = subprocess.run([sys.executable, str(REFERENCE), root, category, "--lite", str(lite)],
+def run_reference(root: str, category: str, lite: int, taps: list[int], size: int) -> dict:
+    """The reference's one JSON line (its own fit timing included), on the blocks and input size
+    our backbone uses: its defaults (blocks 4,10 at 256 px) are lite0's stride-8 and stride-16
+    stage ends; lite2 has more blocks and runs at 288 px."""
+    out = subprocess.run([sys.executable, str(REFERENCE), root, category, "--lite", str(lite),
+                          "--taps", ",".join(map(str, taps)), "--size", str(size)],
                          capture_output=True, text=True, check=True)
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 
@@ -116,19 +121,19 @@ def main() -> None:
         keep = np.sort(np.random.default_rng(args.seed).choice(len(train), args.train_limit, replace=False))
         train = [train[i] for i in keep]
     test = load_samples(args.data, [args.category], "test")
+    backbone = create_backbone(args.backbone)
     reference = None
     if not args.no_reference:
         lite = int(args.backbone[-1]) if args.backbone.startswith("effnet-lite") else 0
         with tempfile.TemporaryDirectory() as tmp:
             root = subset_root(args.data, args.category, train, tmp) if args.train_limit else args.data
-            reference = run_reference(root, args.category, lite)
+            reference = run_reference(root, args.category, lite, getattr(backbone, "taps", [4, 10]),
+                                      backbone.input_size)
 
     cfg = ModelConfig(backbone=args.backbone)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    from promptad.models.backbones import create_backbone
-
-    size = create_backbone(args.backbone).input_size
+    size = backbone.input_size
     images = load_images(train, size)
     timings["decode"] = time.perf_counter() - t0
     model = fit_in_process({args.category: images}, cfg, TrainConfig(epochs=args.epochs, seed=args.seed),

@@ -10,6 +10,7 @@ from promptad.data.datasets import load_samples
 from promptad.data.shifts import colour_cast
 from promptad.fit.pipeline import fit_in_process, load_images
 from promptad.learning.training import TrainConfig
+from promptad.memory.bank import bank_size
 from promptad.metrics.image import image_auroc
 from promptad.models.model import MEMORY_ONLY, ModelConfig
 from promptad.predict import predict_components
@@ -97,7 +98,11 @@ def test_tolerated_noise_joins_the_memory_banks(datasets_root):
     plain = fit_in_process(images, ModelConfig(backbone="effnet-lite0"), TrainConfig(epochs=0), log=None)
     tolerant = fit_in_process(images, ModelConfig(backbone="effnet-lite0"), TrainConfig(epochs=0), log=None,
                               tolerated={"magnetic_tile": load_tolerated(train, SIZE, ["noise"])})
-    assert tolerant.memory["magnetic_tile"].local.entries.shape == plain.memory["magnetic_tile"].local.entries.shape
+    # the tiles keep their own bank; noisy views look like no clean patch, so they add entries
+    mine, theirs = plain.memory["magnetic_tile"].local.entries, tolerant.memory["magnetic_tile"].local.entries
+    assert len(mine) < len(theirs) <= bank_size(2 * len(train) * (SIZE // 8) ** 2)  # stride-8 grid
+    same = (theirs[:len(mine)] == mine).all(1).float().mean()
+    assert same > 0.95, float(same)
     raw = [decode_image(storage.read_bytes(s.path)) for s in normals]
     clean = np.stack([resize(img, SIZE) for img in raw])
     noisy = np.stack([resize(apply_shift("noise", img, None, 1000 + i)[0], SIZE) for i, img in enumerate(raw)])
@@ -109,4 +114,5 @@ def test_tolerated_noise_joins_the_memory_banks(datasets_root):
         return image_auroc(np.concatenate(local), lab)
 
     before, after = local_auroc(plain), local_auroc(tolerant)
+    print("local AUROC clean vs noisy normals", before, after, "bank", len(mine), len(theirs), float(same))
     assert before > 0.9 and after < 0.75, (before, after)

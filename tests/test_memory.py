@@ -144,3 +144,34 @@ def test_coreset_slack_applies_to_distances():
     ratios = pick_ratios(x, greedy_coreset(x, 48, proj_dim=x.shape[1], batch=16, seed=3, slack=0.5))
     assert ratios.min() >= 0.5 * (1 - 1e-4)
     assert ratios.min() < 0.5 ** 0.5
+
+
+# --------------------------------------------------------------------------- tolerated views in the bank
+def test_views_like_their_images_add_no_entry():
+    """Views that repeat their images' patches: the images keep exactly the bank they get alone."""
+    x = _clusters(4)
+    alone = greedy_coreset(x, 40, proj_dim=x.shape[1], batch=8, seed=4)
+    both = greedy_coreset(torch.cat([x, x]), 200, proj_dim=x.shape[1], batch=8, seed=4, first=(len(x), 40))
+    assert both.tolist() == alone.tolist()
+
+
+def test_views_get_entries_only_beyond_the_images_covering_radius():
+    x = _clusters(5)
+    rows, picks = len(x), 40
+    g = torch.Generator().manual_seed(5)
+    shift = torch.zeros(x.shape[1])
+    shift[0] = 25.0
+    views = torch.cat([x[:150] + shift, x[150:] + 0.01 * torch.randn(len(x) - 150, x.shape[1], generator=g)])
+    feats = torch.cat([x, views])
+    alone = greedy_coreset(x, picks, proj_dim=x.shape[1], batch=8, seed=5)
+    radius = covering_radius(x, alone)
+    idx = greedy_coreset(feats, 400, proj_dim=x.shape[1], batch=8, seed=5, first=(rows, picks))
+    assert idx[:picks].tolist() == alone.tolist()  # the images' own bank, unchanged
+    extra = idx[picks:]
+    assert len(extra) > 0 and bool((extra >= rows).all())  # only views join, and they do
+    d = torch.cdist(feats.double(), feats[idx].double()).min(1).values
+    assert float(d.max()) <= radius * (1 + 1e-5)  # every view is now as well covered as the images
+    assert len(idx) < 400  # ... and it stopped there: the views near their images needed nothing
+    assert int((extra >= rows + 150).sum()) == 0  # the near views added no entry
+    capped = greedy_coreset(feats, picks + 3, proj_dim=x.shape[1], batch=8, seed=5, first=(rows, picks))
+    assert capped.tolist() == idx[:picks + 3].tolist()  # `size` caps the bank

@@ -24,7 +24,7 @@ from promptad.data.images import decode_image, resize
 from promptad.data.shifts import tolerated_views
 from promptad.fit.calibrate import calibrate_category
 from promptad.learning.training import Shard, TrainConfig, set_standardization, train_in_process
-from promptad.memory.bank import Bank, bank_size, build_bank
+from promptad.memory.bank import Bank, build_bank
 from promptad.memory.gaussian import fit_gaussian
 from promptad.models.backbones import Features
 from promptad.models.features import group_views
@@ -70,8 +70,9 @@ def build_memory(model: PromptAD, feats: Features, seed: int = 0, tolerated: Fea
     """One category's memory from the features of its normal images; entry sources are row indices,
     so calibration can leave each image out. `tolerated` (tolerated_features): each image's views
     under the conditions a line must accept join the banks, with their image as source (a
-    left-out image leaves with its views), and the Gaussian's normals. The banks keep the size the
-    plain images give them, so scoring costs the same."""
+    left-out image leaves with its views), and the Gaussian's normals. The images keep the bank
+    they would have alone; a view adds an entry only where it looks like none of the images'
+    patches (memory.bank.build_bank's `plain`), so the bank grows only as much as the drift needs."""
     n = len(feats)
     local, regional = model.local_features(feats), model.regional_features(feats)
     source = torch.arange(n)
@@ -83,7 +84,7 @@ def build_memory(model: PromptAD, feats: Features, seed: int = 0, tolerated: Fea
         extra = group_views(model.pooled_features(tolerated), n)
 
     def bank(x: torch.Tensor) -> Bank:
-        return build_bank(x, source, seed=seed, size=bank_size(n * x.shape[-2] * x.shape[-1]))
+        return build_bank(x, source, seed=seed, plain=n)
 
     return CategoryMemory(local=bank(local), regional=bank(regional),
                           gaussian=fit_gaussian(model.pooled_features(feats), extra))

@@ -17,7 +17,7 @@ from promptad.models.numerics import float32_math
 
 
 def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, batch: int | None = None,
-                   seed: int = 0, slack: float = 0.9) -> torch.Tensor:
+                   seed: int = 0, slack: float = 0.9, first: tuple[int, int] | None = None) -> torch.Tensor:
     """Indices of `size` rows chosen by greedy k-center on a random projection.
 
     Each round takes the `4 * batch` farthest points as candidates and picks among them as plain
@@ -31,6 +31,12 @@ def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, batch
     Passes over the features, which dominate the cost, drop by ~batch (200 images' patches in
     seconds on CPU). The default 0.9 (0.81 on squared distances) makes the banks the former
     0.8-on-squared-distances default made, at the same speed.
+
+    `first=(rows, picks)`: the first `picks` come from the first `rows` rows only (a fit's plain
+    images, as if the rest were absent); the remaining rows (their tolerated views) then get
+    entries, up to `size` in all, only while one of them lies farther from the chosen than the
+    first rows' covering radius. So the plain images keep the bank they would have had alone and
+    a view adds an entry only where it looks like no plain patch.
     """
     n = features.shape[0]
     if size >= n:
@@ -42,12 +48,27 @@ def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, batch
         proj = torch.randn(x.shape[1], proj_dim, generator=gen) / math.sqrt(proj_dim)
         x = x @ proj
     sq = (x * x).sum(1)
-    first = int(torch.randint(n, (1,), generator=gen))
-    min_d = (sq - 2 * x @ x[first] + sq[first]).clamp_(min=0)
-    chosen = [first]
+    rows, picks = first if first is not None else (n, size)
+    rows, picks = min(rows, n), min(picks, rows, size)
+    start = int(torch.randint(rows, (1,), generator=gen))
+    min_d = (sq - 2 * x @ x[start] + sq[start]).clamp_(min=0)
+    chosen = [start]
+    # phase 1: the first rows alone (the rest never candidates); phase 2: the rest, beyond the radius
+    _greedy(x, sq, min_d, chosen, picks, batch, slack, rows=rows, floor=0.0)
+    if picks < size and rows < n:
+        radius_sq = float(min_d[:rows].max())
+        _greedy(x, sq, min_d, chosen, size, batch, slack, rows=n, floor=radius_sq)
+    return torch.tensor(chosen[:size])
+
+
+def _greedy(x: torch.Tensor, sq: torch.Tensor, min_d: torch.Tensor, chosen: list[int], size: int,
+            batch: int, slack: float, rows: int, floor: float) -> None:
+    """Extend `chosen` (and `min_d`, squared distances of every row to it) by greedy k-center
+    picks among the first `rows` rows until `size` are chosen or no candidate is farther than
+    `floor` (squared)."""
     while len(chosen) < size:
         b = min(batch, size - len(chosen))
-        top = torch.topk(min_d, min(4 * b + 1, n))
+        top = torch.topk(min_d[:rows], min(4 * b + 1, rows))
         cand = top.indices[: 4 * b]
         bound = float(top.values[-1]) if len(top.values) > 4 * b else -1.0
         cd = min_d[cand].clone()
@@ -55,7 +76,7 @@ def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, batch
         picked = []
         for _ in range(b):
             j = int(torch.argmax(cd))
-            if cd[j] <= 0 or (picked and float(cd[j]) < slack * slack * bound):  # cd, bound: squared
+            if cd[j] <= floor or (picked and float(cd[j]) < slack * slack * bound):  # cd, bound: squared
                 break
             picked.append(int(cand[j]))
             d = ((cx - cx[j]) ** 2).sum(1)
@@ -64,9 +85,8 @@ def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, batch
             break
         idx = torch.tensor(picked)
         d = sq[:, None] - 2 * x @ x[idx].T + sq[idx][None, :]
-        min_d = torch.minimum(min_d, d.clamp_(min=0).min(1).values)
+        torch.minimum(min_d, d.clamp_(min=0).min(1).values, out=min_d)
         chosen.extend(picked)
-    return torch.tensor(chosen[:size])
 
 
 @dataclass
@@ -87,13 +107,23 @@ def bank_size(patches: int, ratio: float = 0.01, min_size: int = 1000, max_size:
 
 
 def build_bank(feats: torch.Tensor, source: torch.Tensor | None = None, ratio: float = 0.01,
-               seed: int = 0, size: int | None = None) -> Bank:
+               seed: int = 0, size: int | None = None, plain: int | None = None) -> Bank:
     """Coreset bank of (N, C, h, w) normal patch features; `source` (N,) names each image
-    (default 0..N-1); `size` overrides bank_size of all the patches."""
+    (default 0..N-1); `size` overrides bank_size of all the patches.
+
+    `plain`: only the first `plain` feature maps are the images themselves, the rest their
+    tolerated views. The images get the bank they would get alone (bank_size of their patches,
+    or `size`); the views add entries, up to bank_size of all the patches, only where they lie
+    beyond the images' covering radius (greedy_coreset's `first`)."""
     n, c, h, w = feats.shape
     flat = feats.float().permute(0, 2, 3, 1).reshape(-1, c)
     src = (torch.arange(n) if source is None else torch.as_tensor(source)).long().repeat_interleave(h * w)
-    idx = greedy_coreset(flat, min(size, flat.shape[0]) if size else bank_size(flat.shape[0], ratio), seed=seed)
+    if plain is None or plain >= n:
+        idx = greedy_coreset(flat, min(size, flat.shape[0]) if size else bank_size(flat.shape[0], ratio), seed=seed)
+    else:
+        rows = plain * h * w
+        picks = min(size, rows) if size else bank_size(rows, ratio)
+        idx = greedy_coreset(flat, max(picks, bank_size(flat.shape[0], ratio)), seed=seed, first=(rows, picks))
     return Bank(flat[idx].contiguous(), src[idx].contiguous())
 
 

@@ -143,8 +143,8 @@ class EffNetLite(Backbone):
         self.layers = list(layers) if layers is not None else [2, 3]
         if not self.layers or max(self.layers) >= len(stage_ends) or min(self.layers) < 0:
             raise UserError(f"backbone {name}: layers must be within 0..{len(stage_ends) - 1}")
-        self._taps = [stage_ends[i] for i in self.layers]
-        self.channels = [int(self.blocks[i]._project_conv.out_channels) for i in self._taps]
+        self.taps = [stage_ends[i] for i in self.layers]  # block indices (ref_patchcore.py --taps)
+        self.channels = [int(self.blocks[i]._project_conv.out_channels) for i in self.taps]
         self.weight_sha256 = digest
         self.freeze()
 
@@ -152,10 +152,10 @@ class EffNetLite(Backbone):
         x = (x * 255.0 - 127.0) / 128.0  # the normalization these weights were trained with
         x = self.stem(x)
         out: list[torch.Tensor] = []
-        last = self._taps[-1]
+        last = self.taps[-1]
         for i, block in enumerate(self.blocks):
             x = block(x)
-            if i in self._taps:
+            if i in self.taps:
                 out.append(x)
             if i == last:
                 break
