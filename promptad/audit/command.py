@@ -3,7 +3,7 @@
 Data flow (Ray Data, streaming: nothing on the driver grows with the images' pixels)::
 
     samples (MVTec AD root or manifest, local or s3://)
-      -> audit_stages (Ray: the stages that touch pixels)
+      -> stages.py (Ray: the stages that touch pixels)
          _load_rows   (CPU tasks) read + decode the image and its mask once, then for each
                       condition (clean, then every --shifts name) apply the seeded shift to the
                       full-resolution image and mask and resize: model input S x S, mask at the

@@ -15,7 +15,7 @@ little memory; what grows with the data (images, features) stays in the object s
 by the tasks that need it, so the driver's memory does not grow with the number of images. The
 head's standardization needs statistics over all training features: each image's per-channel
 moments come out of the feature stage and combine exactly, so the driver adds up vectors, not
-features (fit_stages.Moments). Memory does not depend on training (the backbone is frozen), so
+features (stages.Moments). Memory does not depend on training (the backbone is frozen), so
 its tasks start before training and run beside it wherever resources are free.
 
 Several categories in one run. Prompts and the localization head are SHARED across categories:
@@ -82,7 +82,7 @@ class FitSummary:
     artifact: str
     model_id: str
     run_dir: str
-    metrics: dict[str, Any]  # rank 0's report of the last epoch (fit_train.train_worker)
+    metrics: dict[str, Any]  # rank 0's report of the last epoch (train.train_worker)
     skipped_images: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (see run)
     restored: dict[str, Any] = field(default_factory=dict)  # what a resumed run took from its folder

@@ -4,7 +4,7 @@ prompts), on the cached backbone features.
 Rows. The readable training rows, in idx order (sorted categories, then image_id), are dealt
 round-robin to the ranks: row k goes to rank k mod W, so every rank sees every category. Each
 worker gathers its own rows once, through one rows task over the feature blocks that hold them
-(fit_stages.take_rows: only its rows reach it), and trains every epoch on them from memory; nothing
+(stages.take_rows: only its rows reach it), and trains every epoch on them from memory; nothing
 streams the dataset per epoch. Within an epoch the order is training.epoch_order(seed, epoch,
 rank) and the synthetic anomalies are seeded by (seed, rank, epoch, step), so a run resumed from a
 checkpoint replays what the uninterrupted run did. (Ray Data's streaming_split hands blocks to

@@ -2,7 +2,7 @@
 report.json, and what the page needs beside the dict (curves, worst cases). The HTML page is page.py, the pictures plots.py, the sign-off
 numbers (rates, intervals, targets, verdict) audit/verdict.py. No Ray, no torch.
 
-Report dict (what `write_report_json` stores and `report_html.write_html_report` renders)::
+Report dict (what `write_report_json` stores and `page.write_html_report` renders)::
 
     {
       "model_id": str,                  # content hash of the artifact

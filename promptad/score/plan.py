@@ -3,7 +3,7 @@
 The unit of exactly-once is (image_id, content version). Inputs come with the version their
 listing gives for free (storage.list_versions: local size + mtime_ns; S3 ETag, plus the version id
 in a versioned bucket) or, for a manifest, its optional `version` column. Each input's current row
-in the output (the newest by scored_at, score_output.newest_rows) then decides:
+in the output (the newest by scored_at, output.newest_rows) then decides:
 
     no row                                   -> new       (scored)
     row of another category                  -> changed   (scored again)
