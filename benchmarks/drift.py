@@ -9,6 +9,8 @@ Gaussian), each timed. On the test images under each tolerated condition (shifte
 resolution as an audit shifts them, labels unchanged) and clean, both are scored and it prints,
 per model:
 
+    bank entries         local and regional coreset sizes; and the seconds to score the clean test
+                         images (a bigger bank costs nearest-neighbour search)
     image AUROC          defective vs normal test images under that condition
     false alarms         normal test images at or above the deployed threshold (target 1 %)
     whole-image defects  AUROC of clean test normals vs the same normals with a whole-image defect
@@ -77,10 +79,14 @@ def main() -> None:
     size = plain.cfg.input_size
     models = {"plain": plain, "tolerant": tolerant}
     rows: dict[str, dict] = {}
+    score_s: dict[str, float] = {}
     for cond in ["clean", *names]:
         x = shifted(test, None if cond == "clean" else cond, size)
         for key, m in models.items():
+            t = time.perf_counter()
             s = scores(m, x, cat)
+            if cond == "clean":
+                score_s[key] = time.perf_counter() - t
             thr = m.calibration[cat].image_threshold
             rows.setdefault(cond, {})[key] = {"image_auroc": round(image_auroc(s, labels), 4),
                                               "false_alarms": round(float((s[labels == 0] >= thr).mean()), 4)}
@@ -95,9 +101,16 @@ def main() -> None:
                        for k, m in models.items()}
     result = {"category": cat, "tolerate": names, "conditions": rows, "whole_image_defects": whole,
               "fit_s": round(fit_s, 1), "tolerant_fit_s": round(tolerant_s, 1),
+              "clean_score_s": {k: round(v, 1) for k, v in score_s.items()},
+              "bank_entries": {k: {"local": len(m.memory[cat].local.entries),
+                                   "regional": len(m.memory[cat].regional.entries)} for k, m in models.items()},
               "date": time.strftime("%Y-%m-%d"), "train_images": len(train), "test_images": len(test)}
     print(f"\n{cat}: tolerate {','.join(names)}  (fit {fit_s:.0f} s; with the views {tolerant_s:.0f} s, "
           f"{tolerant_s / fit_s:.2f}x)")
+    print(f"bank entries local / regional: plain {result['bank_entries']['plain']['local']} / "
+          f"{result['bank_entries']['plain']['regional']}, tolerant {result['bank_entries']['tolerant']['local']} / "
+          f"{result['bank_entries']['tolerant']['regional']}; scoring the clean test images "
+          f"{score_s['plain']:.1f} s vs {score_s['tolerant']:.1f} s ({score_s['tolerant'] / score_s['plain']:.2f}x)")
     print(f"{'condition':14s} {'I-AUROC plain':>14s} {'tolerant':>9s} {'false alarms plain':>19s} {'tolerant':>9s}")
     for cond, r in rows.items():
         print(f"{cond:14s} {r['plain']['image_auroc']:14.3f} {r['tolerant']['image_auroc']:9.3f} "

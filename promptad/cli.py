@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tolerate", type=_shift_names, default=[], metavar="LIST",
                    help="imaging conditions the line must accept as normal, named as audit --shifts names them "
                         "(e.g. sensor, or noise,jpeg): shifted copies of the training images join the memory "
-                        "banks and the global branch, at one more backbone pass per condition and image; "
+                        "banks and the global branch, at one more backbone pass per condition and image "
+                        "and a bigger bank where the copies look new (slower scoring); "
                         "without it, sensor noise, JPEG or blur read as anomalies (default: none)")
     f.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of the data order, synthetic anomalies and initialization (default: %(default)s)")
