@@ -59,7 +59,7 @@ def test_effnet_features_equal_the_packages_own_network_on_real_photos(name):
         ours = bb(x).layers
         net((x * 255.0 - 127.0) / 128.0)  # the normalization EfficientNet-Lite was trained with
     assert len(ours) == 5
-    for tap, feat in zip(bb._taps, ours):
+    for tap, feat in zip(bb.taps, ours):
         ref = outputs[tap]
         assert feat.shape == ref.shape
         torch.testing.assert_close(feat, ref, rtol=1e-4, atol=1e-4)
@@ -90,7 +90,7 @@ def test_effnet_feature_test_catches_swish():
     with torch.no_grad():
         ours = bb(x).layers[-1]
         net((x * 255.0 - 127.0) / 128.0)
-    assert (ours - outputs[bb._taps[-1]]).abs().max() > 0.1
+    assert (ours - outputs[bb.taps[-1]]).abs().max() > 0.1
 
 
 def test_clip_embeddings_equal_open_clip_encoders():
