@@ -175,3 +175,15 @@ def test_views_get_entries_only_beyond_the_images_covering_radius():
     assert int((extra >= rows + 150).sum()) == 0  # the near views added no entry
     capped = greedy_coreset(feats, picks + 3, proj_dim=x.shape[1], batch=8, seed=5, first=(rows, picks))
     assert capped.tolist() == idx[:picks + 3].tolist()  # `size` caps the bank
+
+
+def test_the_images_bank_is_the_one_they_get_alone_at_default_batching():
+    """Default batch sizes follow the number of picks of each phase, so a bank cap far above the
+    images' own size does not change how their coreset is batched."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3000, 8, generator=g)
+    views = x + 50.0
+    alone = greedy_coreset(x, 1700, proj_dim=8, seed=6)
+    both = greedy_coreset(torch.cat([x, views]), 5000, proj_dim=8, seed=6, first=(3000, 1700))
+    assert both[:1700].tolist() == alone.tolist()
+    assert 1700 < len(both) < 5000 and bool((both[1700:] >= 3000).all())  # the views needed only some

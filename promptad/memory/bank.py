@@ -41,7 +41,6 @@ def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, batch
     n = features.shape[0]
     if size >= n:
         return torch.arange(n)
-    batch = batch or max(16, size // 100)  # about a hundred passes, whatever the size
     gen = torch.Generator().manual_seed(seed)
     x = features.float()
     if x.shape[1] > proj_dim:
@@ -53,11 +52,13 @@ def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, batch
     start = int(torch.randint(rows, (1,), generator=gen))
     min_d = (sq - 2 * x @ x[start] + sq[start]).clamp_(min=0)
     chosen = [start]
-    # phase 1: the first rows alone (the rest never candidates); phase 2: the rest, beyond the radius
-    _greedy(x, sq, min_d, chosen, picks, batch, slack, rows=rows, floor=0.0)
+    # phase 1: the first rows alone (the rest never candidates); phase 2: the rest, beyond the radius.
+    # About a hundred passes per phase, whatever the size; phase 1's as if it ran alone.
+    _greedy(x, sq, min_d, chosen, picks, batch or max(16, picks // 100), slack, rows=rows, floor=0.0)
     if picks < size and rows < n:
         radius_sq = float(min_d[:rows].max())
-        _greedy(x, sq, min_d, chosen, size, batch, slack, rows=n, floor=radius_sq)
+        _greedy(x, sq, min_d, chosen, size, batch or max(16, (size - picks) // 100), slack, rows=n,
+                floor=radius_sq)
     return torch.tensor(chosen[:size])
 
 
