@@ -1,6 +1,7 @@
 """Thresholds that keep their promise (calibrate.py) and one feature space for bank and queries."""
 import numpy as np
 import pytest
+import torch
 import tinyclip
 
 from promptad.data.synthesis import procedural_texture
@@ -67,3 +68,76 @@ def test_clip_bank_and_queries_share_one_feature_space(tmp_path):
     comps = components_of(model, extract(model, imgs), ["tile"] * len(imgs))
     assert float(comps["memory"].max()) < 1e-4
     assert float(comps["regional"].max()) < 1e-4
+
+
+def _plain(n, rng, base):
+    return np.stack([np.clip(base.astype(int) + rng.integers(-4, 5, base.shape), 0, 255).astype(np.uint8)
+                     for _ in range(n)])
+
+
+def _busy(n, rng, big):
+    """Crops of one large texture: a kind of normal image whose maps peak high, since every crop
+    shows parts no other crop covers."""
+    corners = rng.integers(0, big.shape[0] - SIZE, (n, 2))
+    return np.stack([big[y:y + SIZE, x:x + SIZE] for y, x in corners])
+
+
+@pytest.fixture(scope="module")
+def two_kinds():
+    rng = np.random.default_rng(0)
+    base = (np.full((SIZE, SIZE, 3), 120, np.uint8) + procedural_texture(SIZE, rng) // 16).astype(np.uint8)
+    big = procedural_texture(512, np.random.default_rng(1))
+    model = fit_in_process({"t": np.concatenate([_plain(12, rng, base), _busy(24, rng, big)])},
+                           ModelConfig(backbone="effnet-lite0", input_size=SIZE), TrainConfig(epochs=0), log=None)
+    return model, base, big
+
+
+def test_local_score_is_read_against_similar_normal_images(two_kinds):
+    """Two kinds of normal image in one category: plain surfaces, whose maps stay low, and busy
+    crops, whose maps peak high. A faint blemish on a plain surface peaks no higher than a new busy
+    crop, so one scale for all ranks it among them; divided by the held-out scores of its nearest
+    normal images (plain ones) it stands out."""
+    from promptad.metrics.image import image_auroc
+    from promptad.predict import predict_components
+
+    model, base, big = two_kinds
+    cal = model.calibration["t"]
+    assert cal.neighbours == 10 and len(cal.neighbour_scores) == 36
+    rng = np.random.default_rng(5)
+    defects = _plain(12, rng, base)
+    for i, im in enumerate(defects):
+        y, x = 8 + 4 * i, 24
+        im[y:y + 5, x:x + 5] = np.clip(im[y:y + 5, x:x + 5].astype(int) + 30, 0, 255)
+    normals = np.concatenate([_plain(12, rng, base), _busy(12, rng, big)])
+    x = np.concatenate([normals, defects])
+    labels = np.r_[np.zeros(len(normals)), np.ones(len(defects))].astype(int)
+    cats = ["t"] * len(x)
+    comps = predict_components(model, x, cats)
+    fused = model.fuse(comps, cats)
+    raw, relative = image_auroc(fused.local.numpy(), labels), image_auroc(fused.relative.numpy(), labels)
+    assert raw < 0.95 and relative > 0.99, (raw, relative)
+    assert image_auroc(fused.scores.numpy(), labels) == pytest.approx(relative, abs=0.02)
+    # The reference is the mean held-out score of the 10 nearest training images (brute force).
+    g = model.memory["t"].gaussian
+    nearest = g.distances(model.pooled_features(extract(model, x)))[:, :36].argsort(1)[:, :10]
+    want = torch.tensor(cal.neighbour_scores)[nearest].mean(1)
+    assert torch.allclose(comps["reference"], want, rtol=1e-5)
+
+
+def test_neighbour_scores_are_the_held_out_local_scores(small_fit):
+    """What calibration keeps per normal image is its local score without its own memory
+    entries (the value z() sees before the reference), and a held-out image's reference comes
+    from the others: a category of 3 gets 2 neighbours."""
+    from promptad.fit.calibrate import held_out_components
+
+    model = small_fit
+    for cat, n in (("tile", 12), ("few", 3)):
+        cal = model.calibration[cat]
+        assert cal.neighbours == min(10, n - 1) and len(cal.neighbour_scores) == n
+        feats = extract(model, _images(n, 0 if cat == "tile" else 1))
+        comps = held_out_components(model, cat, feats)
+        assert comps["neighbours"].shape == (n, cal.neighbours)
+        assert not (comps["neighbours"] == torch.arange(n)[:, None]).any(), "never its own neighbour"
+        comps.pop("neighbours")
+        local = model.fuse(comps, [cat] * n).local
+        assert torch.allclose(local, torch.tensor(cal.neighbour_scores), rtol=1e-5)

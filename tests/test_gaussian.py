@@ -70,3 +70,25 @@ def test_tolerated_copies_join_the_normals_and_leave_with_their_image():
     ref = fit_gaussian([x[~fold]], [extra[~fold]]).score([x[fold]])
     assert torch.allclose(held[fold], ref)
     assert torch.allclose(held_out_scores([x], folds=5, extra=[extra[:, :0]]), held_out_scores([x], folds=5))
+
+
+def test_nearest_normals_by_brute_force():
+    """Gaussian.nearest: the k smallest of the closed-form distances, among the first `among`
+    normals only (the images, not their tolerated views), itself excluded when asked, the same
+    in any chunking."""
+    torch.manual_seed(2)
+    x, views = torch.randn(40, 5), torch.randn(40, 2, 5)
+    g = fit_gaussian([x, 2 * x], [views, 2 * views])
+    pooled = [x, 2 * x]
+    d = g.distances(pooled)
+    assert d.shape == (40, 120)
+    full = d[:, :40].clone()
+    assert torch.allclose(full.diagonal(), torch.zeros(40, dtype=full.dtype), atol=1e-4)
+    full.fill_diagonal_(float("inf"))
+    want = full.argsort(1)[:, :7]
+    for chunk in (256, 7):
+        got = g.nearest(pooled, 7, among=40, exclude_self=True, chunk=chunk)
+        assert torch.equal(got.sort(1).values, want.sort(1).values)
+    q = [torch.randn(3, 5)]
+    q.append(2 * q[0])
+    assert torch.equal(g.nearest(q, 4, among=40).sort(1).values, g.distances(q)[:, :40].argsort(1)[:, :4].sort(1).values)

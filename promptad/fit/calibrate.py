@@ -6,7 +6,11 @@ against the banks without the entries taken from it (leave-one-out, memory.nn_di
 and against a Gaussian fitted without its fold (gaussian.held_out_scores). Those held-out scores
 stand for new normal images, and set
 - the memory scales: the 99th percentile of normal local and regional patch distances;
-- z(local) and z(global) (models/model.py): robust standard scores (median, 1.4826 x MAD);
+- the local reference (models/model.py): every image's held-out local score is kept, and an
+  image's reference is the mean of those of its nearest normal images (a held-out image's
+  neighbours are the others);
+- z(local / reference) and z(global) (models/model.py): robust standard scores (median,
+  1.4826 x MAD);
 - the image threshold: the conformal order statistic. With n held-out scores and a target
   false-alarm rate a, the threshold is the k-th smallest score, k = ceil((n + 1)(1 - a)); a new
   normal image, exchangeable with them, then scores at or above it with probability
@@ -32,7 +36,7 @@ import torch
 from promptad.memory.gaussian import held_out_scores
 from promptad.models.backbones import Features
 from promptad.models.features import group_views
-from promptad.models.model import Calibration, PromptAD
+from promptad.models.model import NEIGHBOURS, Calibration, PromptAD
 from promptad.predict import components_of
 
 IMAGE_FPR = 0.01  # target false-alarm rate on normal images
@@ -91,18 +95,22 @@ def held_out_components(model: PromptAD, category: str, feats: Features, batch_s
     pooled = model.pooled_features(feats)
     extra = None if tolerated is None else group_views(model.pooled_features(tolerated), n)
     out["global"] = held_out_scores(pooled, extra=extra) if n >= 3 else model.memory[category].gaussian.score(pooled).cpu()
+    k = min(NEIGHBOURS, n - 1)
+    out["neighbours"] = model.memory[category].gaussian.nearest(pooled, k, among=n, exclude_self=True).cpu() \
+        if k > 0 else torch.zeros(n, 0, dtype=torch.long)
     return out
 
 
 def _fused(model: PromptAD, comps: dict[str, torch.Tensor], category: str, batch_size: int = 64):
     """model.fuse over the held-out components in batches: (scores, local, global, pixel sample)."""
     n = comps["memory"].shape[0]
-    out: dict[str, list] = {"scores": [], "local": [], "global": [], "pixels": []}
+    out: dict[str, list] = {"scores": [], "local": [], "relative": [], "global": [], "pixels": []}
     for s in range(0, n, batch_size):
-        part = {k: v[s:s + batch_size] for k, v in comps.items()}
+        part = {k: v[s:s + batch_size] for k, v in comps.items() if k != "neighbours"}
         f = model.fuse(part, [category] * part["memory"].shape[0])
         out["scores"].append(f.scores.cpu())
         out["local"].append(f.local.cpu())
+        out["relative"].append(f.relative.cpu())
         out["global"].append(f.global_.cpu())
         out["pixels"].append(f.maps[:, ::PIXEL_STRIDE, ::PIXEL_STRIDE].reshape(-1).cpu())
     return {k: torch.cat(v) for k, v in out.items()}
@@ -123,10 +131,18 @@ def calibrate_category(model: PromptAD, category: str, feats: Features, trained:
     model.calibration[category] = base
     comps = held_out_components(model, category, feats, batch_size, tolerated)
     cal = replace(base, memory_scale=_scale(comps["memory"]), regional_scale=_scale(comps["regional"]),
-                  local_center=0.0, local_scale=1.0, global_center=0.0, global_scale=1.0)
+                  local_center=0.0, local_scale=1.0, global_center=0.0, global_scale=1.0,
+                  neighbour_scores=[], neighbours=0)
     model.calibration[category] = cal
     first = _fused(model, comps, category)
-    lc, ls = _robust_z(first["local"])
+    neighbours = comps["neighbours"]
+    if neighbours.shape[1]:
+        # Each image's reference: its neighbours' held-out local scores (itself excluded).
+        comps["reference"] = first["local"][neighbours].mean(1)
+        cal = replace(cal, neighbour_scores=[float(v) for v in first["local"]], neighbours=int(neighbours.shape[1]))
+        model.calibration[category] = cal
+        first = _fused(model, comps, category)
+    lc, ls = _robust_z(first["relative"])
     gc, gs = _robust_z(first["global"])
     cal = replace(cal, local_center=lc, local_scale=ls, global_center=gc, global_scale=gs)
     model.calibration[category] = cal

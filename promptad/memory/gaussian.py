@@ -21,6 +21,9 @@ defect; only the user knows which is which. Shifted copies of the training image
 the normal images of the Gaussian (and the memory banks: pipeline.build_memory): the metric and
 the nearest-normal search then treat those conditions as normal, while a colour cast or a wrong
 texture stays far from every copy.
+
+The same metric finds an image's most similar normal images (`nearest`): their held-out local
+scores are the reference its local score is read against (models/model.py).
 """
 from __future__ import annotations
 
@@ -41,17 +44,38 @@ class Gaussian:
     def means(self) -> list[torch.Tensor]:
         return [x.mean(0) for x in self.normals]
 
-    def score(self, pooled: list[torch.Tensor]) -> torch.Tensor:
-        """(N,) distance of each image to its nearest normal image: the sum over layers of the
-        Mahalanobis distances of the pooled features to that image's."""
+    def distances(self, pooled: list[torch.Tensor], among: int | None = None) -> torch.Tensor:
+        """(N, M) distance of each image to each normal image (the first `among` of them, default
+        all): the sum over layers of the Mahalanobis distances of the pooled features."""
         total = None
         for x, prec, ref in zip(pooled, self.precisions, self.normals):
+            ref = ref[:among]
             x = x.double().to(prec.device)
             xp, rp = x @ prec, ref @ prec  # (x - r)^T P (x - r) = x^T P x + r^T P r - 2 x^T P r
             sq = (xp * x).sum(1, keepdim=True) + (rp * ref).sum(1)[None] - 2 * xp @ ref.T
             m = sq.clamp(min=0).sqrt()
             total = m if total is None else total + m
-        return total.min(1).values.float()
+        return total
+
+    def score(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        """(N,) distance of each image to its nearest normal image."""
+        return self.distances(pooled).min(1).values.float()
+
+    def nearest(self, pooled: list[torch.Tensor], k: int, among: int, exclude_self: bool = False,
+                chunk: int = 256) -> torch.Tensor:
+        """(N, k) indices of each image's k nearest among the first `among` normal images (the
+        training images themselves, not their tolerated views), in row chunks so a large category
+        never holds N x M distances. `exclude_self`: image i is normal image i (calibration) and
+        is not its own neighbour."""
+        n = int(pooled[0].shape[0])
+        out = []
+        for s in range(0, n, chunk):
+            d = self.distances([x[s:s + chunk] for x in pooled], among)
+            if exclude_self:
+                rows = torch.arange(d.shape[0], device=d.device)
+                d[rows, rows + s] = float("inf")
+            out.append(d.topk(k, dim=1, largest=False).indices)
+        return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long)
 
     def to(self, device: torch.device | str) -> "Gaussian":
         return Gaussian([t.to(device) for t in self.precisions], [t.to(device) for t in self.normals])

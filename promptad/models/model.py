@@ -7,14 +7,22 @@ Evidence per image, all computed from one frozen backbone pass (backbones.Featur
 - head:     the localization head's probability, trained on feature-space synthetic anomalies;
 - text:     for CLIP, how much a patch matches the anomaly prompts rather than the normal ones;
 - global:   Mahalanobis distance of the pooled features to the nearest normal image's, under the
-            category's Gaussian (memory/gaussian.py).
+            category's Gaussian (memory/gaussian.py);
+- reference: the mean held-out local score of the image's K most similar normal training images
+            (nearest under the same Gaussian metric; K = 10, fewer in a smaller category).
 
     map    = max(memory, regional) * (1 + head * p_head) + text * p_text          (pixel map)
     local  = max over the blurred map of memory * (1 + head * p_head) + text * p_text (+ image text)
-    score  = max(z(local), global * (z(global) - 3))
+    score  = max(z(local / reference), global * (z(global) - 3))
 
 z() is a robust standard score against held-out normal images (median, 1.4826 x MAD).
 Why this shape (benchmarks/RESULTS.md has the measurements):
+- the local score is read against normal images like this one: how high a normal image's map
+  peaks depends on what it shows (magnetic_tile's crops with bevelled edges and corners peak well
+  above its flat crops), so one scale for all lets busy normal images outrank subtle defects on
+  plain ones. Divided by what its nearest normal images reach when held out, a score says how
+  unusual the image is for its kind; the mean over ten is stable against one odd neighbour, and
+  with few images (cookie: 30 neighbours in all) it tends to a constant, which changes no ranking;
 - the two memory scales are combined by max: either scale's evidence counts, and small defects
   keep the fine-scale map (a mean of the two blurred them on cookie's thin cracks);
 - the image score keeps the fine scale only: the wide window flags large regions in the map but
@@ -68,6 +76,7 @@ FUSION_NO_TEXT = {"memory": 1.0, "regional": 1.0, "head": 1.0, "text": 0.0, "glo
 FUSION_TEXT = {"memory": 1.0, "regional": 1.0, "head": 1.0, "text": 0.5, "global": 1.0}
 FUSION_UNTRAINED = {"memory": 1.0, "regional": 1.0, "head": 0.0, "text": 0.0, "global": 1.0}
 GLOBAL_HINGE = 3.0  # robust standard deviations of normal global distances before they count
+NEIGHBOURS = 10  # normal images whose held-out local scores make an image's reference
 MEMORY_ONLY = {"memory": 1.0, "regional": 1.0, "head": 0.0, "text": 0.0, "global": 0.0}
 
 
@@ -87,6 +96,10 @@ class Calibration:
     pixel_threshold: float = float("inf")
     image_center: float = 0.0  # median normal image score: maps to score_norm 0.25
     pixel_center: float = 0.0  # median normal pixel value: maps to map value 0.25
+    # held-out local score of each normal training image (the Gaussian's first images, in order),
+    # and how many nearest of them make an image's reference (0: no reference, local score as is)
+    neighbour_scores: list[float] = field(default_factory=list)
+    neighbours: int = 0
     stats: dict = field(default_factory=dict)  # what calibration measured and warns about
 
     def normalize_score(self, score):
@@ -234,8 +247,9 @@ class Fused:
 
     scores: torch.Tensor  # (N,) image anomaly score
     maps: torch.Tensor  # (N, S, S) pixel map at input size
-    local: torch.Tensor  # (N,) raw local image score (before z)
+    local: torch.Tensor  # (N,) raw local image score (before the reference and z)
     global_: torch.Tensor  # (N,) raw global distance (before z)
+    relative: torch.Tensor  # (N,) local / reference (what z(local) standardizes)
 
 
 def _up(grid: torch.Tensor, size) -> torch.Tensor:
@@ -305,7 +319,8 @@ class PromptAD(nn.Module):
         """Raw evidence before fusion: maps at their grids (N, h, w), image-level values (N,).
 
         `exclude` (N,): score image i without the memory entries of training image exclude[i]
-        (leave-one-out calibration); the global distance is then left to the caller (k-fold).
+        (leave-one-out calibration); the global distance and the reference are then left to the
+        caller (k-fold and neighbours other than the image itself: fit/calibrate.py).
         The trainable part (head, CLIP's prompted last block and text) runs only when a category
         of the batch weighs it: a fit without training weighs none, and then "head" and "text"
         are absent (fuse refuses weights on them)."""
@@ -315,6 +330,7 @@ class PromptAD(nn.Module):
         mem = torch.zeros(n, h, w, device=local.device)
         reg = torch.zeros(n, *regional.shape[-2:], device=local.device)
         glob = torch.zeros(n, device=local.device)
+        reference = torch.ones(n, device=local.device)
         pooled = self.pooled_features(feats)
         for cat, idx in _by_category(list(categories), local.device).items():
             m = self.memory.get(cat)
@@ -324,8 +340,14 @@ class PromptAD(nn.Module):
             mem[idx] = nn_distance(local[idx], m.local.entries, bank_source=m.local.source, exclude=ex)
             reg[idx] = nn_distance(regional[idx], m.regional.entries, bank_source=m.regional.source, exclude=ex)
             if exclude is None:
-                glob[idx] = m.gaussian.score([p[idx] for p in pooled]).to(glob.device)
-        comps = {"memory": mem, "regional": reg, "global": glob}
+                dists = m.gaussian.distances([p[idx] for p in pooled])
+                glob[idx] = dists.min(1).values.float().to(glob.device)
+                cal = self.calibration[cat]
+                if cal.neighbours:
+                    ref = torch.tensor(cal.neighbour_scores, dtype=torch.float32, device=dists.device)
+                    nearest = dists[:, :len(ref)].topk(cal.neighbours, dim=1, largest=False).indices
+                    reference[idx] = ref[nearest].mean(1).to(reference.device)
+        comps = {"memory": mem, "regional": reg, "global": glob, "reference": reference}
         if not self.weighs_trainable(categories):
             return comps
         out = self.trainable(self.trainable.standardize(local), feats.tokens, list(categories))
@@ -369,9 +391,11 @@ class PromptAD(nn.Module):
         size = (self.cfg.input_size, self.cfg.input_size)
         maps = gaussian_blur(_up(pixel, size), self.cfg.blur_sigma)
         local_score = gaussian_blur(_up(fine, size), self.cfg.blur_sigma).flatten(1).max(1).values + image_text
-        z_local = (local_score - per_row([c.local_center for c in cals], 0)) / per_row([c.local_scale for c in cals], 0)
+        reference = comps.get("reference")
+        relative = local_score if reference is None else local_score / reference.to(local_score).clamp(min=1e-6)
+        z_local = (relative - per_row([c.local_center for c in cals], 0)) / per_row([c.local_scale for c in cals], 0)
         z_global = (comps["global"] - per_row([c.global_center for c in cals], 0)) / per_row(
             [c.global_scale for c in cals], 0)
         w_global = per_row([w.get("global", 0.0) for w in weights], 0)
         scores = torch.where(w_global > 0, torch.maximum(z_local, w_global * (z_global - GLOBAL_HINGE)), z_local)
-        return Fused(scores=scores, maps=maps, local=local_score, global_=comps["global"])
+        return Fused(scores=scores, maps=maps, local=local_score, global_=comps["global"], relative=relative)
