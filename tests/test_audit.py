@@ -18,14 +18,8 @@ from scipy import ndimage
 from scipy.stats import binomtest
 from sklearn import metrics as skm
 
-from promptad.audit.command import (
-    EXIT_TARGETS_MISSED,
-    _Category,
-    _Condition,
-    _fold,
-    to_unit,
-    visualization_paths,
-)
+from promptad.audit.command import EXIT_TARGETS_MISSED, visualization_paths
+from promptad.audit.results import CategoryResults, ConditionResults, fold, to_unit
 from promptad.audit.stages import CLEAN, _Scorer, caption
 from promptad.cli import main
 from promptad.data import storage
@@ -544,19 +538,19 @@ def _row(**over) -> dict:
 ])
 def test_unusable_predictions_become_error_entries(tmp_path, bad):
     cal = {"cat": Calibration(image_threshold=1.0, pixel_threshold=1.0)}
-    accs, cats = {("cat", CLEAN): _Condition()}, {"cat": _Category()}
+    accs, cats = {("cat", CLEAN): ConditionResults()}, {"cat": CategoryResults()}
     errors, lines = [], []
 
     class Writer:
         def writerow(self, line):
             lines.append(line)
 
-    _fold(_row(**bad), cal, accs, cats, errors, tmp_path, set(), Writer())
+    fold(_row(**bad), cal, accs, cats, errors, tmp_path, set(), Writer())
     assert len(errors) == 1 and errors[0]["stage"] == "predict"
     assert errors[0]["condition"] == CLEAN and cats["cat"].counts["errors"] == 1
     assert len(accs[("cat", CLEAN)].scores) == 0  # not scored
     assert lines[0][-1].startswith("predict: ") and lines[0][7] == ""
-    _fold(_row(), cal, accs, cats, errors, tmp_path, set(), Writer())  # a good row still folds
+    fold(_row(), cal, accs, cats, errors, tmp_path, set(), Writer())  # a good row still folds
     assert len(accs[("cat", CLEAN)].scores) == 1 and len(errors) == 1
 
 
