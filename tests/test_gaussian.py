@@ -92,3 +92,21 @@ def test_nearest_normals_by_brute_force():
     q = [torch.randn(3, 5)]
     q.append(2 * q[0])
     assert torch.equal(g.nearest(q, 4, among=40).sort(1).values, g.distances(q)[:, :40].argsort(1)[:, :4].sort(1).values)
+
+
+def test_nearest_never_picks_an_images_own_views():
+    """With tolerated views among the candidates (`owners`: the image each normal was made from),
+    a calibration image is neighbour neither to itself nor to its views, and a view of a similar
+    image can be its neighbour."""
+    torch.manual_seed(3)
+    x = torch.randn(30, 4)
+    views = x[:, None] + 0.01 * torch.randn(30, 2, 4)  # each image's views lie right next to it
+    g = fit_gaussian([x], [views])
+    owners = torch.cat([torch.arange(30), torch.arange(30).repeat_interleave(2)])
+    got = g.nearest([x], 5, among=90, exclude_self=True, owners=owners)
+    assert got.shape == (30, 5)
+    assert not (owners[got] == torch.arange(30)[:, None]).any()
+    d = g.distances([x])
+    d[owners[None] == torch.arange(30)[:, None]] = float("inf")
+    assert torch.equal(got.sort(1).values, d.argsort(1)[:, :5].sort(1).values)
+    assert (got >= 30).any(), "views of other images are candidates"

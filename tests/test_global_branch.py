@@ -115,3 +115,49 @@ def test_tolerated_noise_joins_the_memory_banks(datasets_root):
 
     before, after = local_auroc(plain), local_auroc(tolerant)
     assert before > 0.9 and after < 0.75, (before, after)
+
+
+@pytest.mark.slow
+def test_a_drifted_image_is_read_against_drifted_views(datasets_root):
+    """fit --tolerate noise: each noisy view's held-out local score (without its tile's entries)
+    joins the normals an image's reference is drawn from, so a noisy normal tile is read against
+    noisy views of tiles like it. Against the clean tiles' scores alone its map's higher peak
+    reads as anomalous and noisy normals cross the threshold. 80 training tiles at 128 px."""
+    from dataclasses import replace
+
+    from promptad.data import storage
+    from promptad.data.images import decode_image, resize
+    from promptad.data.shifts import apply_shift
+    from promptad.fit.calibrate import held_out_components
+    from promptad.fit.pipeline import extract_all, load_tolerated, tolerated_features
+    from promptad.predict import components_of
+
+    size, cat = 128, "magnetic_tile"
+    train = load_samples(str(datasets_root), [cat], "train")[::9][:80]
+    normals = [s for s in load_samples(str(datasets_root), [cat], "test") if s.label == 0][::2]
+    images, views = load_images(train, size), load_tolerated(train, size, ["noise"])
+    model = fit_in_process({cat: images}, ModelConfig(backbone="effnet-lite0"), TrainConfig(epochs=0), log=None,
+                           tolerated={cat: views})
+    cal = model.calibration[cat]
+    n = len(train)
+    assert cal.neighbours == 10 and len(cal.neighbour_scores) == 2 * n
+    # a view's kept score is its local score without its tile's memory entries (brute force)
+    feats, vfeats = extract_all(model, images), tolerated_features(model, views)
+    for i in (0, 41):
+        comps = components_of(model, vfeats.select(slice(i, i + 1)), [cat], exclude=torch.tensor([i]))
+        assert float(model.fuse(comps, [cat]).local) == pytest.approx(cal.neighbour_scores[n + i], rel=1e-5)
+    nb = held_out_components(model, cat, feats, tolerated=vfeats)["neighbours"]
+    owner = torch.cat([torch.arange(n), torch.arange(n)])
+    assert not (owner[nb] == torch.arange(n)[:, None]).any(), "never itself or its own view"
+
+    raw = [decode_image(storage.read_bytes(s.path)) for s in normals]
+    noisy = np.stack([resize(apply_shift("noise", img, None, 1000 + i)[0], size) for i, img in enumerate(raw)])
+    cats = [cat] * len(noisy)
+    comps = predict_components(model, noisy, cats)
+    with_views = model.fuse(comps, cats)
+    model.calibration[cat] = replace(cal, neighbour_scores=cal.neighbour_scores[:n])  # clean tiles' only
+    clean_only = model.fuse(predict_components(model, noisy, cats), cats)
+    model.calibration[cat] = cal
+    alarms = [float((f.scores >= cal.image_threshold).float().mean()) for f in (with_views, clean_only)]
+    assert alarms[0] <= 0.03 < alarms[1], alarms
+    assert float(with_views.relative.median()) < float(clean_only.relative.median()) - 0.05

@@ -8,7 +8,9 @@ stand for new normal images, and set
 - the memory scales: the 99th percentile of normal local and regional patch distances;
 - the local reference (models/model.py): every image's held-out local score is kept, and an
   image's reference is the mean of those of its nearest normal images (a held-out image's
-  neighbours are the others);
+  neighbours are the others). With tolerated views, each view's held-out local score (without
+  its image's entries) is kept too and views can be neighbours: a drifted image is then read
+  against drifted views of images like it, not against clean images, whose maps peak lower;
 - z(local / reference) and z(global) (models/model.py): robust standard scores (median,
   1.4826 x MAD);
 - the image threshold: the conformal order statistic. With n held-out scores and a target
@@ -77,26 +79,46 @@ def _scale(values: torch.Tensor) -> float:
     return q if q > 1e-6 else 1.0
 
 
+def _left_out(model: PromptAD, category: str, feats: Features, owners: torch.Tensor,
+              batch_size: int) -> dict[str, torch.Tensor]:
+    """Components of each row of `feats` scored without the memory entries of training image
+    owners[row] (leave-one-out; a tolerated view leaves with its image)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for s in range(0, len(feats), batch_size):
+        idx = owners[s:s + batch_size]
+        comps = components_of(model, feats.select(slice(s, s + len(idx))), [category] * len(idx), exclude=idx)
+        for k, v in comps.items():
+            parts.setdefault(k, []).append(v.float().cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
 def held_out_components(model: PromptAD, category: str, feats: Features, batch_size: int = 32,
                         tolerated: Features | None = None) -> dict[str, torch.Tensor]:
     """Components of every normal image of a category, each scored without its own memory entries
     (its row index is its source in the banks) and its global distance from a Gaussian of the
     other folds (with their tolerated views, as the memory's Gaussian holds them). Maps stay at
-    their patch grids (small)."""
+    their patch grids (small).
+
+    "neighbours" (n, k): each image's nearest normals for its reference, among the images and
+    their tolerated views (the Gaussian's normals, in its order), never itself or its own views.
+    With views, "views" holds their components, each view scored without its image's entries:
+    their held-out local scores are what a drifted image's reference is made of."""
     n = len(feats)
-    parts: dict[str, list[torch.Tensor]] = {}
-    for s in range(0, n, batch_size):
-        idx = torch.arange(s, min(n, s + batch_size))
-        comps = components_of(model, feats.select(slice(s, s + len(idx))), [category] * len(idx),
-                              exclude=idx if n >= 2 else None)
-        for k, v in comps.items():
-            parts.setdefault(k, []).append(v.float().cpu())
-    out = {k: torch.cat(v) for k, v in parts.items()}
+    out = _left_out(model, category, feats, torch.arange(n), batch_size) if n >= 2 else \
+        components_of(model, feats, [category] * n)
+    out = {k: v.float().cpu() for k, v in out.items()}
     pooled = model.pooled_features(feats)
     extra = None if tolerated is None else group_views(model.pooled_features(tolerated), n)
     out["global"] = held_out_scores(pooled, extra=extra) if n >= 3 else model.memory[category].gaussian.score(pooled).cpu()
+    owners = torch.arange(n)
+    if tolerated is not None and n >= 2:
+        per = len(tolerated) // n
+        view_owners = torch.arange(n).repeat_interleave(per)
+        out["views"] = _left_out(model, category, tolerated, view_owners, batch_size)
+        owners = torch.cat([owners, view_owners])
     k = min(NEIGHBOURS, n - 1)
-    out["neighbours"] = model.memory[category].gaussian.nearest(pooled, k, among=n, exclude_self=True).cpu() \
+    out["neighbours"] = model.memory[category].gaussian.nearest(
+        pooled, k, among=len(owners), exclude_self=True, owners=owners).cpu() \
         if k > 0 else torch.zeros(n, 0, dtype=torch.long)
     return out
 
@@ -106,7 +128,7 @@ def _fused(model: PromptAD, comps: dict[str, torch.Tensor], category: str, batch
     n = comps["memory"].shape[0]
     out: dict[str, list] = {"scores": [], "local": [], "relative": [], "global": [], "pixels": []}
     for s in range(0, n, batch_size):
-        part = {k: v[s:s + batch_size] for k, v in comps.items() if k != "neighbours"}
+        part = {k: v[s:s + batch_size] for k, v in comps.items() if k not in ("neighbours", "views")}
         f = model.fuse(part, [category] * part["memory"].shape[0])
         out["scores"].append(f.scores.cpu())
         out["local"].append(f.local.cpu())
@@ -137,9 +159,13 @@ def calibrate_category(model: PromptAD, category: str, feats: Features, trained:
     first = _fused(model, comps, category)
     neighbours = comps["neighbours"]
     if neighbours.shape[1]:
-        # Each image's reference: its neighbours' held-out local scores (itself excluded).
-        comps["reference"] = first["local"][neighbours].mean(1)
-        cal = replace(cal, neighbour_scores=[float(v) for v in first["local"]], neighbours=int(neighbours.shape[1]))
+        # Each image's reference: its neighbours' held-out local scores (itself and its views
+        # excluded), among the images' and their tolerated views'.
+        normal_local = first["local"]
+        if "views" in comps:
+            normal_local = torch.cat([normal_local, _fused(model, comps["views"], category)["local"]])
+        comps["reference"] = normal_local[neighbours].mean(1)
+        cal = replace(cal, neighbour_scores=[float(v) for v in normal_local], neighbours=int(neighbours.shape[1]))
         model.calibration[category] = cal
         first = _fused(model, comps, category)
     lc, ls = _robust_z(first["relative"])

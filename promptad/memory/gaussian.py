@@ -22,8 +22,9 @@ the normal images of the Gaussian (and the memory banks: pipeline.build_memory):
 the nearest-normal search then treat those conditions as normal, while a colour cast or a wrong
 texture stays far from every copy.
 
-The same metric finds an image's most similar normal images (`nearest`): their held-out local
-scores are the reference its local score is read against (models/model.py).
+The same metric finds an image's most similar normal images (`nearest`), tolerated views
+included: their held-out local scores are the reference its local score is read against
+(models/model.py), so a drifted image is read against drifted views of images like it.
 """
 from __future__ import annotations
 
@@ -62,18 +63,20 @@ class Gaussian:
         return self.distances(pooled).min(1).values.float()
 
     def nearest(self, pooled: list[torch.Tensor], k: int, among: int, exclude_self: bool = False,
-                chunk: int = 256) -> torch.Tensor:
-        """(N, k) indices of each image's k nearest among the first `among` normal images (the
-        training images themselves, not their tolerated views), in row chunks so a large category
-        never holds N x M distances. `exclude_self`: image i is normal image i (calibration) and
-        is not its own neighbour."""
+                chunk: int = 256, owners: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, k) indices of each image's k nearest among the first `among` normal images, in row
+        chunks so a large category never holds N x M distances. `exclude_self`: image i is normal
+        image i (calibration) and is not its own neighbour, nor is any normal whose `owners` entry
+        (the training image it was made from, default its own index) is i: a tolerated view of
+        image i leaves with it."""
         n = int(pooled[0].shape[0])
+        own = torch.arange(among) if owners is None else torch.as_tensor(owners)[:among].long()
         out = []
         for s in range(0, n, chunk):
             d = self.distances([x[s:s + chunk] for x in pooled], among)
             if exclude_self:
-                rows = torch.arange(d.shape[0], device=d.device)
-                d[rows, rows + s] = float("inf")
+                rows = torch.arange(s, s + d.shape[0], device=d.device)
+                d[rows[:, None] == own.to(d.device)[None]] = float("inf")
             out.append(d.topk(k, dim=1, largest=False).indices)
         return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long)
 

@@ -9,7 +9,8 @@ Evidence per image, all computed from one frozen backbone pass (backbones.Featur
 - global:   Mahalanobis distance of the pooled features to the nearest normal image's, under the
             category's Gaussian (memory/gaussian.py);
 - reference: the mean held-out local score of the image's K most similar normal training images
-            (nearest under the same Gaussian metric; K = 10, fewer in a smaller category).
+            or their tolerated views (nearest under the same Gaussian metric; K = 10, fewer in a
+            smaller category).
 
     map    = max(memory, regional) * (1 + head * p_head) + text * p_text          (pixel map)
     local  = max over the blurred map of memory * (1 + head * p_head) + text * p_text (+ image text)
@@ -96,8 +97,9 @@ class Calibration:
     pixel_threshold: float = float("inf")
     image_center: float = 0.0  # median normal image score: maps to score_norm 0.25
     pixel_center: float = 0.0  # median normal pixel value: maps to map value 0.25
-    # held-out local score of each normal training image (the Gaussian's first images, in order),
-    # and how many nearest of them make an image's reference (0: no reference, local score as is)
+    # held-out local score of each of the Gaussian's normals in its order (the training images,
+    # then their tolerated views, image-major), and how many nearest of them make an image's
+    # reference (0: no reference, local score as is)
     neighbour_scores: list[float] = field(default_factory=list)
     neighbours: int = 0
     stats: dict = field(default_factory=dict)  # what calibration measured and warns about
