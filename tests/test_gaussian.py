@@ -87,26 +87,36 @@ def test_nearest_normals_by_brute_force():
     full.fill_diagonal_(float("inf"))
     want = full.argsort(1)[:, :7]
     for chunk in (256, 7):
-        got = g.nearest(pooled, 7, among=40, exclude_self=True, chunk=chunk)
+        got = g.nearest(pooled, 7, images=40, exclude_self=True, chunk=chunk)
         assert torch.equal(got.sort(1).values, want.sort(1).values)
     q = [torch.randn(3, 5)]
     q.append(2 * q[0])
-    assert torch.equal(g.nearest(q, 4, among=40).sort(1).values, g.distances(q)[:, :40].argsort(1)[:, :4].sort(1).values)
+    assert torch.equal(g.nearest(q, 4, images=40).sort(1).values, g.distances(q)[:, :40].argsort(1)[:, :4].sort(1).values)
 
 
-def test_nearest_never_picks_an_images_own_views():
-    """With tolerated views among the candidates (`owners`: the image each normal was made from),
-    a calibration image is neighbour neither to itself nor to its views, and a view of a similar
-    image can be its neighbour."""
+def test_nearest_with_views_takes_distinct_images_in_their_nearest_version():
+    """With tolerated views (2 per image, image-major after the images), the neighbours are k
+    different images ranked by their nearest version and returned as that version's index; a
+    calibration image is neighbour to itself in no version."""
     torch.manual_seed(3)
-    x = torch.randn(30, 4)
-    views = x[:, None] + 0.01 * torch.randn(30, 2, 4)  # each image's views lie right next to it
+    n, t = 30, 2
+    x = torch.randn(n, 4)
+    views = x[:, None] + torch.tensor([3.0, -3.0, 0, 0]) * torch.tensor([1.0, -1.0])[:, None]  # shifted copies
     g = fit_gaussian([x], [views])
-    owners = torch.cat([torch.arange(30), torch.arange(30).repeat_interleave(2)])
-    got = g.nearest([x], 5, among=90, exclude_self=True, owners=owners)
-    assert got.shape == (30, 5)
-    assert not (owners[got] == torch.arange(30)[:, None]).any()
-    d = g.distances([x])
-    d[owners[None] == torch.arange(30)[:, None]] = float("inf")
-    assert torch.equal(got.sort(1).values, d.argsort(1)[:, :5].sort(1).values)
-    assert (got >= 30).any(), "views of other images are candidates"
+    owner = torch.cat([torch.arange(n), torch.arange(n).repeat_interleave(t)])
+    for q, self_ in ((x, True), (views[:, 0], False), (torch.randn(5, 4), False)):
+        got = g.nearest([q], 5, images=n, views=t, exclude_self=self_)
+        d = g.distances([q])
+        per_image = torch.stack([d[:, :n], d[:, n::2], d[:, n + 1::2]], -1)  # (N, n, 3) versions
+        if self_:
+            per_image[torch.arange(n), torch.arange(n)] = float("inf")
+        best, version = per_image.min(-1)
+        top = best.argsort(1)[:, :5]
+        v = version.gather(1, top)
+        want = torch.where(v == 0, top, n + top * t + v - 1)
+        assert torch.equal(got.sort(1).values, want.sort(1).values)
+        assert all(len(set(owner[row].tolist())) == 5 for row in got), "five different images"
+        if self_:
+            assert not (owner[got] == torch.arange(n)[:, None]).any()
+    # a query that is image 7's first view has that view (distance 0) among its neighbours
+    assert n + 7 * t in g.nearest([views[7:8, 0]], 5, images=n, views=t)[0].tolist()

@@ -120,8 +120,8 @@ def test_tolerated_noise_joins_the_memory_banks(datasets_root):
 @pytest.mark.slow
 def test_a_drifted_image_is_read_against_drifted_views(datasets_root):
     """fit --tolerate noise: each noisy view's held-out local score (without its tile's entries)
-    joins the normals an image's reference is drawn from, so a noisy normal tile is read against
-    noisy views of tiles like it. Against the clean tiles' scores alone its map's higher peak
+    joins the normals an image's reference is drawn from (each neighbour tile in its version nearest
+    to the image), so a noisy normal tile is read against noisy views of tiles like it. Against the clean tiles' scores alone its map's higher peak
     reads as anomalous and noisy normals cross the threshold. 80 training tiles at 128 px."""
     from dataclasses import replace
 
@@ -149,13 +149,14 @@ def test_a_drifted_image_is_read_against_drifted_views(datasets_root):
     nb = held_out_components(model, cat, feats, tolerated=vfeats)["neighbours"]
     owner = torch.cat([torch.arange(n), torch.arange(n)])
     assert not (owner[nb] == torch.arange(n)[:, None]).any(), "never itself or its own view"
+    assert all(len(set(owner[row].tolist())) == 10 for row in nb), "ten different tiles"
 
     raw = [decode_image(storage.read_bytes(s.path)) for s in normals]
     noisy = np.stack([resize(apply_shift("noise", img, None, 1000 + i)[0], size) for i, img in enumerate(raw)])
     cats = [cat] * len(noisy)
     comps = predict_components(model, noisy, cats)
     with_views = model.fuse(comps, cats)
-    model.calibration[cat] = replace(cal, neighbour_scores=cal.neighbour_scores[:n])  # clean tiles' only
+    model.calibration[cat] = replace(cal, neighbour_scores=cal.neighbour_scores[:n], neighbour_views=0)  # clean tiles' only
     clean_only = model.fuse(predict_components(model, noisy, cats), cats)
     model.calibration[cat] = cal
     alarms = [float((f.scores >= cal.image_threshold).float().mean()) for f in (with_views, clean_only)]

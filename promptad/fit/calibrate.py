@@ -99,8 +99,9 @@ def held_out_components(model: PromptAD, category: str, feats: Features, batch_s
     other folds (with their tolerated views, as the memory's Gaussian holds them). Maps stay at
     their patch grids (small).
 
-    "neighbours" (n, k): each image's nearest normals for its reference, among the images and
-    their tolerated views (the Gaussian's normals, in its order), never itself or its own views.
+    "neighbours" (n, k): each image's nearest normal images for its reference, each as its image
+    or tolerated view nearest to it (indices into the Gaussian's normals: gaussian.nearest_versions),
+    never itself.
     With views, "views" holds their components, each view scored without its image's entries:
     their held-out local scores are what a drifted image's reference is made of."""
     n = len(feats)
@@ -110,15 +111,12 @@ def held_out_components(model: PromptAD, category: str, feats: Features, batch_s
     pooled = model.pooled_features(feats)
     extra = None if tolerated is None else group_views(model.pooled_features(tolerated), n)
     out["global"] = held_out_scores(pooled, extra=extra) if n >= 3 else model.memory[category].gaussian.score(pooled).cpu()
-    owners = torch.arange(n)
+    views = 0
     if tolerated is not None and n >= 2:
-        per = len(tolerated) // n
-        view_owners = torch.arange(n).repeat_interleave(per)
-        out["views"] = _left_out(model, category, tolerated, view_owners, batch_size)
-        owners = torch.cat([owners, view_owners])
+        views = len(tolerated) // n
+        out["views"] = _left_out(model, category, tolerated, torch.arange(n).repeat_interleave(views), batch_size)
     k = min(NEIGHBOURS, n - 1)
-    out["neighbours"] = model.memory[category].gaussian.nearest(
-        pooled, k, among=len(owners), exclude_self=True, owners=owners).cpu() \
+    out["neighbours"] = model.memory[category].gaussian.nearest(pooled, k, n, views, exclude_self=True).cpu() \
         if k > 0 else torch.zeros(n, 0, dtype=torch.long)
     return out
 
@@ -154,7 +152,7 @@ def calibrate_category(model: PromptAD, category: str, feats: Features, trained:
     comps = held_out_components(model, category, feats, batch_size, tolerated)
     cal = replace(base, memory_scale=_scale(comps["memory"]), regional_scale=_scale(comps["regional"]),
                   local_center=0.0, local_scale=1.0, global_center=0.0, global_scale=1.0,
-                  neighbour_scores=[], neighbours=0)
+                  neighbour_scores=[], neighbours=0, neighbour_views=0)
     model.calibration[category] = cal
     first = _fused(model, comps, category)
     neighbours = comps["neighbours"]
@@ -165,7 +163,8 @@ def calibrate_category(model: PromptAD, category: str, feats: Features, trained:
         if "views" in comps:
             normal_local = torch.cat([normal_local, _fused(model, comps["views"], category)["local"]])
         comps["reference"] = normal_local[neighbours].mean(1)
-        cal = replace(cal, neighbour_scores=[float(v) for v in normal_local], neighbours=int(neighbours.shape[1]))
+        cal = replace(cal, neighbour_scores=[float(v) for v in normal_local], neighbours=int(neighbours.shape[1]),
+                      neighbour_views=len(normal_local) // n - 1)
         model.calibration[category] = cal
         first = _fused(model, comps, category)
     lc, ls = _robust_z(first["relative"])

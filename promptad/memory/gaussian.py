@@ -62,22 +62,17 @@ class Gaussian:
         """(N,) distance of each image to its nearest normal image."""
         return self.distances(pooled).min(1).values.float()
 
-    def nearest(self, pooled: list[torch.Tensor], k: int, among: int, exclude_self: bool = False,
-                chunk: int = 256, owners: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, k) indices of each image's k nearest among the first `among` normal images, in row
-        chunks so a large category never holds N x M distances. `exclude_self`: image i is normal
-        image i (calibration) and is not its own neighbour, nor is any normal whose `owners` entry
-        (the training image it was made from, default its own index) is i: a tolerated view of
-        image i leaves with it."""
+    def nearest(self, pooled: list[torch.Tensor], k: int, images: int, views: int = 0,
+                exclude_self: bool = False, chunk: int = 256) -> torch.Tensor:
+        """(N, k) each image's k nearest normal images, as indices into the normals (nearest_versions),
+        in row chunks so a large category never holds N x M distances. `exclude_self`: image i is
+        normal image i (calibration) and is not its own neighbour, in any of its versions."""
         n = int(pooled[0].shape[0])
-        own = torch.arange(among) if owners is None else torch.as_tensor(owners)[:among].long()
         out = []
         for s in range(0, n, chunk):
-            d = self.distances([x[s:s + chunk] for x in pooled], among)
-            if exclude_self:
-                rows = torch.arange(s, s + d.shape[0], device=d.device)
-                d[rows[:, None] == own.to(d.device)[None]] = float("inf")
-            out.append(d.topk(k, dim=1, largest=False).indices)
+            d = self.distances([x[s:s + chunk] for x in pooled], images * (1 + views))
+            own = torch.arange(s, s + d.shape[0], device=d.device) if exclude_self else None
+            out.append(nearest_versions(d, images, views, k, own))
         return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long)
 
     def to(self, device: torch.device | str) -> "Gaussian":
@@ -93,6 +88,29 @@ class Gaussian:
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "Gaussian":
         n = sum(1 for k in tensors if k.startswith("global_normals_"))
         return cls(*([tensors[f"global_{name}_{i}"].double() for i in range(n)] for name in ("precision", "normals")))
+
+
+def nearest_versions(d: torch.Tensor, images: int, views: int, k: int,
+                     exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, k) indices into the normals of each row's k nearest normal *images*, each in its version
+    (the image itself or one of its `views` tolerated views) nearest to the row.
+
+    `d` (N, >= images * (1 + views)): distances to the normals in the Gaussian's order, the images
+    first, then their views image-major. Ranking images by their nearest version keeps the k
+    neighbours k different images, as without views, and a clean image's neighbours are clean
+    images while a drifted one's are drifted views. `exclude` (N,): an image each row must not
+    pick (calibration: itself)."""
+    best = d[:, :images]
+    version = torch.zeros_like(best, dtype=torch.long)
+    if views:
+        versions = torch.cat([best[..., None], d[:, images:images * (1 + views)].reshape(-1, images, views)], -1)
+        best, version = versions.min(-1)
+    if exclude is not None:
+        best = best.clone()
+        best[torch.arange(best.shape[0], device=best.device), exclude.to(best.device)] = float("inf")
+    top = best.topk(k, dim=1, largest=False).indices
+    v = version.gather(1, top)
+    return torch.where(v == 0, top, images + top * views + v - 1)
 
 
 def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ Evidence per image, all computed from one frozen backbone pass (backbones.Featur
 - global:   Mahalanobis distance of the pooled features to the nearest normal image's, under the
             category's Gaussian (memory/gaussian.py);
 - reference: the mean held-out local score of the image's K most similar normal training images
-            or their tolerated views (nearest under the same Gaussian metric; K = 10, fewer in a
-            smaller category).
+            (nearest under the same Gaussian metric; K = 10, fewer in a smaller category), each
+            in its version nearest to the image: itself or one of its tolerated views.
 
     map    = max(memory, regional) * (1 + head * p_head) + text * p_text          (pixel map)
     local  = max over the blurred map of memory * (1 + head * p_head) + text * p_text (+ image text)
@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from promptad.memory.bank import Bank, nn_distance
-from promptad.memory.gaussian import Gaussian
+from promptad.memory.gaussian import Gaussian, nearest_versions
 from promptad.models.backbones import Backbone, Features, create_backbone
 from promptad.models.features import local_embedding, pooled_stats, regional_embedding
 from promptad.models.numerics import float32_math
@@ -102,6 +102,7 @@ class Calibration:
     # reference (0: no reference, local score as is)
     neighbour_scores: list[float] = field(default_factory=list)
     neighbours: int = 0
+    neighbour_views: int = 0  # tolerated views per image among neighbour_scores
     stats: dict = field(default_factory=dict)  # what calibration measured and warns about
 
     def normalize_score(self, score):
@@ -347,7 +348,8 @@ class PromptAD(nn.Module):
                 cal = self.calibration[cat]
                 if cal.neighbours:
                     ref = torch.tensor(cal.neighbour_scores, dtype=torch.float32, device=dists.device)
-                    nearest = dists[:, :len(ref)].topk(cal.neighbours, dim=1, largest=False).indices
+                    images = len(ref) // (1 + cal.neighbour_views)
+                    nearest = nearest_versions(dists, images, cal.neighbour_views, cal.neighbours)
                     reference[idx] = ref[nearest].mean(1).to(reference.device)
         comps = {"memory": mem, "regional": reg, "global": glob, "reference": reference}
         if not self.weighs_trainable(categories):
