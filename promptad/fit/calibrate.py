@@ -9,8 +9,9 @@ stand for new normal images, and set
 - the local reference (models/model.py): every image's held-out local score is kept, and an
   image's reference is the mean of those of its nearest normal images (a held-out image's
   neighbours are the others). With tolerated views, each view's held-out local score (without
-  its image's entries) is kept too and views can be neighbours: a drifted image is then read
-  against drifted views of images like it, not against clean images, whose maps peak lower;
+  its image's entries) is kept too, and each neighbour counts in its version (the image or one
+  of its views) nearest to the image scored: a drifted image is then read against drifted views
+  of images like it, not against clean images, whose maps peak lower;
 - z(local / reference) and z(global) (models/model.py): robust standard scores (median,
   1.4826 x MAD);
 - the image threshold: the conformal order statistic. With n held-out scores and a target
@@ -157,8 +158,8 @@ def calibrate_category(model: PromptAD, category: str, feats: Features, trained:
     first = _fused(model, comps, category)
     neighbours = comps["neighbours"]
     if neighbours.shape[1]:
-        # Each image's reference: its neighbours' held-out local scores (itself and its views
-        # excluded), among the images' and their tolerated views'.
+        # Each image's reference: its neighbours' held-out local scores (never its own), each
+        # neighbour as its image or the tolerated view nearest to it.
         normal_local = first["local"]
         if "views" in comps:
             normal_local = torch.cat([normal_local, _fused(model, comps["views"], category)["local"]])
