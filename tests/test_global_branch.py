@@ -120,9 +120,10 @@ def test_tolerated_noise_joins_the_memory_banks(datasets_root):
 @pytest.mark.slow
 def test_a_drifted_image_is_read_against_drifted_views(datasets_root):
     """fit --tolerate noise: each noisy view's held-out local score (without its tile's entries)
-    joins the normals an image's reference is drawn from (each neighbour tile in its version nearest
-    to the image), so a noisy normal tile is read against noisy views of tiles like it. Against the clean tiles' scores alone its map's higher peak
-    reads as anomalous and noisy normals cross the threshold. 80 training tiles at 128 px."""
+    joins the normals an image's reference is drawn from (each neighbour tile in its version
+    nearest to the image), so a noisy normal tile is read against noisy views of tiles like it.
+    Against the clean tiles' scores alone its map's higher peak reads as anomalous and noisy
+    normals cross the threshold. 80 training tiles at 128 px."""
     from dataclasses import replace
 
     from promptad.data import storage
@@ -156,7 +157,8 @@ def test_a_drifted_image_is_read_against_drifted_views(datasets_root):
     cats = [cat] * len(noisy)
     comps = predict_components(model, noisy, cats)
     with_views = model.fuse(comps, cats)
-    model.calibration[cat] = replace(cal, neighbour_scores=cal.neighbour_scores[:n], neighbour_views=0)  # clean tiles' only
+    # the same fit with the clean tiles' scores only as neighbours
+    model.calibration[cat] = replace(cal, neighbour_scores=cal.neighbour_scores[:n], neighbour_views=0)
     clean_only = model.fuse(predict_components(model, noisy, cats), cats)
     model.calibration[cat] = cal
     alarms = [float((f.scores >= cal.image_threshold).float().mean()) for f in (with_views, clean_only)]

@@ -80,14 +80,15 @@ def _scale(values: torch.Tensor) -> float:
     return q if q > 1e-6 else 1.0
 
 
-def _left_out(model: PromptAD, category: str, feats: Features, owners: torch.Tensor,
+def _left_out(model: PromptAD, category: str, feats: Features, owners: torch.Tensor | None,
               batch_size: int) -> dict[str, torch.Tensor]:
     """Components of each row of `feats` scored without the memory entries of training image
-    owners[row] (leave-one-out; a tolerated view leaves with its image)."""
+    owners[row] (leave-one-out; a tolerated view leaves with its image); None: with every entry."""
     parts: dict[str, list[torch.Tensor]] = {}
     for s in range(0, len(feats), batch_size):
-        idx = owners[s:s + batch_size]
-        comps = components_of(model, feats.select(slice(s, s + len(idx))), [category] * len(idx), exclude=idx)
+        rows = slice(s, min(len(feats), s + batch_size))
+        comps = components_of(model, feats.select(rows), [category] * (rows.stop - s),
+                              exclude=None if owners is None else owners[rows])
         for k, v in comps.items():
             parts.setdefault(k, []).append(v.float().cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
@@ -106,16 +107,15 @@ def held_out_components(model: PromptAD, category: str, feats: Features, batch_s
     With views, "views" holds their components, each view scored without its image's entries:
     their held-out local scores are what a drifted image's reference is made of."""
     n = len(feats)
-    out = _left_out(model, category, feats, torch.arange(n), batch_size) if n >= 2 else \
-        components_of(model, feats, [category] * n)
-    out = {k: v.float().cpu() for k, v in out.items()}
+    out = _left_out(model, category, feats, torch.arange(n) if n >= 2 else None, batch_size)
     pooled = model.pooled_features(feats)
     extra = None if tolerated is None else group_views(model.pooled_features(tolerated), n)
     out["global"] = held_out_scores(pooled, extra=extra) if n >= 3 else model.memory[category].gaussian.score(pooled).cpu()
     views = 0
     if tolerated is not None and n >= 2:
         views = len(tolerated) // n
-        out["views"] = _left_out(model, category, tolerated, torch.arange(n).repeat_interleave(views), batch_size)
+        owners = torch.arange(n).repeat_interleave(views)
+        out["views"] = _left_out(model, category, tolerated, owners, batch_size)
     k = min(NEIGHBOURS, n - 1)
     out["neighbours"] = model.memory[category].gaussian.nearest(pooled, k, n, views, exclude_self=True).cpu() \
         if k > 0 else torch.zeros(n, 0, dtype=torch.long)
