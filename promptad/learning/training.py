@@ -233,7 +233,7 @@ def _flip_tokens(tokens: torch.Tensor, grid) -> torch.Tensor:
 
 def _split(out, n: int):
     """Split a forward over [x, flip(x)] into the two halves."""
-    from promptad.models.model import Outputs
+    from promptad.models.trainable import Outputs
 
     def half(t, sl):
         return None if t is None else t[sl]

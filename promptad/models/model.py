@@ -1,4 +1,5 @@
-"""The PromptAD model: frozen backbone, memory banks, a localization head, learned prompts, fusion.
+"""The PromptAD model: frozen backbone, memory banks, fusion; the trainable part (localization head,
+learned prompts) is in trainable.py.
 
 Evidence per image, all computed from one frozen backbone pass (backbones.Features):
 - memory:   distance of each local patch (features.local_embedding) to its nearest normal patch in
@@ -40,7 +41,6 @@ Fusion weights {memory: 1, regional: 1, head: 0, text: 0, global: 0} are the mem
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -52,7 +52,8 @@ from promptad.memory.gaussian import Gaussian, nearest_versions
 from promptad.models.backbones import Backbone, Features, create_backbone
 from promptad.models.features import local_embedding, pooled_stats, regional_embedding
 from promptad.models.numerics import float32_math
-from promptad.models.prompts import TextPromptLearner, handcrafted_text_features
+from promptad.models.prompts import handcrafted_text_features
+from promptad.models.trainable import Trainable, by_category
 
 
 @dataclass
@@ -129,104 +130,6 @@ class CategoryMemory:
 
     def to(self, device) -> "CategoryMemory":
         return CategoryMemory(self.local.to(device), self.regional.to(device), self.gaussian.to(device))
-
-
-class LocalizationHead(nn.Module):
-    """The paper's head: 3x3 conv 256 + BN + ReLU, 3x3 conv 128 + BN + ReLU, 1x1 conv (logits)."""
-
-    def __init__(self, in_channels: int, widths: tuple[int, int] = (256, 128)):
-        super().__init__()
-        a, b = widths
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, a, 3, padding=1, bias=False), nn.BatchNorm2d(a), nn.ReLU(inplace=True),
-            nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True),
-            nn.Conv2d(b, 1, 1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-@dataclass
-class Outputs:
-    """One forward pass of the trainable part, at the local patch grid."""
-
-    head_logits: torch.Tensor  # (N, 1, h, w)
-    image_logit: torch.Tensor  # (N,)
-    text_logits: torch.Tensor | None = None  # (N, 1, h, w) anomaly-vs-normal logit per patch
-    image_text_logit: torch.Tensor | None = None  # (N,)
-    patch_embed: torch.Tensor | None = None  # (N, E, h', w') joint-space patch embeddings (CLIP)
-    image_embed: torch.Tensor | None = None  # (N, E)
-    prompts: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-
-def topk_mean(logits: torch.Tensor, frac: float = 0.01) -> torch.Tensor:
-    flat = logits.flatten(1)
-    k = max(1, int(math.ceil(frac * flat.shape[1])))
-    return flat.topk(k, dim=1).values.mean(1)
-
-
-def _by_category(categories: list[str], device) -> dict[str, torch.Tensor]:
-    return {c: torch.tensor([i for i, x in enumerate(categories) if x == c], device=device)
-            for c in sorted(set(categories))}
-
-
-class Trainable(nn.Module):
-    """Everything that learns: head, vision prompts, text prompts. The only part DDP wraps.
-
-    The head reads the local embedding standardized per channel (`feat_mean`, `feat_std`, set from
-    the training features before training), so feature-space anomalies have one scale for every
-    backbone. The frozen backbone is held by reference, not as a submodule, so it is neither saved
-    with the weights nor synchronized across workers.
-    """
-
-    def __init__(self, backbone: Backbone, cfg: ModelConfig, in_channels: int):
-        super().__init__()
-        self._backbone = [backbone]
-        self.head = LocalizationHead(in_channels)
-        self.register_buffer("feat_mean", torch.zeros(in_channels))
-        self.register_buffer("feat_std", torch.ones(in_channels))
-        self.vision_prompts = None
-        self.text = None
-        if backbone.has_text:
-            if cfg.n_vision_prompts and backbone.num_vision_prompt_dims:
-                self.vision_prompts = nn.Parameter(torch.randn(cfg.n_vision_prompts,
-                                                               backbone.num_vision_prompt_dims) * 0.02)
-            self.text = TextPromptLearner(backbone, cfg.categories, cfg.n_ctx, cfg.n_anomaly_ctx)
-
-    @property
-    def backbone(self) -> Backbone:
-        return self._backbone[0]
-
-    def standardize(self, local: torch.Tensor) -> torch.Tensor:
-        return (local.float() - self.feat_mean.view(1, -1, 1, 1)) / self.feat_std.view(1, -1, 1, 1)
-
-    def forward(self, z: torch.Tensor, tokens: torch.Tensor | None, categories: list[str]) -> Outputs:
-        """z: standardized local embedding (N, C, h, w); tokens: CLIP's cached last-block input."""
-        head_logits = self.head(z)
-        out = Outputs(head_logits=head_logits, image_logit=topk_mean(head_logits))
-        if self.text is None:
-            return out
-        bb = self.backbone
-        patch, image = bb.joint(tokens, self.vision_prompts)
-        out.patch_embed, out.image_embed = patch, image
-        h, w = head_logits.shape[-2:]
-        scale = bb.logit_scale
-        patch_n, img_n = F.normalize(patch.float(), dim=1), F.normalize(image.float(), dim=-1)
-        text_logits = torch.empty(z.shape[0], 1, h, w, device=z.device)
-        image_text = torch.empty(z.shape[0], device=z.device)
-        for cat, idx in _by_category(categories, z.device).items():
-            normal, anomalous = self.text(cat)
-            out.prompts[cat] = (normal, anomalous)
-            diff = (F.normalize(anomalous.mean(0), dim=-1) - F.normalize(normal.mean(0), dim=-1)).float()
-            pl = scale * (patch_n[idx] * diff.view(1, -1, 1, 1)).sum(1, keepdim=True)
-            if pl.shape[-2:] != (h, w):
-                pl = F.interpolate(pl, size=(h, w), mode="bilinear", align_corners=False)
-            text_logits[idx] = pl.float()
-            image_text[idx] = scale * (img_n[idx] * diff).sum(-1)  # no bf16 matmul under autocast
-        out.text_logits, out.image_text_logit = text_logits, image_text
-        out.image_logit = 0.5 * (out.image_logit + image_text)
-        return out
 
 
 @float32_math
@@ -335,7 +238,7 @@ class PromptAD(nn.Module):
         glob = torch.zeros(n, device=local.device)
         reference = torch.ones(n, device=local.device)
         pooled = self.pooled_features(feats)
-        for cat, idx in _by_category(list(categories), local.device).items():
+        for cat, idx in by_category(list(categories), local.device).items():
             m = self.memory.get(cat)
             if m is None:
                 continue
