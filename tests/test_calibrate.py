@@ -141,3 +141,40 @@ def test_neighbour_scores_are_the_held_out_local_scores(small_fit):
         comps.pop("neighbours")
         local = model.fuse(comps, [cat] * n).local
         assert torch.allclose(local, torch.tensor(cal.neighbour_scores), rtol=1e-5)
+
+
+def test_lone_threshold_by_hand():
+    """One image sets the threshold alone when it is the highest score and stands apart from
+    the next by more than 3x the next's distance from the median."""
+    from promptad.fit.calibrate import lone_threshold
+
+    scores = np.array([0.0, 0.2, -0.1, 0.1, 1.0, 9.0, 0.3], np.float32)  # median 0.2, next 1.0
+    assert lone_threshold(scores, 9.0) == 5  # gap 8 > 3 x 0.8
+    assert lone_threshold(scores, 1.0) is None, "not the highest: the image above it does not set it"
+    close = scores.copy()
+    close[5] = 3.0  # gap 2 < 3 x 0.8
+    assert lone_threshold(close, 3.0) is None
+    assert lone_threshold(np.array([0.0, 5.0], np.float32), 5.0) is None, "two images: no 'rest' to compare"
+
+
+def test_calibration_names_the_normal_image_its_threshold_rests_on():
+    """A defective image among 12 normals: held out, nothing in the bank is like it, so its score
+    is far above the others', and with 12 images it is the threshold. Calibration names it; the
+    same normals without it get no such warning."""
+    images = _images(12, 0)
+    images[7, 20:44, 20:44] = 0  # a large dark blotch
+    names = [f"train/good/{i:03d}.png" for i in range(12)]
+    model = fit_in_process({"tile": images}, ModelConfig(backbone="effnet-lite0", input_size=SIZE),
+                           TrainConfig(epochs=0), log=None)
+    # fit_in_process passes no names: the image is named by its position
+    assert any("training image #7" in w for w in model.calibration["tile"].stats["warnings"])
+    from promptad.fit.calibrate import calibrate_category
+
+    cal = calibrate_category(model, "tile", extract(model, images), trained=False, names=names)
+    assert cal.stats["threshold_image"] == "train/good/007.png"
+    lone = [w for w in cal.stats["warnings"] if "rests on one normal image" in w]
+    assert len(lone) == 1 and "train/good/007.png" in lone[0] and "if it is defective remove it" in lone[0]
+    clean = fit_in_process({"tile": _images(12, 0)}, ModelConfig(backbone="effnet-lite0", input_size=SIZE),
+                           TrainConfig(epochs=0), log=None).calibration["tile"]
+    assert not any("rests on one normal image" in w for w in clean.stats["warnings"]), clean.stats["warnings"]
+    assert any("cannot support a 1.0% false-alarm target" in w for w in clean.stats["warnings"])

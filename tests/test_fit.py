@@ -475,6 +475,27 @@ def test_default_fit_trains_nothing_and_weights_only_what_it_fitted(ray_local, d
 
 
 @pytest.mark.slow
+def test_fit_says_what_its_threshold_promises_and_names_the_image_it_rests_on(ray_local, tmp_path, capsys):
+    """A defective image slipped in among a category's normals: the Ray fit's summary states
+    each category's threshold and its promise, and warns with the path of the image the
+    threshold rests on (calibrate.lone_threshold); the clean category gets no such warning."""
+    root = tmp_path / "data"
+    paths = make_category(root, "tile", 12, seed=1)
+    make_category(root, "wood", 12, seed=2)
+    img = np.asarray(Image.open(paths[4])).copy()
+    img[25:55, 25:55] = 0
+    Image.fromarray(img).save(paths[4])
+    fit.run(fit_args(str(root), str(tmp_path / "model"), "--storage", str(tmp_path / "ckpt")))
+    out = capsys.readouterr().out
+    for c in ("tile", "wood"):
+        assert re.search(rf"^fit: {c}: image threshold [0-9.]+ from 12 held-out normal images, promising at most "
+                         r"7\.7% false alarms \(target 1\.0%\)$", out, re.M), out
+    lone = [ln for ln in out.splitlines() if "rests on one normal image" in ln]
+    assert len(lone) == 1 and lone[0].startswith("fit: warning: tile: ") and str(paths[4]) in lone[0], out
+    assert "fit: warning: wood: 12 normal images cannot support a 1.0% false-alarm target" in out
+
+
+@pytest.mark.slow
 def test_data_checkpoints_and_artifact_on_s3(ray_local, data, s3_bucket):
     from promptad.models.artifact import load_artifact
     from promptad.predict import predict

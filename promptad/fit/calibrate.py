@@ -19,6 +19,8 @@ stand for new normal images, and set
   normal image, exchangeable with them, then scores at or above it with probability
   (n + 1 - k) / (n + 1) <= a. When n < 1/a - 1 no k exists: the threshold is the largest score,
   which promises 1/(n + 1), and the calibration says so in `stats["warnings"]`;
+  The image whose score is the threshold is named in `stats["threshold_image"]`, and a warning
+  says so when that one image alone sets it far above the others (lone_threshold);
 - the pixel threshold: the same rule over normal map pixels at a 0.1 % target (a pixel grid of
   every 4th pixel; the maps are smooth at that scale);
 - score_norm and map normalization: median normal value -> 0.25, threshold -> 0.5.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -45,6 +48,7 @@ from promptad.predict import components_of
 IMAGE_FPR = 0.01  # target false-alarm rate on normal images
 PIXEL_FPR = 0.001  # target false-positive rate on normal pixels
 PIXEL_STRIDE = 4  # pixel grid for the pixel threshold
+LONE_RATIO = 3.0  # lone_threshold: how far the highest normal score must stand above the rest
 
 
 def conformal_threshold(scores: np.ndarray, target: float) -> tuple[float, float]:
@@ -60,6 +64,27 @@ def conformal_threshold(scores: np.ndarray, target: float) -> tuple[float, float
     if k > n:
         return float(s[-1]), 1.0 / (n + 1)
     return float(s[k - 1]), (n + 1 - k) / (n + 1)
+
+
+def lone_threshold(scores: np.ndarray, threshold: float, ratio: float = LONE_RATIO) -> int | None:
+    """The index of the held-out image that alone sets the threshold, or None.
+
+    It does when the threshold is the highest normal score (few images: conformal_threshold takes
+    the largest) and that score stands apart: its gap to the next highest is more than `ratio`
+    times the next highest's distance from the median. Such an image is a defect among the
+    normals or a kind of normal image seen once; either way every decision at the deployed
+    threshold rests on it (cookie's one photo with the tray edge: the threshold above every crack,
+    benchmarks/RESULTS.md). Among normally distributed scores a gap that wide is rare (under 0.2 %
+    at 31 images, a few % at 10)."""
+    s = np.asarray(scores, dtype=np.float32).ravel()
+    if s.size < 3:
+        return None
+    top = int(np.argmax(s))
+    if np.float32(threshold) != s[top]:
+        return None
+    second = float(np.partition(s, -2)[-2])
+    spread = second - float(np.median(s))
+    return top if float(s[top]) - second > ratio * max(spread, 1e-6) else None
 
 
 def _robust_z(values: torch.Tensor) -> tuple[float, float]:
@@ -139,11 +164,13 @@ def _fused(model: PromptAD, comps: dict[str, torch.Tensor], category: str, batch
 
 def calibrate_category(model: PromptAD, category: str, feats: Features, trained: bool,
                        image_fpr: float = IMAGE_FPR, pixel_fpr: float = PIXEL_FPR,
-                       batch_size: int = 32, tolerated: Features | None = None) -> Calibration:
+                       batch_size: int = 32, tolerated: Features | None = None,
+                       names: Sequence[str] | None = None) -> Calibration:
     """Calibration of one category from the backbone features of all its normal training images,
     the same images (in the same order) its memory was built from, and the features of their
     tolerated views (pipeline.tolerated_features) if the memory holds them. Needs model.memory[category] and, when
-    `trained`, the trained head (else the head and learned prompts get no weight)."""
+    `trained`, the trained head (else the head and learned prompts get no weight). `names`: the
+    images' paths, in the same order, for the warning that names an image (lone_threshold)."""
     n = len(feats)
     if n == 0:
         raise ValueError(f"no normal images to calibrate category {category!r}")
@@ -184,7 +211,15 @@ def calibrate_category(model: PromptAD, category: str, feats: Features, trained:
         need = math.ceil(1 / image_fpr) - 1
         warnings.append(f"{n} normal images cannot support a {image_fpr:.1%} false-alarm target: the threshold "
                         f"is their highest score, which promises {promised:.1%}; at least {need} are needed")
-    stats = {"n_normal": int(n), "image_fpr_target": image_fpr, "image_fpr_promised": promised,
+    at = int(np.flatnonzero(scores.astype(np.float32) == np.float32(image_threshold))[0])  # one of the scores
+    name = names[at] if names is not None else f"training image #{at}"
+    lone = lone_threshold(scores, image_threshold)
+    if lone is not None:
+        rest = np.delete(scores, lone)
+        warnings.append(f"the image threshold rests on one normal image, {name}: held out it scores "
+                        f"{scores[lone]:.2f}, the next highest {rest.max():.2f} (median {np.median(scores):.2f}); "
+                        "if it is defective remove it, if it is a kind of normal image seen once add more like it")
+    stats = {"n_normal": int(n), "threshold_image": name, "image_fpr_target": image_fpr, "image_fpr_promised": promised,
              "image_fpr_achievable": 1.0 / (n + 1), "pixel_fpr_target": pixel_fpr,
              "held_out_fpr_at_threshold": float((scores >= image_threshold).mean()),
              "threshold_rule": "conformal order statistic of leave-one-out normal scores",

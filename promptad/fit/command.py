@@ -68,7 +68,7 @@ from promptad.fit.train import (  # noqa: F401 - documented names
 )
 from promptad.learning.training import TrainConfig
 from promptad.models.artifact import save_artifact
-from promptad.models.model import ModelConfig, PromptAD
+from promptad.models.model import Calibration, ModelConfig, PromptAD
 
 # Test hook: the driver stops for good right after checkpointing the first category of this stage
 # (memory | calibration), so a test can kill it at a known point (tests/test_fit.py).
@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> FitSummary:
     feats, ok = _features(args, model.cfg.to_dict(), rows, run_dir, done, clock) if rows else (None, {})
     clock["features"] = time.time() - t
 
-    stage = _Stages(args, model.cfg.to_dict(), feats, ok, run_dir, done, clock)
+    stage = _Stages(args, model.cfg.to_dict(), feats, ok, {r["idx"]: r["path"] for r in rows}, run_dir, done, clock)
     stage.start_memory(need_memory)  # needs no training: runs beside it
     t = time.time()
     if args.tolerate:
@@ -224,8 +224,20 @@ def run(args: argparse.Namespace) -> FitSummary:
     clock["write"] = time.time() - t
     clock["total"] = time.time() - t_start
     print(f"fit: wrote {args.out} (model {model_id})", flush=True)
+    for c in categories:
+        print(calibration_line(c, model.calibration[c]), flush=True)
+        for w in model.calibration[c].stats.get("warnings", []):
+            print(f"fit: warning: {c}: {w}", flush=True)
     return FitSummary(artifact=args.out, model_id=model_id, run_dir=run_dir, metrics=done.metrics,
                       skipped_images=skipped, timings=clock, restored=restored)
+
+
+def calibration_line(category: str, cal: Calibration) -> str:
+    """What the deployed image threshold promises, from the calibration's own record."""
+    st = cal.stats
+    return (f"fit: {category}: image threshold {cal.image_threshold:.3f} from {st.get('n_normal')} held-out normal "
+            f"images, promising at most {st.get('image_fpr_promised', float('nan')):.1%} false alarms "
+            f"(target {st.get('image_fpr_target', float('nan')):.1%})")
 
 
 def _features(args: argparse.Namespace, model_cfg: dict[str, Any], rows: list[dict[str, Any]], run_dir: str,
@@ -254,9 +266,10 @@ class _Stages:
     result checkpointed in the run folder as it arrives."""
 
     def __init__(self, args: argparse.Namespace, model_cfg: dict[str, Any], feats: stages.FeatureSet | None,
-                 ok: dict[str, list[int]], run_dir: str, done: runs.Done, clock: dict[str, float]):
-        self.model_cfg, self.feats, self.ok, self.run_dir, self.done, self.clock = \
-            model_cfg, feats, ok, run_dir, done, clock
+                 ok: dict[str, list[int]], paths: dict[int, str], run_dir: str, done: runs.Done,
+                 clock: dict[str, float]):
+        self.model_cfg, self.feats, self.ok, self.paths, self.run_dir, self.done, self.clock = \
+            model_cfg, feats, ok, paths, run_dir, done, clock
         self.seed, self.was_trained = args.seed, args.epochs > 0
         self.slot = {"num_cpus": args.cpus_per_worker, "num_gpus": args.gpus_per_worker}
         self.device, self.threads = stages.device_for(args.gpus_per_worker), max(1, int(args.cpus_per_worker))
@@ -286,7 +299,7 @@ class _Stages:
         for c in need:
             memory = self.memory_refs[c][0] if c in self.memory_refs else done.memory[c]
             cal, secs = task.remote(self.model_cfg, trained, self.was_trained, c, memory, self.device, self.threads,
-                                    *self._rows(c))
+                                    [self.paths[i] for i in self.ok[c]], *self._rows(c))
             pending[cal] = ("calibration", c, secs)
         self.clock.update(memory_task_s=0.0, calibration_task_s=0.0, memory_wait=0.0)
         while pending:

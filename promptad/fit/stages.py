@@ -334,10 +334,11 @@ def category_memory(model_cfg: dict[str, Any], seed: int, device: str, threads: 
 
 
 def category_calibration(model_cfg: dict[str, Any], trained: dict[str, torch.Tensor], was_trained: bool,
-                         category: str, memory, device: str, threads: int, picks: list[tuple[int, int]], *tables):
+                         category: str, memory, device: str, threads: int, names: list[str],
+                         picks: list[tuple[int, int]], *tables):
     """Ray task: one category's calibration (calibrate.calibrate_category) with the trainable
     weights (`was_trained` False: the untrained ones of --epochs 0), its memory and its rows in
-    the order the memory was built from; (Calibration, s)."""
+    the order the memory was built from (`names`: their paths, for its warnings); (Calibration, s)."""
     from promptad.fit.calibrate import calibrate_category
 
     t0 = time.perf_counter()
@@ -346,7 +347,7 @@ def category_calibration(model_cfg: dict[str, Any], trained: dict[str, torch.Ten
     model.memory = {category: memory.to(model.device)}
     rows = take_rows(picks, *tables)
     calibration = calibrate_category(model, category, as_features(rows), trained=was_trained,
-                                     tolerated=as_tolerated(rows))
+                                     tolerated=as_tolerated(rows), names=names)
     return calibration, time.perf_counter() - t0
 
 
