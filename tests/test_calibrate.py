@@ -149,12 +149,12 @@ def test_lone_threshold_by_hand():
     from promptad.fit.calibrate import lone_threshold
 
     scores = np.array([0.0, 0.2, -0.1, 0.1, 1.0, 9.0, 0.3], np.float32)  # median 0.2, next 1.0
-    assert lone_threshold(scores, 9.0) == 5  # gap 8 > 3 x 0.8
-    assert lone_threshold(scores, 1.0) is None, "not the highest: the image above it does not set it"
+    assert lone_threshold(scores, 9.0)  # gap 8 > 3 x 0.8
+    assert not lone_threshold(scores, 1.0), "not the highest: the image above it does not set it"
     close = scores.copy()
     close[5] = 3.0  # gap 2 < 3 x 0.8
-    assert lone_threshold(close, 3.0) is None
-    assert lone_threshold(np.array([0.0, 5.0], np.float32), 5.0) is None, "two images: no 'rest' to compare"
+    assert not lone_threshold(close, 3.0)
+    assert not lone_threshold(np.array([0.0, 5.0], np.float32), 5.0), "two images: no 'rest' to compare"
 
 
 def test_calibration_names_the_normal_image_its_threshold_rests_on():

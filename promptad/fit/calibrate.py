@@ -18,9 +18,9 @@ stand for new normal images, and set
   false-alarm rate a, the threshold is the k-th smallest score, k = ceil((n + 1)(1 - a)); a new
   normal image, exchangeable with them, then scores at or above it with probability
   (n + 1 - k) / (n + 1) <= a. When n < 1/a - 1 no k exists: the threshold is the largest score,
-  which promises 1/(n + 1), and the calibration says so in `stats["warnings"]`;
-  The image whose score is the threshold is named in `stats["threshold_image"]`, and a warning
-  says so when that one image alone sets it far above the others (lone_threshold);
+  which promises 1/(n + 1), and the calibration says so in `stats["warnings"]`. The image whose
+  score is the threshold is named in `stats["threshold_image"]`, with a warning when that one
+  image alone sets it far above the others (lone_threshold);
 - the pixel threshold: the same rule over normal map pixels at a 0.1 % target (a pixel grid of
   every 4th pixel; the maps are smooth at that scale);
 - score_norm and map normalization: median normal value -> 0.25, threshold -> 0.5.
@@ -66,8 +66,8 @@ def conformal_threshold(scores: np.ndarray, target: float) -> tuple[float, float
     return float(s[k - 1]), (n + 1 - k) / (n + 1)
 
 
-def lone_threshold(scores: np.ndarray, threshold: float, ratio: float = LONE_RATIO) -> int | None:
-    """The index of the held-out image that alone sets the threshold, or None.
+def lone_threshold(scores: np.ndarray, threshold: float, ratio: float = LONE_RATIO) -> bool:
+    """Whether the held-out image whose score is the threshold sets it alone.
 
     It does when the threshold is the highest normal score (few images: conformal_threshold takes
     the largest) and that score stands apart: its gap to the next highest is more than `ratio`
@@ -77,14 +77,11 @@ def lone_threshold(scores: np.ndarray, threshold: float, ratio: float = LONE_RAT
     benchmarks/RESULTS.md). Among normally distributed scores a gap that wide is rare (under 0.2 %
     at 31 images, a few % at 10)."""
     s = np.asarray(scores, dtype=np.float32).ravel()
-    if s.size < 3:
-        return None
-    top = int(np.argmax(s))
-    if np.float32(threshold) != s[top]:
-        return None
+    if s.size < 3 or np.float32(threshold) != s.max():
+        return False
     second = float(np.partition(s, -2)[-2])
     spread = second - float(np.median(s))
-    return top if float(s[top]) - second > ratio * max(spread, 1e-6) else None
+    return float(s.max()) - second > ratio * max(spread, 1e-6)
 
 
 def _robust_z(values: torch.Tensor) -> tuple[float, float]:
@@ -213,11 +210,10 @@ def calibrate_category(model: PromptAD, category: str, feats: Features, trained:
                         f"is their highest score, which promises {promised:.1%}; at least {need} are needed")
     at = int(np.flatnonzero(scores.astype(np.float32) == np.float32(image_threshold))[0])  # one of the scores
     name = names[at] if names is not None else f"training image #{at}"
-    lone = lone_threshold(scores, image_threshold)
-    if lone is not None:
-        rest = np.delete(scores, lone)
+    if lone_threshold(scores, image_threshold):
         warnings.append(f"the image threshold rests on one normal image, {name}: held out it scores "
-                        f"{scores[lone]:.2f}, the next highest {rest.max():.2f} (median {np.median(scores):.2f}); "
+                        f"{scores[at]:.2f}, the next highest {np.delete(scores, at).max():.2f} "
+                        f"(median {np.median(scores):.2f}); "
                         "if it is defective remove it, if it is a kind of normal image seen once add more like it")
     stats = {"n_normal": int(n), "threshold_image": name, "image_fpr_target": image_fpr, "image_fpr_promised": promised,
              "image_fpr_achievable": 1.0 / (n + 1), "pixel_fpr_target": pixel_fpr,
