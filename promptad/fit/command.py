@@ -235,9 +235,9 @@ def run(args: argparse.Namespace) -> FitSummary:
 def calibration_line(category: str, cal: Calibration) -> str:
     """What the deployed image threshold promises, from the calibration's own record."""
     st = cal.stats
-    return (f"fit: {category}: image threshold {cal.image_threshold:.3f} from {st.get('n_normal')} held-out normal "
-            f"images, promising at most {st.get('image_fpr_promised', float('nan')):.1%} false alarms "
-            f"(target {st.get('image_fpr_target', float('nan')):.1%})")
+    return (f"fit: {category}: image threshold {cal.image_threshold:.3f} from {st['n_normal']} held-out normal "
+            f"images, promising at most {st['image_fpr_promised']:.1%} false alarms "
+            f"(target {st['image_fpr_target']:.1%})")
 
 
 def _features(args: argparse.Namespace, model_cfg: dict[str, Any], rows: list[dict[str, Any]], run_dir: str,
