@@ -10,7 +10,7 @@ import torch
 from promptad.fit.pipeline import build_memory
 from promptad.memory.bank import Bank, nn_distance
 from promptad.models.model import ModelConfig, PromptAD, gaussian_blur
-from promptad.models.numerics import as_float32, no_autocast
+from promptad.numerics import as_float32, no_autocast
 from promptad.predict import Prediction, output_problem, predict, predict_rows
 
 SIZE = 64

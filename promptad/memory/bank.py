@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from promptad.models.numerics import float32_math
+from promptad.numerics import float32_math
 
 
 def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, batch: int | None = None,
