@@ -51,9 +51,9 @@ from promptad.memory.bank import Bank, nn_distance
 from promptad.memory.gaussian import Gaussian, nearest_versions
 from promptad.models.backbones import Backbone, Features, create_backbone
 from promptad.models.features import local_embedding, pooled_stats, regional_embedding
-from promptad.numerics import float32_math
 from promptad.models.prompts import handcrafted_text_features
 from promptad.models.trainable import Trainable, by_category
+from promptad.numerics import float32_math
 
 
 @dataclass
