@@ -56,6 +56,19 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def aligned(tmp_path_factory) -> Path:
+    """Two generated categories of FEATURE_BATCH_CPU images each and nothing unreadable: the fit's
+    feature blocks (cut by row count across categories) are then exactly the per-category batches
+    of pipeline.extract_all. On some CPUs (oneDNN on AVX2) an image's features change by ~1e-5 with
+    the images that share its batch, and training amplifies that; aligned batches keep the two
+    paths' inputs bit-identical, so what differs after training is the Ray stages' own doing."""
+    root = tmp_path_factory.mktemp("fit_aligned")
+    make_category(root, "tile", fit_stages.FEATURE_BATCH_CPU, seed=1)
+    make_category(root, "wood", fit_stages.FEATURE_BATCH_CPU, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
 def three(datasets_root, tmp_path_factory) -> Path:
     """A manifest of three categories: 12 cookie and 12 magnetic_tile photos (real data, RGB and
     grayscale, read in place) and 12 generated tiles plus one truncated file."""
@@ -355,21 +368,22 @@ def test_killed_at_every_stage_resumes_to_the_same_model(ray_local, baseline, th
 
 
 @pytest.mark.slow
-def test_one_worker_fit_is_the_in_process_fit(ray_local, data, tmp_path):
+def test_one_worker_fit_is_the_in_process_fit(ray_local, aligned, tmp_path):
     """The Ray stages compute what pipeline.fit_in_process computes on the same images: the same
     banks and Gaussians, the same standardization, and (fp32, one worker: no DDP, no bf16 noise)
-    the same training and calibration up to float rounding."""
+    the same training and calibration up to float rounding, which training amplifies: tolerances
+    below are set between the measured rounding and what a wrong seed or epoch count gives."""
     from promptad.data.datasets import load_samples
     from promptad.fit.pipeline import fit_in_process, load_images
     from promptad.learning.training import TrainConfig
     from promptad.models.artifact import load_artifact
     from promptad.models.model import ModelConfig
 
-    summary = fit.run(fit_args(str(data), str(tmp_path / "model"), "--workers", "1", "--epochs", "2",
+    summary = fit.run(fit_args(str(aligned), str(tmp_path / "model"), "--workers", "1", "--epochs", "2",
                                "--precision", "fp32", "--storage", str(tmp_path / "ckpt")))
     model = load_artifact(summary.artifact)
-    images = {c: load_images([s for s in sorted(load_samples(str(data), [c], "train"), key=lambda s: s.image_id)
-                              if not s.path.endswith("zz_truncated.png")], SIZE) for c in ("tile", "wood")}
+    images = {c: load_images(sorted(load_samples(str(aligned), [c], "train"), key=lambda s: s.image_id), SIZE)
+              for c in ("tile", "wood")}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the 0.5-CPU tasks and workers: the same float rounding
     try:
@@ -387,13 +401,25 @@ def test_one_worker_fit_is_the_in_process_fit(ray_local, data, tmp_path):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * float(y.abs().max()))
         ca, cb = model.calibration[c], ref.calibration[c]
         assert ca.memory_scale == pytest.approx(cb.memory_scale, rel=1e-6)
-        assert ca.image_threshold == pytest.approx(cb.image_threshold, rel=1e-3)
-        assert ca.pixel_threshold == pytest.approx(cb.pixel_threshold, rel=1e-3)
+        # Tolerances from a measured run (2026-12-03, AVX2 CPU): this fit against the in-process one
+        # differs by <= 1e-3 in pixel and 3e-2 in image threshold (a conformal max over 16 held-out
+        # scores, so one score moves it); seed 1, 1 or 3 epochs move the pixel threshold by 4.5-14 %.
+        assert ca.image_threshold == pytest.approx(cb.image_threshold, rel=6e-2)
+        assert ca.pixel_threshold == pytest.approx(cb.pixel_threshold, rel=5e-3)
     sa, sb = model.trainable.state_dict(), ref.trainable.state_dict()
     torch.testing.assert_close(sa["feat_mean"], sb["feat_mean"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sa["feat_std"], sb["feat_std"], rtol=1e-5, atol=0)
+    # Standardization rounds differently in the two processes (~1e-7), and Adam turns such noise in
+    # near-zero gradients into whole steps, so weights are compared by relative norm per tensor: the
+    # measured worst is 5.5e-3 here, while seed 1 gives a median of 1.3 and 1 or 3 epochs a worst
+    # of 0.59-0.66 and a median of 0.09-0.11. Counters (num_batches_tracked) must be equal.
     for k in sa:
-        torch.testing.assert_close(sa[k].float(), sb[k].float(), rtol=1e-3, atol=1e-3, msg=k)
+        if not sb[k].is_floating_point():
+            assert torch.equal(sa[k], sb[k]), k
+        elif sb[k].norm() > 0:
+            assert float((sa[k] - sb[k]).norm() / sb[k].norm()) <= 2e-2, k
+        else:
+            assert torch.equal(sa[k], sb[k]), k
 
 
 def test_tolerated_conditions_join_the_global_branch_as_in_process(ray_local, data, tmp_path):
