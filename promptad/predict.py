@@ -24,7 +24,10 @@ class Prediction:
 def as_input(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """(N, S, S, 3) uint8 -> (N, 3, S, S) float in [0, 1] on `device`; tensors pass through."""
     if isinstance(images, np.ndarray):
-        images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        # Ray hands blocks over as read-only arrays, which torch.from_numpy warns about; a uint8
+        # batch is small next to the backbone pass, so a copy is the simple way out.
+        images = np.ascontiguousarray(images) if images.flags.writeable else np.array(images)
+        images = torch.from_numpy(images).permute(0, 3, 1, 2)
     x = images.to(device, non_blocking=True)
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 

@@ -93,7 +93,8 @@ def standardization(m: Moments) -> tuple[torch.Tensor, torch.Tensor]:
     if m.count < 2:
         raise ValueError("standardization needs at least two local-embedding values per channel")
     std = np.sqrt(m.m2 / (m.count - 1))
-    return torch.from_numpy(m.mean).float(), torch.from_numpy(std).float().clamp(min=STD_FLOOR)
+    # torch.tensor copies: the moments can arrive as read-only arrays from Ray's object store.
+    return torch.tensor(m.mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32).clamp(min=STD_FLOOR)
 
 
 # --------------------------------------------------------------------------- models in tasks
