@@ -60,8 +60,9 @@ def aligned(tmp_path_factory) -> Path:
     """Two generated categories of FEATURE_BATCH_CPU images each and nothing unreadable: the fit's
     feature blocks (cut by row count across categories) are then exactly the per-category batches
     of pipeline.extract_all. On some CPUs (oneDNN on AVX2) an image's features change by ~1e-5 with
-    the images that share its batch, and training amplifies that; aligned batches keep the two
-    paths' inputs bit-identical, so what differs after training is the Ray stages' own doing."""
+    the images that share its batch, and training amplifies that; with aligned batches the two
+    paths' features are bit-identical (and the banks equal), so only the rounding of the pooled
+    statistics is left for training to amplify."""
     root = tmp_path_factory.mktemp("fit_aligned")
     make_category(root, "tile", fit_stages.FEATURE_BATCH_CPU, seed=1)
     make_category(root, "wood", fit_stages.FEATURE_BATCH_CPU, seed=2)
