@@ -1,8 +1,9 @@
 """`promptad score`: Ray Data pipeline -> Parquet table (DESIGN.md, Scoring output).
 
 Small effnet-lite0 models at input size 64 (fitted once per session) keep every run short; the
-shared `ray_local` session runs the in-process tests, and the kill-and-resume test starts its own
-Ray in a subprocess that it kills.
+shared `ray_local` session runs the in-process tests, and the kill-and-resume tests run the job
+they kill in a subprocess with a Ray of its own (the machine dies with the driver) and the other
+runs in-process.
 """
 from __future__ import annotations
 
@@ -484,10 +485,10 @@ def _kill_session(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_killed_driver_then_rerun_scores_only_the_rest_exactly_once(models, tmp_path):
+def test_killed_driver_then_rerun_scores_only_the_rest_exactly_once(ray_local, models, tmp_path, capsys):
     folder = tmp_path / "archive"
     folder.mkdir()
-    n = 600
+    n = 256  # output files hold 64 rows: the kill lands after the first, well before the last
     data = [_png(_texture(i % 7)) for i in range(7)]
     for i in range(n):
         (folder / f"{i:04d}.png").write_bytes(data[i % 7])
@@ -507,11 +508,10 @@ def test_killed_driver_then_rerun_scores_only_the_rest_exactly_once(models, tmp_
     first = _read(str(out))
     assert 0 < first.num_rows < n
 
-    cmd[-1] = "second"
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    capsys.readouterr()
+    score.run(_args(models["one"], str(folder), str(out), run_id="second"))  # the rerun, on the session's Ray
     assert f"{first.num_rows} were already in the output, {n - first.num_rows} scored now " \
-           f"(new {n - first.num_rows}, changed 0, retried 0)" in done.stdout
+           f"(new {n - first.num_rows}, changed 0, retried 0)" in capsys.readouterr().out
     table = _read(str(out))
     ids = table["image_id"].to_pylist()
     assert len(ids) == n and len(set(ids)) == n
@@ -521,7 +521,8 @@ def test_killed_driver_then_rerun_scores_only_the_rest_exactly_once(models, tmp_
 
 
 @pytest.mark.slow
-def test_killed_rescoring_run_never_loses_a_row_and_the_rerun_supersedes_exactly_once(models, tmp_path):
+def test_killed_rescoring_run_never_loses_a_row_and_the_rerun_supersedes_exactly_once(ray_local, models, tmp_path,
+                                                                                      capsys):
     """Every input changes; the re-scoring run is killed mid-way. While it runs and after the kill,
     every input still has a row (old or new); the next run re-scores only the rest and leaves one
     row per input, each from the current version."""
@@ -534,8 +535,7 @@ def test_killed_rescoring_run_never_loses_a_row_and_the_rerun_supersedes_exactly
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     base = [sys.executable, str(REPO / "jobs" / "score.py"), "--model", models["one"], "--input", str(folder),
             "--output", str(out), "--address", "local"]
-    done = subprocess.run([*base, "--batch-size", "8"], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    score.run(_args(models["one"], str(folder), str(out)))  # the first run, on the session's Ray
     ids = set(storage.list_files(str(folder), storage.IMAGE_EXTENSIONS))
     for i in range(n):  # every image replaced with new content: new size/mtime
         (folder / f"{i:04d}.png").write_bytes(_png(_texture(100 + i % 7, 72, 88)))
@@ -576,12 +576,12 @@ def test_killed_rescoring_run_never_loses_a_row_and_the_rerun_supersedes_exactly
     rescored = table.filter(pa.compute.equal(table["run_id"], "killed")).num_rows
     assert 0 < rescored < n and table.num_rows == n + rescored  # old rows not dropped yet
 
-    again = subprocess.run([*base, "--batch-size", "8", "--run-id", "third"], env=env, capture_output=True,
-                           text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
+    capsys.readouterr()
+    score.run(_args(models["one"], str(folder), str(out), run_id="third"))
+    again = capsys.readouterr().out
     assert f"{n} inputs, {rescored} were already in the output, {n - rescored} scored now (new 0, " \
-           f"changed {n - rescored}, retried 0)" in again.stdout
-    assert f"{n} superseded rows dropped" in again.stdout  # rescored + (n - rescored) old rows
+           f"changed {n - rescored}, retried 0)" in again
+    assert f"{n} superseded rows dropped" in again  # rescored + (n - rescored) old rows
     table = _read(str(out))
     assert table.num_rows == n and set(table["image_id"].to_pylist()) == ids
     current = {p: storage.file_version(p)[1] for p in ids}
