@@ -31,9 +31,9 @@ N_TRAIN, N_TEST_GOOD, N_TEST_DEFECT = 24, 8, 8
 DEFECT = "synthetic"
 SEED = 0
 # `promptad fit` trains nothing by default (the memory banks measured best); the demo trains the
-# head for a few epochs anyway, to show the Ray Train stage and its epoch lines within a few
-# minutes on 2 CPUs; --epochs overrides (0: the fit's default).
-DEFAULT_EPOCHS = 3
+# head for one epoch anyway, to show the Ray Train stage and its epoch line (each epoch costs about
+# a minute on 2 CPUs and shows nothing new); --epochs overrides (0: the fit's default).
+DEFAULT_EPOCHS = 1
 # Written into --workdir so a re-run may replace the demo's own outputs and nothing else.
 MARKER = ".promptad-demo"
 OUTPUTS = ("model", "checkpoints", "scores", "report", "logs", "test_images.csv")
