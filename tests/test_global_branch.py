@@ -24,7 +24,7 @@ def test_global_branch_flags_a_colour_cast_the_memory_misses(datasets_root):
     train = load_samples(str(datasets_root), ["cookie"], "train")
     test = load_samples(str(datasets_root), ["cookie"], "test")
     model = fit_in_process({"cookie": load_images(train, SIZE)}, ModelConfig(backbone="effnet-lite0"),
-                           TrainConfig(epochs=1), log=None)
+                           TrainConfig(), log=None)  # the fit's defaults: no training
     cal = model.calibration["cookie"]
     labels = np.array([s.label for s in test])
     x = load_images(test, SIZE)
