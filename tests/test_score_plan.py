@@ -267,3 +267,6 @@ def test_progress_line_says_done_total_rate_eta_and_errors():
     line = progress.line()
     assert line.startswith("score: 100/200 rows (50 %), 10.0 rows/s, ETA 10 s, 2 errors"), line
     assert progress.summary.errors_by_kind == {"read": 1, "decode": 1} and progress.summary.files == 2
+    assert "rows/s), 2 files; " in progress.summary.lines()[0]
+    progress.summary.files = 1
+    assert "rows/s), 1 file; " in progress.summary.lines()[0]
