@@ -36,6 +36,11 @@ RELAY_POLL_S = 0.25
 _RAY_PATH = os.sep + "ray" + os.sep  # warnings raised in files under site-packages/ray/
 
 
+
+def counted(n: int, noun: str) -> str:
+    """"1 epoch", "3 epochs": a count with its (regular) noun in the right number."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
 def log_dir() -> str:
     """Where log files go: $PROMPTAD_LOG_DIR, else <tmp>/promptad-logs (writable on every node)."""
     return os.environ.get("PROMPTAD_LOG_DIR") or os.path.join(tempfile.gettempdir(), "promptad-logs")

@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> None:
 
     model, scores, report = workdir / "model", workdir / "scores", workdir / "report"
     epochs = DEFAULT_EPOCHS if args.epochs is None else args.epochs
-    print(f"[demo] fit: effnet-lite0 on {cats}, {epochs} epoch{'' if epochs == 1 else 's'} (Ray Train)")
+    print(f"[demo] fit: effnet-lite0 on {cats}, {console.counted(epochs, 'epoch')} (Ray Train)")
     fit.run(_step(["fit", "--data", data, "--category", cats, "--backbone", "effnet-lite0",
                    "--out", str(model), "--storage", str(workdir / "checkpoints"),
                    "--epochs", str(epochs)], common))

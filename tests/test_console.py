@@ -64,3 +64,7 @@ def test_no_log_file_and_no_closing_line_when_ray_never_started(tmp_path):
         console.set_log_dir(str(tmp_path))
         assert session.ray_init_kwargs() == {"log_to_driver": False}
     assert session.closing_line() is None and not os.listdir(tmp_path)
+
+
+def test_counted_puts_the_noun_in_the_right_number():
+    assert [console.counted(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]

@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from promptad import console
 from promptad.data import storage
 from promptad.data.datasets import Sample, load_samples
 from promptad.errors import UserError
@@ -337,8 +338,8 @@ def _train(args: argparse.Namespace, model_cfg: dict[str, Any], feats: stages.Fe
                                    precision=args.precision).to_dict(),
               "selections": [feats.select([order[k][1] for k in pos]) for pos in ranks],
               "categories": [[order[k][0] for k in pos] for pos in ranks]}
-    print(f"fit: training on {len(order)} images, {args.workers} worker{'' if args.workers == 1 else 's'}, "
-          f"{args.epochs} epoch{'' if args.epochs == 1 else 's'}", flush=True)
+    print(f"fit: training on {len(order)} images, {console.counted(args.workers, 'worker')}, "
+          f"{console.counted(args.epochs, 'epoch')}", flush=True)
     train(config, workers=args.workers, cpus=args.cpus_per_worker, gpus=args.gpus_per_worker,
           storage_uri=storage_uri, run_name=run_name)
     prune_checkpoints(run_dir)

@@ -8,6 +8,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from promptad.console import counted
+
 PROGRESS_INTERVAL_S = 10.0
 
 
@@ -37,7 +39,7 @@ class Summary:
         return [
             f"score: done: {self.inputs} inputs, {self.already_done} were already in the output, "
             f"{self.scored} scored now (new {self.new}, changed {self.changed}, retried {self.retried}) "
-            f"in {self.seconds:.1f} s ({rate:.1f} rows/s), {self.files} file{'' if self.files == 1 else 's'}; "
+            f"in {self.seconds:.1f} s ({rate:.1f} rows/s), {counted(self.files, 'file')}; "
             f"{self.superseded_dropped} superseded rows dropped",
             f"score: errors this run: {self.errors} ({kinds})",
             f"score: output {self.output} (model {self.model_id}, run {self.run_id})",
