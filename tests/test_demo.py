@@ -116,6 +116,7 @@ def test_demo_console_is_short_and_free_of_ray_internals(demo_run):
     assert len(epochs) == demo.DEFAULT_EPOCHS  # fit's lines come through from the Train controller
     assert "[demo] fit: effnet-lite0 on tile, 1 epoch (Ray Train)" in lines and demo.DEFAULT_EPOCHS == 1
     assert any(re.match(r"fit: training on \d+ images, 1 worker, 1 epoch$", line) for line in lines), lines
+    assert re.search(r"  \(\d+ steps x 1 worker\)$", epochs[0]), epochs
     named = re.search(r"^promptad: Ray's logs: (\S+\.log)", demo_run["stderr"], re.M)
     assert named, demo_run["stderr"][-1000:]
     log = Path(named.group(1))

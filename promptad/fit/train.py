@@ -218,7 +218,7 @@ def _progress_callback():
     console.say relays the line to the driver, which does not forward Ray's own worker output)."""
     from ray.train import UserCallback
 
-    from promptad.console import say
+    from promptad.console import counted, say
 
     class Progress(UserCallback):
         def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
@@ -227,7 +227,7 @@ def _progress_callback():
             m = metrics[0]
             loss = sum(x["loss"] for x in metrics) / len(metrics)
             say(f"epoch {m['epoch']}/{m['epochs']}  loss {loss:.4f}  {max(x['seconds'] for x in metrics):.1f}s  "
-                f"({int(m['steps'])} steps x {m['world']} workers)")
+                f"({counted(int(m['steps']), 'step')} x {counted(int(m['world']), 'worker')})")
 
     return Progress()
 
