@@ -45,7 +45,7 @@ from promptad.learning.training import TrainConfig  # noqa: E402
 from promptad.metrics.image import f1_max, image_auroc  # noqa: E402
 from promptad.metrics.pixel import AUPRO  # noqa: E402
 from promptad.models.backbones import create_backbone  # noqa: E402
-from promptad.models.model import MEMORY_ONLY, ModelConfig  # noqa: E402
+from promptad.models.model import LOCAL_NORMS, MEMORY_ONLY, ModelConfig  # noqa: E402
 from promptad.predict import predict_components  # noqa: E402
 
 REFERENCE = REPO.parent / "shared" / "tools" / "ref_patchcore.py"
@@ -108,6 +108,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-limit", type=int, default=None,
                     help="fit on N train images drawn at random (seeded by --seed), in their sorted order")
+    ap.add_argument("--local-norm", default=ModelConfig.local_norm, choices=LOCAL_NORMS,
+                    help="'none': the local features as the backbone gives them, read against similar "
+                         "normal images (the model before image normalization)")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--no-whole-image", action="store_true", help="skip the whole-image defects")
     ap.add_argument("--json", default=None)
@@ -130,7 +133,7 @@ def main() -> None:
             reference = run_reference(root, args.category, lite, getattr(backbone, "taps", [4, 10]),
                                       backbone.input_size)
 
-    cfg = ModelConfig(backbone=args.backbone)
+    cfg = ModelConfig(backbone=args.backbone, local_norm=args.local_norm)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     size = backbone.input_size

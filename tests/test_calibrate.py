@@ -87,30 +87,31 @@ def two_kinds():
     rng = np.random.default_rng(0)
     base = (np.full((SIZE, SIZE, 3), 120, np.uint8) + procedural_texture(SIZE, rng) // 16).astype(np.uint8)
     big = procedural_texture(512, np.random.default_rng(1))
-    model = fit_in_process({"t": np.concatenate([_plain(12, rng, base), _busy(24, rng, big)])},
-                           ModelConfig(backbone="effnet-lite0", input_size=SIZE), TrainConfig(epochs=0), log=None)
-    return model, base, big
-
-
-def test_local_score_is_read_against_similar_normal_images(two_kinds):
-    """Two kinds of normal image in one category: plain surfaces, whose maps stay low, and busy
-    crops, whose maps peak high. A faint blemish on a plain surface peaks no higher than a new busy
-    crop, so one scale for all ranks it among them; divided by the held-out scores of its nearest
-    normal images (plain ones) it stands out."""
-    from promptad.metrics.image import image_auroc
-    from promptad.predict import predict_components
-
-    model, base, big = two_kinds
-    cal = model.calibration["t"]
-    assert cal.neighbours == 10 and len(cal.neighbour_scores) == 36
-    rng = np.random.default_rng(5)
+    train = np.concatenate([_plain(12, rng, base), _busy(24, rng, big)])
+    fits = {norm: fit_in_process({"t": train}, ModelConfig(backbone="effnet-lite0", input_size=SIZE, local_norm=norm),
+                                 TrainConfig(epochs=0), log=None) for norm in ("none", "image")}
     defects = _plain(12, rng, base)
     for i, im in enumerate(defects):
         y, x = 8 + 4 * i, 24
         im[y:y + 5, x:x + 5] = np.clip(im[y:y + 5, x:x + 5].astype(int) + 30, 0, 255)
     normals = np.concatenate([_plain(12, rng, base), _busy(12, rng, big)])
-    x = np.concatenate([normals, defects])
     labels = np.r_[np.zeros(len(normals)), np.ones(len(defects))].astype(int)
+    return fits, np.concatenate([normals, defects]), labels
+
+
+def test_local_score_is_read_against_similar_normal_images(two_kinds):
+    """Un-normalized local features (local_norm "none"). Two kinds of normal image in one
+    category: plain surfaces, whose maps stay low, and busy crops, whose maps peak high. A faint
+    blemish on a plain surface peaks no higher than a new busy crop, so one scale for all ranks
+    it among them; divided by the held-out scores of its nearest normal images (plain ones) it
+    stands out."""
+    from promptad.metrics.image import image_auroc
+    from promptad.predict import predict_components
+
+    fits, x, labels = two_kinds
+    model = fits["none"]
+    cal = model.calibration["t"]
+    assert cal.neighbours == 10 and len(cal.neighbour_scores) == 36
     cats = ["t"] * len(x)
     comps = predict_components(model, x, cats)
     fused = model.fuse(comps, cats)
@@ -124,13 +125,39 @@ def test_local_score_is_read_against_similar_normal_images(two_kinds):
     assert torch.allclose(comps["reference"], want, rtol=1e-5)
 
 
+def test_image_normalized_features_need_no_reference(two_kinds):
+    """The default (local_norm "image"): each patch is measured against its own image's feature
+    statistics, so a busy crop's patches are not farther from the bank than a plain surface's
+    and the blemish stands out without reading the score against similar images, which the
+    calibration then does not store."""
+    from promptad.metrics.image import image_auroc
+    from promptad.predict import predict_components
+
+    fits, x, labels = two_kinds
+    model = fits["image"]
+    cal = model.calibration["t"]
+    assert cal.neighbours == 0 and cal.neighbour_scores == []
+    cats = ["t"] * len(x)
+    comps = predict_components(model, x, cats)
+    assert (comps["reference"] == 1).all()
+    fused = model.fuse(comps, cats)
+    assert torch.equal(fused.relative, fused.local)
+    raw = image_auroc(fused.local.numpy(), labels)
+    none = image_auroc(fits["none"].fuse(predict_components(fits["none"], x, cats), cats).local.numpy(), labels)
+    assert raw > 0.99 and none < 0.95, (raw, none)
+
+
 def test_neighbour_scores_are_the_held_out_local_scores(small_fit):
-    """What calibration keeps per normal image is its local score without its own memory
-    entries (the value z() sees before the reference), and a held-out image's reference comes
-    from the others: a category of 3 gets 2 neighbours."""
+    """With un-normalized features, what calibration keeps per normal image is its local score
+    without its own memory entries (the value z() sees before the reference), and a held-out
+    image's reference comes from the others: a category of 3 gets 2 neighbours. With the
+    default image normalization it keeps none."""
     from promptad.fit.calibrate import held_out_components
 
-    model = small_fit
+    assert all(c.neighbours == 0 and c.neighbour_scores == [] for c in small_fit.calibration.values())
+    model = fit_in_process({"tile": _images(12, 0), "few": _images(3, 1)},
+                           ModelConfig(backbone="effnet-lite0", input_size=SIZE, local_norm="none"),
+                           TrainConfig(epochs=0), log=None)
     for cat, n in (("tile", 12), ("few", 3)):
         cal = model.calibration[cat]
         assert cal.neighbours == min(10, n - 1) and len(cal.neighbour_scores) == n

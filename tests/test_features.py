@@ -36,3 +36,33 @@ def test_pooled_stats_and_flatten():
     x = torch.arange(2 * 3 * 2 * 2.0).view(2, 3, 2, 2)
     flat = flatten_patches(x)
     assert flat.shape == (8, 3) and flat[5].tolist() == x[1, :, 0, 1].tolist()
+
+
+def test_image_normalized_removes_each_images_offsets_and_spread():
+    """Per image: channel means 0 and mean channel SD 1; unchanged by a per-channel offset and a
+    positive scale of the whole layer (exposure, material tone, texture strength), while the
+    relative channel magnitudes stay (one scale per image and layer, not per channel)."""
+    from promptad.models.features import image_normalized
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(3, 5, 6, 7, generator=g) * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]).view(1, 5, 1, 1)
+    out = image_normalized(t)
+    assert torch.allclose(out.mean(dim=(2, 3)), torch.zeros(3, 5), atol=1e-5)
+    assert torch.allclose(out.flatten(2).std(dim=2, unbiased=False).mean(1), torch.ones(3), atol=1e-5)
+    shifted = t * torch.tensor([0.5, 2.0, 7.0]).view(3, 1, 1, 1) + torch.randn(3, 5, 1, 1, generator=g) * 10
+    assert torch.allclose(image_normalized(shifted), out, atol=1e-4)
+    sd, sd_in = out.flatten(2).std(dim=2), t.flatten(2).std(dim=2)
+    assert torch.allclose(sd / sd[:, :1], sd_in / sd_in[:, :1], rtol=1e-4), "channel SDs keep their ratios"
+    # each image on its own: another image in the batch changes nothing
+    assert torch.allclose(image_normalized(torch.cat([t[:1], 100 * t[1:]]))[0], out[0], atol=1e-5)
+    flat = image_normalized(torch.full((1, 2, 4, 4), 3.0))
+    assert torch.isfinite(flat).all() and (flat == 0).all(), "a featureless image is all zeros, not NaN"
+
+
+def test_local_embedding_normalizes_each_layer_before_the_3x3_average():
+    from promptad.models.features import image_normalized
+
+    fine, coarse = torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4) * 50 + 3
+    want = local_embedding([image_normalized(fine), image_normalized(coarse)])
+    assert torch.allclose(local_embedding([fine, coarse], normalize=True), want)
+    assert not torch.allclose(local_embedding([fine, coarse]), want)

@@ -85,9 +85,12 @@ def test_tolerated_noise_stops_reading_as_a_whole_image_change_a_cast_still_does
 
 @pytest.mark.slow
 def test_tolerated_noise_joins_the_memory_banks(datasets_root):
-    """On magnetic_tile (grayscale tiles, where sensor noise moves every patch feature: cookie's
-    banks hardly see it) the local evidence tells noisy normal tiles from clean ones; with the
-    noisy views in the banks (fit --tolerate noise) it no longer does. 80 training tiles."""
+    """On magnetic_tile (grayscale tiles, where sensor noise moves every patch feature) the noisy
+    views join the banks (fit --tolerate noise): the tiles keep their own bank and the views add
+    entries. The image-normalized local evidence hardly tells noisy normal tiles from clean ones
+    with or without them (the un-normalized features did: AUROC above 0.9 before the views); the
+    global branch does, so the plain fit rejects noisy normals at its threshold and the tolerant
+    one keeps them. 80 training tiles."""
     from promptad.data import storage
     from promptad.data.images import decode_image, resize
     from promptad.data.shifts import apply_shift
@@ -114,7 +117,12 @@ def test_tolerated_noise_joins_the_memory_banks(datasets_root):
         return image_auroc(np.concatenate(local), lab)
 
     before, after = local_auroc(plain), local_auroc(tolerant)
-    assert before > 0.9 and after < 0.75, (before, after)
+    assert before < 0.75 and after < 0.75, (before, after)
+    # at each fit's deployed threshold: the plain fit rejects the noisy normals, the tolerant one
+    # keeps them (no reference is needed for it)
+    alarms = [float((m.fuse(predict_components(m, noisy, cats), cats).scores
+                     >= m.calibration["magnetic_tile"].image_threshold).float().mean()) for m in (plain, tolerant)]
+    assert alarms[0] > 0.5 and alarms[1] <= 0.05, alarms
 
 
 @pytest.mark.slow
@@ -137,8 +145,8 @@ def test_a_drifted_image_is_read_against_drifted_views(datasets_root):
     train = load_samples(str(datasets_root), [cat], "train")[::9][:80]
     normals = [s for s in load_samples(str(datasets_root), [cat], "test") if s.label == 0][::2]
     images, views = load_images(train, size), load_tolerated(train, size, ["noise"])
-    model = fit_in_process({cat: images}, ModelConfig(backbone="effnet-lite0"), TrainConfig(epochs=0), log=None,
-                           tolerated={cat: views})
+    model = fit_in_process({cat: images}, ModelConfig(backbone="effnet-lite0", local_norm="none"),
+                           TrainConfig(epochs=0), log=None, tolerated={cat: views})
     cal = model.calibration[cat]
     n = len(train)
     assert cal.neighbours == 10 and len(cal.neighbour_scores) == 2 * n

@@ -6,13 +6,15 @@ against the banks without the entries taken from it (leave-one-out, memory.nn_di
 and against a Gaussian fitted without its fold (gaussian.held_out_scores). Those held-out scores
 stand for new normal images, and set
 - the memory scales: the 99th percentile of normal local and regional patch distances;
-- the local reference (models/model.py): every image's held-out local score is kept, and an
+- the local reference (models/model.py; only for un-normalized local features, local_norm
+  "none"): every image's held-out local score is kept, and an
   image's reference is the mean of those of its nearest normal images (a held-out image's
   neighbours are the others). With tolerated views, each view's held-out local score (without
   its image's entries) is kept too, and each neighbour counts in its version (the image or one
   of its views) nearest to the image scored: a drifted image is then read against drifted views
   of images like it, not against clean images, whose maps peak lower;
-- z(local / reference) and z(global) (models/model.py): robust standard scores (median,
+- z(local / reference) and z(global) (models/model.py; the reference is 1 with the default
+  image-normalized features): robust standard scores (median,
   1.4826 x MAD);
 - the image threshold: the conformal order statistic. With n held-out scores and a target
   false-alarm rate a, the threshold is the k-th smallest score, k = ceil((n + 1)(1 - a)); a new
@@ -42,7 +44,7 @@ import torch
 from promptad.memory.gaussian import held_out_scores
 from promptad.models.backbones import Features
 from promptad.models.features import group_views
-from promptad.models.model import NEIGHBOURS, Calibration, PromptAD
+from promptad.models.model import Calibration, PromptAD
 from promptad.predict import components_of
 
 IMAGE_FPR = 0.01  # target false-alarm rate on normal images
@@ -133,12 +135,11 @@ def held_out_components(model: PromptAD, category: str, feats: Features, batch_s
     pooled = model.pooled_features(feats)
     extra = None if tolerated is None else group_views(model.pooled_features(tolerated), n)
     out["global"] = held_out_scores(pooled, extra=extra) if n >= 3 else model.memory[category].gaussian.score(pooled).cpu()
-    views = 0
-    if tolerated is not None and n >= 2:
+    views, k = 0, min(model.reference_neighbours, n - 1)
+    if tolerated is not None and n >= 2 and k > 0:  # the views' scores serve only the reference
         views = len(tolerated) // n
         owners = torch.arange(n).repeat_interleave(views)
         out["views"] = _left_out(model, category, tolerated, owners, batch_size)
-    k = min(NEIGHBOURS, n - 1)
     out["neighbours"] = model.memory[category].gaussian.nearest(pooled, k, n, views, exclude_self=True).cpu() \
         if k > 0 else torch.zeros(n, 0, dtype=torch.long)
     return out

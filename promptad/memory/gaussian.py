@@ -23,8 +23,9 @@ the nearest-normal search then treat those conditions as normal, while a colour 
 texture stays far from every copy.
 
 The same metric finds an image's most similar normal images (`nearest`), tolerated views
-included: their held-out local scores are the reference its local score is read against
-(models/model.py), so a drifted image is read against drifted views of images like it.
+included: for un-normalized local features (local_norm "none") their held-out local scores are
+the reference its local score is read against (models/model.py), so a drifted image is read
+against drifted views of images like it.
 """
 from __future__ import annotations
 

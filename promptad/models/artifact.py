@@ -161,7 +161,8 @@ def load_artifact(uri: str, device: str | torch.device = "cpu") -> PromptAD:
     from promptad.models.model import ModelConfig, PromptAD
 
     manifest, weights, banks = read_verified(uri)
-    cfg = ModelConfig(**manifest["model"])
+    # an artifact written before local_norm existed holds banks of un-normalized features
+    cfg = ModelConfig(**{"local_norm": "none", **manifest["model"]})
 
     bb = manifest["backbone"]
     backbone = create_backbone(bb["spec"], layers=bb["layers"], input_size=bb["input_size"],

@@ -2,16 +2,19 @@
 learned prompts) is in trainable.py.
 
 Evidence per image, all computed from one frozen backbone pass (backbones.Features):
-- memory:   distance of each local patch (features.local_embedding) to its nearest normal patch in
-            the category's local bank, divided by the calibrated `memory_scale`;
+- memory:   distance of each local patch (features.local_embedding, each layer normalized by its
+            own image's feature statistics: features.image_normalized) to its nearest normal
+            patch in the category's local bank, divided by the calibrated `memory_scale`;
 - regional: the same for wide-window features (features.regional_embedding) and the regional bank;
 - head:     the localization head's probability, trained on feature-space synthetic anomalies;
 - text:     for CLIP, how much a patch matches the anomaly prompts rather than the normal ones;
 - global:   Mahalanobis distance of the pooled features to the nearest normal image's, under the
             category's Gaussian (memory/gaussian.py);
-- reference: the mean held-out local score of the image's K most similar normal training images
-            (nearest under the same Gaussian metric; K = 10, fewer in a smaller category), each
-            in its version nearest to the image: itself or one of its tolerated views.
+- reference: with un-normalized local features only (local_norm "none", artifacts written before
+            normalization): the mean held-out local score of the image's K most similar normal
+            training images (nearest under the same Gaussian metric; K = 10, fewer in a smaller
+            category), each in its version nearest to the image: itself or one of its tolerated
+            views. Otherwise 1.
 
     map    = max(memory, regional) * (1 + head * p_head) + text * p_text          (pixel map)
     local  = max over the blurred map of memory * (1 + head * p_head) + text * p_text (+ image text)
@@ -19,12 +22,15 @@ Evidence per image, all computed from one frozen backbone pass (backbones.Featur
 
 z() is a robust standard score against held-out normal images (median, 1.4826 x MAD).
 Why this shape (benchmarks/RESULTS.md has the measurements):
-- the local score is read against normal images like this one: how high a normal image's map
-  peaks depends on what it shows (magnetic_tile's crops with bevelled edges and corners peak well
-  above its flat crops), so one scale for all lets busy normal images outrank subtle defects on
-  plain ones. Divided by what its nearest normal images reach when held out, a score says how
-  unusual the image is for its kind; the mean over ten is stable against one odd neighbour, and
-  with few images (cookie: 30 neighbours in all) it tends to a constant, which changes no ranking;
+- local patches are measured relative to their own image: how high a normal image's map peaks
+  depends on what it shows (magnetic_tile's crops with bevelled edges and corners peak well above
+  its flat crops, bright or strongly textured tiles above dull ones), so one scale for all lets
+  busy normal images outrank subtle defects on plain ones. Each layer centred on the image's own
+  channel means and divided by its own spread, a patch is as anomalous as it stands out from its
+  image in a way normal patches do not stand out from theirs; whole-image properties are left to
+  the global branch, whose pooled features keep them. The earlier remedy, dividing the local
+  score by what similar normal images reach when held out (the reference), then cost image AUROC
+  and is kept only for un-normalized features;
 - the two memory scales are combined by max: either scale's evidence counts, and small defects
   keep the fine-scale map (a mean of the two blurred them on cookie's thin cracks);
 - the image score keeps the fine scale only: the wide window flags large regions in the map but
@@ -56,6 +62,9 @@ from promptad.models.trainable import Trainable, by_category
 from promptad.numerics import float32_math
 
 
+LOCAL_NORMS = ("image", "none")
+
+
 @dataclass
 class ModelConfig:
     """Architecture; stored in the artifact so a load rebuilds the same model."""
@@ -69,6 +78,13 @@ class ModelConfig:
     n_vision_prompts: int = 4
     memory_dim: int = 1024
     blur_sigma: float = 4.0  # pixels at input size; smooths the map before the max (image score)
+    # "image": local patch features relative to their own image (features.image_normalized);
+    # "none": as the backbone gives them (artifacts written before this option existed)
+    local_norm: str = "image"
+
+    def __post_init__(self) -> None:
+        if self.local_norm not in LOCAL_NORMS:
+            raise ValueError(f"local_norm must be one of {', '.join(LOCAL_NORMS)}, not {self.local_norm!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +94,7 @@ FUSION_NO_TEXT = {"memory": 1.0, "regional": 1.0, "head": 1.0, "text": 0.0, "glo
 FUSION_TEXT = {"memory": 1.0, "regional": 1.0, "head": 1.0, "text": 0.5, "global": 1.0}
 FUSION_UNTRAINED = {"memory": 1.0, "regional": 1.0, "head": 0.0, "text": 0.0, "global": 1.0}
 GLOBAL_HINGE = 3.0  # robust standard deviations of normal global distances before they count
-NEIGHBOURS = 10  # normal images whose held-out local scores make an image's reference
+NEIGHBOURS = 10  # normal images whose held-out local scores make an image's reference (local_norm "none")
 MEMORY_ONLY = {"memory": 1.0, "regional": 1.0, "head": 0.0, "text": 0.0, "global": 0.0}
 
 
@@ -188,6 +204,14 @@ class PromptAD(nn.Module):
         return dict(FUSION_TEXT if self.backbone.has_text else FUSION_NO_TEXT)
 
     @property
+    def reference_neighbours(self) -> int:
+        """How many nearest normal images make an image's reference (calibration stores the count
+        it used). Only for un-normalized local features: what the reference corrects, normal
+        images whose maps peak at different heights, image normalization already removes, and on
+        normalized features the reference cost image AUROC (benchmarks/RESULTS.md)."""
+        return NEIGHBOURS if self.cfg.local_norm == "none" else 0
+
+    @property
     def categories(self) -> list[str]:
         return self.cfg.categories
 
@@ -212,7 +236,7 @@ class PromptAD(nn.Module):
 
     # -- the three views of an image (features.py)
     def local_features(self, feats: Features) -> torch.Tensor:
-        return local_embedding(feats.layers, self.cfg.memory_dim)
+        return local_embedding(feats.layers, self.cfg.memory_dim, normalize=self.cfg.local_norm == "image")
 
     def regional_features(self, feats: Features) -> torch.Tensor:
         return regional_embedding(feats.layers, self.cfg.memory_dim)
