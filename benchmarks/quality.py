@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--local-norm", default=ModelConfig.local_norm, choices=LOCAL_NORMS,
                     help="'none': the local features as the backbone gives them, read against similar "
                          "normal images (the model before image normalization)")
+    ap.add_argument("--coreset-draws", type=int, default=ModelConfig.coreset_draws,
+                    help="coresets whose union makes each bank (1: a single draw, the model before 2026-12-04)")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--no-whole-image", action="store_true", help="skip the whole-image defects")
     ap.add_argument("--json", default=None)
@@ -133,7 +135,7 @@ def main() -> None:
             reference = run_reference(root, args.category, lite, getattr(backbone, "taps", [4, 10]),
                                       backbone.input_size)
 
-    cfg = ModelConfig(backbone=args.backbone, local_norm=args.local_norm)
+    cfg = ModelConfig(backbone=args.backbone, local_norm=args.local_norm, coreset_draws=args.coreset_draws)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     size = backbone.input_size
@@ -201,7 +203,8 @@ def main() -> None:
     result["whole_image_defects"] = whole
     result["timings"] = {k: round(v, 1) for k, v in timings.items()}
     result["settings"] = {"data": args.data, "category": args.category, "backbone": args.backbone,
-                          "epochs": args.epochs, "seed": args.seed, "train_images": len(train),
+                          "epochs": args.epochs, "seed": args.seed, "coreset_draws": args.coreset_draws,
+                          "local_norm": args.local_norm, "train_images": len(train),
                           "test_images": len(test), "calibration": cal.stats,
                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                           "cpus": os.cpu_count(), "load_avg": os.getloadavg()}

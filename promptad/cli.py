@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "banks and the global branch, at one more backbone pass per condition and image "
                         "and a bigger bank where the copies look new (slower scoring); "
                         "without it, sensor noise, JPEG or blur read as anomalies (default: none)")
+    f.add_argument("--coreset-draws", type=_positive_int, default=3, metavar="K",
+                   help="coresets whose union makes each memory bank: more draws give distances closer to "
+                        "the full bank's, at K x the coreset time and about K x the bank (slower scoring); "
+                        "1 is plain PatchCore (default: %(default)s)")
     f.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of the data order, synthetic anomalies and initialization (default: %(default)s)")
     # Advanced: a smaller model input than the backbone's default (quick tests and benchmarks).

@@ -200,6 +200,16 @@ def test_resume_with_other_flags(data, tmp_path, capsys):
                   str(SIZE), "--batch-size", "4", "--storage", str(tmp_path / "ckpt"), "--epochs", "5", "--resume"],
                  capsys)
     assert "cannot resume" in line and "--epochs 5 (run has 3)" in line
+    # A run folder from before --coreset-draws built single-draw banks: resuming it at the new
+    # default would mix banks of two kinds in one artifact.
+    del config["coreset_draws"]
+    (run / fit_runs.RUN_FILE).write_text(json.dumps(config))
+    argv = ["fit", "--data", str(data), "--category", "tile", "--out", str(tmp_path / "m"), "--input-size",
+            str(SIZE), "--batch-size", "4", "--storage", str(tmp_path / "ckpt"), "--epochs", "3", "--resume"]
+    line = fails(argv, capsys)
+    assert "cannot resume" in line and "--coreset-draws 3 (run has 1)" in line
+    line = fails(argv[:-1] + ["--coreset-draws", "0"], capsys)
+    assert "--coreset-draws" in line and "positive integer" in line
 
 
 def test_more_workers_than_the_machine(ray_local, data, tmp_path, capsys):

@@ -187,3 +187,39 @@ def test_the_images_bank_is_the_one_they_get_alone_at_default_batching():
     both = greedy_coreset(torch.cat([x, views]), 5000, proj_dim=8, seed=6, first=(3000, 1700))
     assert both[:1700].tolist() == alone.tolist()
     assert 1700 < len(both) < 5000 and bool((both[1700:] >= 3000).all())  # the views needed only some
+
+
+def test_a_bank_of_draws_is_the_union_of_its_coresets():
+    """draws=K keeps every entry of the K single draws (seeds seed..seed+K-1) once each; its
+    distances are the least of theirs, so at most each draw's and at least the full bank's."""
+    g = torch.Generator().manual_seed(7)
+    feats = torch.randn(6, 12, 20, 20, generator=g)  # 2400 patches: draws of the 1000 floor
+    singles = [build_bank(feats, seed=s) for s in (5, 6, 7)]
+    union = build_bank(feats, seed=5, draws=3)
+    as_set = lambda b: {tuple(r) for r in b.entries.tolist()}
+    assert as_set(union) == set().union(*map(as_set, singles))
+    assert len(as_set(union)) == len(union.entries) > len(singles[0].entries)  # no entry twice; draws differ
+    flat = feats.permute(0, 2, 3, 1).reshape(-1, 12)
+    for e, s in zip(union.entries, union.source.tolist()):  # sources still name the entry's image
+        assert (flat[s * 400:(s + 1) * 400] == e).all(1).any()
+    queries = torch.randn(3, 12, 6, 6, generator=g)
+    d = nn_distance(queries, union.entries)
+    each = torch.stack([nn_distance(queries, b.entries) for b in singles])
+    assert torch.allclose(d, each.min(0).values)
+    assert bool((d >= nn_distance(queries, flat) - 1e-5).all())
+    assert torch.equal(build_bank(feats, seed=5, draws=1).entries, singles[0].entries)
+    with pytest.raises(ValueError, match="draws must be at least 1"):
+        build_bank(feats, draws=0)
+
+
+def test_draws_keep_the_images_bank_first_and_the_views_beyond_it():
+    """With tolerated views (`plain`), each draw is made as a single bank is (its images' bank
+    first, then views beyond its radius) and the bank is the union of the draws."""
+    g = torch.Generator().manual_seed(8)
+    plain = torch.randn(4, 6, 10, 10, generator=g)
+    both = torch.cat([plain, plain + 0.001 * torch.randn(plain.shape, generator=g)])
+    src = torch.arange(4).repeat(2)
+    union = build_bank(both, src, seed=1, plain=4, size=200, draws=2)
+    singles = [build_bank(both, src, seed=s, plain=4, size=200) for s in (1, 2)]
+    as_set = lambda b: {tuple(r) for r in b.entries.tolist()}
+    assert as_set(union) == as_set(singles[0]) | as_set(singles[1])

@@ -82,24 +82,26 @@ def test_artifact_from_before_local_norm_keeps_its_scores(tmp_path):
     un-normalized features and its calibration a reference, so it must load as "none" and score
     exactly as it did, not be read with the new default (and its model id stays valid)."""
     imgs = {"tile": _images(12, 0)}
-    old = fit_in_process(imgs, ModelConfig(backbone="effnet-lite0", input_size=SIZE, local_norm="none"),
-                         TrainConfig(epochs=0), log=None)
+    old = fit_in_process(imgs, ModelConfig(backbone="effnet-lite0", input_size=SIZE, local_norm="none",
+                                           coreset_draws=1), TrainConfig(epochs=0), log=None)
     assert old.calibration["tile"].neighbours == 10
     uri = tmp_path / "m"
     artifact.save_artifact(old, str(uri))
     manifest = json.loads((uri / "promptad.json").read_text())
-    del manifest["model"]["local_norm"]
+    del manifest["model"]["local_norm"], manifest["model"]["coreset_draws"]
     weights = (uri / "weights.safetensors").read_bytes()
     banks = {c: (uri / p).read_bytes() for c, p in manifest["memory"].items()}
     manifest["model_id"] = artifact._model_id(manifest, weights, banks)
     (uri / "promptad.json").write_text(json.dumps(manifest))
     loaded = artifact.load_artifact(str(uri))
-    assert loaded.cfg.local_norm == "none"
+    assert loaded.cfg.local_norm == "none" and loaded.cfg.coreset_draws == 1  # single draws then
     x = _probe()
     a, b = predict(old, x, ["tile"] * len(x)), predict(loaded, x, ["tile"] * len(x))
     assert np.array_equal(a.scores, b.scores) and np.array_equal(a.maps, b.maps)
     with pytest.raises(ValueError, match="local_norm must be one of image, none"):
         ModelConfig(local_norm="instance")
+    with pytest.raises(ValueError, match="coreset_draws must be at least 1"):
+        ModelConfig(coreset_draws=0)
 
 
 def test_artifact_on_s3(effnet_model, s3_bucket):

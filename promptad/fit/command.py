@@ -161,7 +161,8 @@ def run(args: argparse.Namespace) -> FitSummary:
     categories = sorted(set(args.category))
     by_cat = _training_samples(args, categories)
     torch.manual_seed(args.seed)
-    model = PromptAD(ModelConfig(backbone=args.backbone, categories=categories, input_size=args.input_size))
+    model = PromptAD(ModelConfig(backbone=args.backbone, categories=categories, input_size=args.input_size,
+                                 coreset_draws=args.coreset_draws))
     storage_uri = args.storage or default_storage(args.out)
     config = runs.run_config(args)
     run_name = runs.resume_run(storage_uri, config) if args.resume else None

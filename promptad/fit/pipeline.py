@@ -84,7 +84,7 @@ def build_memory(model: PromptAD, feats: Features, seed: int = 0, tolerated: Fea
         extra = group_views(model.pooled_features(tolerated), n)
 
     def bank(x: torch.Tensor) -> Bank:
-        return build_bank(x, source, seed=seed, plain=n)
+        return build_bank(x, source, seed=seed, plain=n, draws=model.cfg.coreset_draws)
 
     return CategoryMemory(local=bank(local), regional=bank(regional),
                           gaussian=fit_gaussian(model.pooled_features(feats), extra))

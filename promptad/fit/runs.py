@@ -33,9 +33,11 @@ from promptad.models.model import Calibration, CategoryMemory
 RUN_PREFIX = "fit-"
 RUN_FILE = "promptad-fit.json"
 ROWS_FILE = "rows.json"
-# Flags that change the trained weights: a resumed run must use the same ones.
+# Flags that change the trained weights or the memory: a resumed run must use the same ones.
 RESUME_KEYS = ("data", "categories", "backbone", "input_size", "epochs", "batch_size", "seed", "workers",
-               "precision")
+               "precision", "coreset_draws")
+# what a run folder written before a key existed did, as that key's value
+BEFORE_KEY = {"coreset_draws": 1}
 
 
 def default_storage(out: str) -> str:
@@ -65,7 +67,7 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
     return {"data": args.data, "categories": sorted(set(args.category)), "backbone": args.backbone,
             "input_size": args.input_size, "epochs": args.epochs, "batch_size": args.batch_size,
             "seed": args.seed, "workers": args.workers, "precision": args.precision,
-            "tolerate": list(args.tolerate)}
+            "tolerate": list(args.tolerate), "coreset_draws": args.coreset_draws}
 
 
 def new_run(storage_uri: str, config: dict[str, Any]) -> str:
@@ -112,9 +114,9 @@ def resume_run(storage_uri: str, config: dict[str, Any]) -> str:
     if not has_checkpoint(run_dir):
         raise UserError(f"nothing to resume: run {name} in {storage_uri} stopped before its first checkpoint; {hint}")
     saved = json.loads(storage.read_bytes(storage.join(run_dir, RUN_FILE)))
-    changed = [k for k in RESUME_KEYS if saved.get(k) != config[k]]
+    changed = [k for k in RESUME_KEYS if saved.get(k, BEFORE_KEY.get(k)) != config[k]]
     if changed:
-        diffs = ", ".join(f"--{k.replace('_', '-')} {config[k]} (run has {saved.get(k)})" for k in changed)
+        diffs = ", ".join(f"--{k.replace('_', '-')} {config[k]} (run has {saved.get(k, BEFORE_KEY.get(k))})" for k in changed)
         raise UserError(f"cannot resume run {name}: {diffs}; resume with the flags it was started with")
     return name
 

@@ -81,10 +81,14 @@ class ModelConfig:
     # "image": local patch features relative to their own image (features.image_normalized);
     # "none": as the backbone gives them (artifacts written before this option existed)
     local_norm: str = "image"
+    # coresets whose union makes each bank (memory.bank.build_bank's `draws`); fit time only
+    coreset_draws: int = 3
 
     def __post_init__(self) -> None:
         if self.local_norm not in LOCAL_NORMS:
             raise ValueError(f"local_norm must be one of {', '.join(LOCAL_NORMS)}, not {self.local_norm!r}")
+        if self.coreset_draws < 1:
+            raise ValueError(f"coreset_draws must be at least 1, not {self.coreset_draws}")
 
     def to_dict(self) -> dict:
         return asdict(self)
