@@ -104,7 +104,8 @@ def test_tolerated_noise_joins_the_memory_banks(datasets_root):
                               tolerated={"magnetic_tile": load_tolerated(train, SIZE, ["noise"])})
     # the tiles keep their own bank; noisy views look like no clean patch, so they add entries
     mine, theirs = plain.memory["magnetic_tile"].local.entries, tolerant.memory["magnetic_tile"].local.entries
-    assert len(mine) < len(theirs) <= bank_size(2 * len(train) * (SIZE // 8) ** 2)  # stride-8 grid
+    draws = tolerant.cfg.coreset_draws  # the bank is the union of that many draws, each within bank_size
+    assert len(mine) < len(theirs) <= draws * bank_size(2 * len(train) * (SIZE // 8) ** 2)  # stride-8 grid
     assert torch.equal(theirs[:len(mine)], mine)  # exactly the tiles' own bank, then the views' entries
     raw = [decode_image(storage.read_bytes(s.path)) for s in normals]
     clean = np.stack([resize(img, SIZE) for img in raw])
