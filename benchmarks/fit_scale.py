@@ -4,6 +4,9 @@ where a fit's wall time goes, for 1 and 2 workers.
     .venv/bin/python benchmarks/fit_scale.py [--data ../shared/datasets] [--category magnetic_tile] \
         [--runs 150:2,1200:2,1200:1] [--epochs 1] [--input-size N] [--json out.json]
 
+A run IMAGES:WORKERS:C also passes --cpus-per-category C (the per-category tasks' CPUs and torch
+threads), e.g. `--runs 761:1:0.5,761:1 --epochs 0` compares one-thread tasks with the default.
+
 Each run (IMAGES:WORKERS) is the real command (fit.run: Ray Data decode + feature actors, memory
 tasks beside Ray Train, calibration tasks, artifact) in a driver process of its own, connected to
 one Ray cluster that a helper process started beforehand, so the driver's peak RSS (VmHWM, read by
@@ -71,7 +74,8 @@ def child(argv: list[str], out: str) -> None:
 
     summary = fit.run(build_parser().parse_args(argv))
     Path(out).write_text(json.dumps({"timings": summary.timings, "peak_rss": peak_rss(),
-                                     "model_id": summary.model_id, "metrics": summary.metrics}))
+                                     "model_id": summary.model_id, "metrics": summary.metrics,
+                                     "tasks": summary.tasks}))
 
 
 def machine() -> str:
@@ -84,7 +88,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "datasets"))
     p.add_argument("--category", default="magnetic_tile")
-    p.add_argument("--runs", default="150:2,1200:2,1200:1", help="IMAGES:WORKERS,... (default: %(default)s)")
+    p.add_argument("--runs", default="150:2,1200:2,1200:1",
+                   help="IMAGES:WORKERS[:CPUS_PER_CATEGORY],... (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--input-size", type=int, default=None, help="default: the backbone's (256 for effnet-lite0)")
     p.add_argument("--json", default=None)
@@ -103,22 +108,26 @@ def main() -> None:
     results = []
     try:
         for spec in args.runs.split(","):
-            n, workers = (int(x) for x in spec.split(":"))
+            n, workers, *per_category = spec.split(":")
+            n, workers = int(n), int(workers)
             data = manifest(Path(args.data), args.category, n, work / f"train-{n}.csv")
-            out = work / f"run-{n}-{workers}"
+            out = work / f"run-{n}-{workers}-{len(results)}"
             argv = ["fit", "--data", str(data), "--category", args.category, "--out", str(out / "model"),
                     "--storage", str(out / "ckpt"), "--workers", str(workers), "--epochs", str(args.epochs),
-                    "--address", address] + (["--input-size", str(args.input_size)] if args.input_size else [])
+                    "--address", address] + (["--input-size", str(args.input_size)] if args.input_size else []) \
+                + (["--cpus-per-category", per_category[0]] if per_category else [])
             t0 = time.time()
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(argv), str(out) + ".json"],
                                   env=env, capture_output=True, text=True)
             if proc.returncode:
                 raise SystemExit(f"fit of {n} images, {workers} workers failed:\n{proc.stderr[-3000:]}")
-            r = json.loads(Path(str(out) + ".json").read_text()) | {"images": n, "workers": workers,
-                                                                    "wall": time.time() - t0}
+            r = json.loads(Path(str(out) + ".json").read_text()) | {
+                "images": n, "workers": workers, "wall": time.time() - t0,
+                "cpus_per_category": float(per_category[0]) if per_category else None}
             results.append(r)
             t = r["timings"]
-            print(f"{n:5d} images, {workers} worker(s): driver peak RSS {r['peak_rss'] / 2**20:7.1f} MiB; "
+            cpus = f", --cpus-per-category {per_category[0]}" if per_category else ""
+            print(f"{n:5d} images, {workers} worker(s){cpus}: driver peak RSS {r['peak_rss'] / 2**20:7.1f} MiB; "
                   f"process wall {r['wall']:6.1f}s, fit {t['total']:6.1f}s = features {t['features']:.1f}s "
                   f"(task-s: decode {t.get('decode_task_s', 0):.1f}, extract {t.get('extract_task_s', 0):.1f}), "
                   f"training {t['training']:.1f}s, then memory + calibration {t['after_training']:.1f}s "
@@ -128,6 +137,12 @@ def main() -> None:
         cluster.stdin.close()
         cluster.wait(timeout=120)
     base = next((r for r in results if r["images"] == min(x["images"] for x in results) and r["workers"] == 2), None)
+    for r in results:
+        same = [x for x in results if x is not r and x["cpus_per_category"] is not None
+                and (x["images"], x["workers"]) == (r["images"], r["workers"])]
+        if r["cpus_per_category"] is None and same:
+            print(f"fit wall, default / --cpus-per-category {same[0]['cpus_per_category']:g} ({r['images']} images): "
+                  f"{r['timings']['total'] / same[0]['timings']['total']:.3f}x")
     for r in results:
         if base and r is not base and r["workers"] == 2:
             print(f"driver peak RSS {r['images']} / {base['images']} images (2 workers): "

@@ -35,6 +35,7 @@ def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected:
 _non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
+_positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a number > 0")
 _rate = _checked(float, lambda v: 0.0 <= v <= 1.0, "a rate in [0, 1] (e.g. 0.01 for 1 %)")
 
 
@@ -144,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs per worker; > 0 trains in fp16 on GPUs (default: %(default)g, CPU)")
     f.add_argument("--cpus-per-worker", type=_non_negative_float, default=0.5, metavar="C",
                    help="CPUs Ray reserves per worker (default: %(default)g)")
+    f.add_argument("--cpus-per-category", type=_positive_float, default=None, metavar="C",
+                   help="CPUs Ray reserves for each category's memory-bank and calibration task, which run torch "
+                        "on that many threads (default: the CPUs of the nodes that can run them, those with GPUs "
+                        "if --gpus-per-worker > 0, shared among the categories, at most a node's and at least "
+                        "--cpus-per-worker; memory tasks beside training take --cpus-per-worker)")
     f.add_argument("--epochs", type=_non_negative_int, default=0, metavar="E",
                    help="epochs of training for the localization head (and CLIP's prompts); 0 fits the memory "
                         "banks and the global branch only, which measured best (benchmarks/RESULTS.md) "

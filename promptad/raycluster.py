@@ -139,18 +139,37 @@ def is_local(address: str | None) -> bool:
     return not address or address == "local"
 
 
-def check_fits(needs: dict[str, tuple[float, str]], what: str, fix: str, local: bool) -> None:
+def node_resources() -> list[dict[str, float]]:
+    """The resources (CPU, GPU, ...) of each alive node of the connected Ray."""
+    import ray
+
+    return [{k: float(v) for k, v in n.get("Resources", {}).items()} for n in ray.nodes() if n.get("Alive")]
+
+
+def check_fits(needs: dict[str, tuple[float, str]], what: str, fix: str, local: bool,
+               per_node: bool = False) -> None:
     """A resource request the cluster can never grant would wait forever; say so instead.
 
-    `needs` maps a resource (CPU, GPU) to (amount, how the flags asked for it). On a Ray this
+    `needs` maps a resource (CPU, GPU) to (amount, how the flags asked for it); `per_node`: one
+    task asks for all of it, so one node must hold all of it, not the cluster's sum. On a Ray this
     command started itself that is a UserError; on an existing cluster only a warning, since its
     autoscaler may still add the nodes.
     """
     import ray
 
-    have = ray.cluster_resources()
-    missing = [f"{asked} needs {amount:g} {name}s but this machine's Ray has {have.get(name, 0.0):g}"
-               for name, (amount, asked) in needs.items() if amount > have.get(name, 0.0) + 1e-9]
+    if per_node:
+        nodes = node_resources()
+        if any(all(amount <= n.get(name, 0.0) + 1e-9 for name, (amount, _) in needs.items()) for n in nodes):
+            return
+        largest = {name: max((n.get(name, 0.0) for n in nodes), default=0.0) for name in needs}
+        missing = [f"{asked} needs {amount:g} {name}s but the largest node of this Ray has {largest[name]:g}"
+                   for name, (amount, asked) in needs.items() if amount > largest[name] + 1e-9]
+        missing = missing or ["no single node has " + " and ".join(
+            f"{amount:g} {name}s ({asked})" for name, (amount, asked) in needs.items())]
+    else:
+        have = ray.cluster_resources()
+        missing = [f"{asked} needs {amount:g} {name}s but this machine's Ray has {have.get(name, 0.0):g}"
+                   for name, (amount, asked) in needs.items() if amount > have.get(name, 0.0) + 1e-9]
     if not missing:
         return
     msg = f"this Ray cluster cannot run {what}: {'; '.join(missing)}"

@@ -219,6 +219,58 @@ def test_more_workers_than_the_machine(ray_local, data, tmp_path, capsys):
     assert "CPUs but this machine's Ray has" in line and "lower --workers" in line and "\n" not in line
 
 
+def test_per_category_tasks_share_the_cluster_cpus():
+    """Memory and calibration tasks reserve the CPUs they run torch threads on: by default the
+    cluster's shared among the categories, at most a node's, at least a worker's; beside
+    training, memory tasks take a worker's; --cpus-per-category overrides both."""
+    from promptad.fit.command import _category_slots
+    from promptad.fit.stages import category_cpus
+
+    cpu = lambda *c: [{"CPU": x} for x in c]  # noqa: E731 - CPU-only nodes
+    assert category_cpus(cpu(2.0), 1, 0.5) == 2.0
+    assert category_cpus(cpu(2.0), 2, 0.5) == 1.0
+    assert category_cpus(cpu(2.0), 8, 0.5) == 0.5  # never below a worker's
+    assert category_cpus(cpu(16.0, 8.0), 3, 0.5) == 8.0  # 24 CPUs among 3 categories
+    assert category_cpus(cpu(16.0, 8.0), 1, 0.5) == 16.0  # a task runs on one node
+    assert category_cpus([], 1, 0.5) == 0.5
+    # A GPU task runs only where the GPU is: a big CPU-only head's cores are not counted.
+    gpu_cluster = [{"CPU": 32.0}, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]
+    assert category_cpus(gpu_cluster, 1, 0.5, gpus=1.0) == 8.0
+    assert category_cpus(gpu_cluster, 4, 0.5, gpus=1.0) == 4.0
+    assert category_cpus(gpu_cluster[:1], 1, 0.5, gpus=1.0) == 0.5  # no GPU node yet (autoscaler)
+    assert category_cpus(gpu_cluster, 1, 0.5) == 32.0
+    args = fit_args("d", "m")
+    assert _category_slots(args, 1, cpu(4.0), beside_training=False) == {"memory": 4.0, "calibration": 4.0}
+    assert _category_slots(args, 1, cpu(4.0), beside_training=True) == {"memory": 0.5, "calibration": 4.0}
+    args = fit_args("d", "m", "--cpus-per-category", "3")
+    assert _category_slots(args, 2, cpu(4.0), beside_training=True) == {"memory": 3.0, "calibration": 3.0}
+
+
+def test_cpus_per_category_beyond_any_node(ray_local, data, tmp_path, capsys):
+    argv = ["fit", "--data", str(data), "--category", "tile", "--out", str(tmp_path / "m"), "--input-size", str(SIZE)]
+    cpus = max(n["Resources"].get("CPU", 0) for n in ray_local.nodes() if n["Alive"])
+    line = fails(argv + ["--cpus-per-category", str(cpus + 1)], capsys)
+    assert f"needs {cpus + 1:g} CPUs but the largest node of this Ray has {cpus:g}" in line
+    assert "lower --cpus-per-category" in line
+    line = fails(argv + ["--cpus-per-category", "0"], capsys)
+    assert "--cpus-per-category" in line and "a number > 0" in line
+
+
+def test_a_per_category_task_must_fit_one_node_with_its_gpus(monkeypatch):
+    """--cpus-per-category with --gpus-per-worker: one node must hold both; a big CPU-only head
+    does not count. On a Ray the command started that is an error, on a cluster a warning."""
+    from promptad import raycluster
+    from promptad.errors import UserError
+
+    monkeypatch.setattr(raycluster, "node_resources", lambda: [{"CPU": 32.0}, {"CPU": 8.0, "GPU": 1.0}])
+    gpu = {"GPU": (1.0, "--gpus-per-worker 1")}
+    raycluster.check_fits({"CPU": (8.0, "--cpus-per-category 8")} | gpu, "t", "fix", True, per_node=True)
+    with pytest.raises(UserError, match=r"no single node has 16 CPUs \(--cpus-per-category 16\) and 1 GPUs"):
+        raycluster.check_fits({"CPU": (16.0, "--cpus-per-category 16")} | gpu, "t", "fix", True, per_node=True)
+    with pytest.raises(UserError, match="needs 64 CPUs but the largest node of this Ray has 32; fix"):
+        raycluster.check_fits({"CPU": (64.0, "--cpus-per-category 64")}, "t", "fix", True, per_node=True)
+
+
 # --------------------------------------------------------------------------- fits on Ray
 # Tiny epochs (32 steps of 4 images at 64 px) take ~3.5 s on 2 CPUs: with 3, a kill at the first
 # epoch's checkpoint (polled every 50 ms) lands seconds before the run's end, and a resume trains two.
@@ -407,8 +459,10 @@ def test_one_worker_fit_on_s3_is_the_in_process_fit(ray_local, aligned, s3_bucke
     assert model.model_id == summary.model_id and model.categories == ["tile", "wood"]
     images = {c: load_images(sorted(load_samples(str(aligned), [c], "train"), key=lambda s: s.image_id), SIZE)
               for c in ("tile", "wood")}
+    assert summary.tasks["memory"] == {"cpus": 0.5, "threads": 1}  # beside training: a worker's CPUs
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the 0.5-CPU tasks and workers: the same float rounding
+    # The memory tasks' threads: the same float rounding.
+    torch.set_num_threads(summary.tasks["memory"]["threads"])
     try:
         ref = fit_in_process(images, ModelConfig(backbone="effnet-lite0", input_size=SIZE),
                              TrainConfig(epochs=2, batch_size=4, seed=0, precision="fp32"), log=None)
@@ -467,7 +521,7 @@ def test_tolerated_conditions_join_the_global_branch_as_in_process(ray_local, da
     samples = {c: [s for s in sorted(load_samples(str(data), [c], "train"), key=lambda s: s.image_id)
                    if not s.path.endswith("zz_truncated.png")] for c in ("tile", "wood")}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(summary.tasks["memory"]["threads"])  # the same float rounding
     try:
         ref = fit_in_process({c: load_images(v, SIZE) for c, v in samples.items()},
                              ModelConfig(backbone="effnet-lite0", input_size=SIZE), TrainConfig(epochs=0, seed=0),
@@ -514,7 +568,7 @@ def test_default_fit_trains_nothing_and_weights_only_what_it_fitted(ray_local, d
     images = {c: load_images([s for s in sorted(load_samples(str(data), [c], "train"), key=lambda s: s.image_id)
                               if not s.path.endswith("zz_truncated.png")], SIZE) for c in ("tile", "wood")}
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(summary.tasks["memory"]["threads"])  # the same float rounding
     try:
         ref = fit_in_process(images, ModelConfig(backbone="effnet-lite0", input_size=SIZE),
                              TrainConfig(epochs=0, batch_size=4, seed=0), log=None)
@@ -525,6 +579,20 @@ def test_default_fit_trains_nothing_and_weights_only_what_it_fitted(ray_local, d
         assert model.calibration[c].image_threshold == pytest.approx(ref.calibration[c].image_threshold, rel=1e-3)
     out = predict(model, images["tile"][:2], ["tile", "tile"])
     assert np.isfinite(out.scores).all()
+
+
+def test_one_category_fit_runs_its_tasks_on_every_cpu(ray_local, data, tmp_path, capsys):
+    """At the defaults (no training) a one-category fit's memory and calibration tasks each
+    reserve the machine's CPUs and run torch on that many threads, as they report from inside."""
+    cpus = ray_local.cluster_resources()["CPU"]
+    summary = fit.run(fit_args(str(data), str(tmp_path / "model"), "--storage", str(tmp_path / "ckpt"),
+                               categories="tile"))
+    want = {"cpus": cpus, "threads": max(1, int(cpus))}
+    assert summary.tasks == {"memory": want, "calibration": want}
+    out = capsys.readouterr().out
+    for what in ("building the memory of", "calibrating"):
+        assert re.search(rf"^fit: {what} 1 category on Ray, {cpus:g} CPUs? per task \(torch on {int(cpus)} "
+                         r"threads?\)$", out, re.M), out
 
 
 @pytest.mark.slow

@@ -26,12 +26,17 @@ What is specific to a product, its normal appearance and its deployment threshol
 category: one memory and one calibration each (leave-one-out over all its normal images; there is
 no held-out split).
 
-Resources. Feature actors, memory and calibration tasks each take one worker's resources
-(--cpus-per-worker, --gpus-per-worker), training workers the same, and Ray runs what fits: on a
-small machine memory tasks can hold the CPUs training waits for, never the other way round, so
-nothing waits on itself. The feature actors are released when the features are materialized,
-before training. GPU workers train in fp16 with a GradScaler; CPU workers in fp32, or in bf16
-where the CPU does it natively (training.training_precision).
+Resources. Feature actors and training workers each take one worker's resources
+(--cpus-per-worker, --gpus-per-worker). Memory and calibration tasks take a worker's GPUs and, by
+default, the CPUs of the nodes that have those GPUs shared among the categories, at most a node's
+(stages.category_cpus),
+as torch threads: their coreset and leave-one-out searches use every core they get (at one thread
+they were most of a fit). Memory tasks that run beside training take a worker's CPUs instead, so
+training is not kept waiting for whole nodes; Ray runs what fits: on a small machine memory tasks
+can hold the CPUs training waits for, never the other way round, so nothing waits on itself. The
+feature actors are released when the features are materialized, before training. GPU workers
+train in fp16 with a GradScaler; CPU workers in fp32, or in bf16 where the CPU does it natively
+(training.training_precision).
 
 Runs live in --storage as fit-<UTC time>-<id>/ (fit/runs.py: flags, epoch checkpoints, finished
 memories and calibrations). `--resume` continues the newest run there and redoes nothing it
@@ -87,6 +92,8 @@ class FitSummary:
     skipped_images: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (see run)
     restored: dict[str, Any] = field(default_factory=dict)  # what a resumed run took from its folder
+    # memory | calibration -> {"cpus": reserved per task, "threads": torch threads a task ran on}
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _pause_hook(stage: str, category: str) -> None:
@@ -154,7 +161,7 @@ def run(args: argparse.Namespace) -> FitSummary:
     memory_task_s and calibration_task_s (summed over tasks; memory runs beside training);
     after_training (wall until every memory and calibration is in), of which memory_wait (until
     the last memory); write; total."""
-    from promptad.raycluster import check_fits, connect, is_local
+    from promptad.raycluster import check_fits, connect, is_local, node_resources
 
     t_start = time.time()
     clock: dict[str, float] = {}
@@ -176,6 +183,12 @@ def run(args: argparse.Namespace) -> FitSummary:
                         f"--workers {args.workers} x --gpus-per-worker {args.gpus_per_worker:g}")},
                "the training workers", "lower --workers or the per-worker resources",
                is_local(args.address))
+    if args.cpus_per_category is not None:
+        one_task = {"CPU": (args.cpus_per_category, f"--cpus-per-category {args.cpus_per_category:g}")}
+        if args.gpus_per_worker > 0:
+            one_task["GPU"] = (args.gpus_per_worker, f"--gpus-per-worker {args.gpus_per_worker:g}")
+        check_fits(one_task, "the per-category tasks", "lower --cpus-per-category or leave it out",
+                   is_local(args.address), per_node=True)
     run_name = run_name or runs.new_run(storage_uri, config)
     run_dir = storage.join(storage_uri, run_name)
     done = runs.read_done(run_dir, args.epochs, categories, model.trainable.state_dict())
@@ -195,7 +208,10 @@ def run(args: argparse.Namespace) -> FitSummary:
     feats, ok = _features(args, model.cfg.to_dict(), rows, run_dir, done, clock) if rows else (None, {})
     clock["features"] = time.time() - t
 
-    stage = _Stages(args, model.cfg.to_dict(), feats, ok, {r["idx"]: r["path"] for r in rows}, run_dir, done, clock)
+    beside = args.epochs > 0 and done.trained is None  # memory tasks run beside training
+    slots = _category_slots(args, len(categories), node_resources(), beside)
+    stage = _Stages(args, model.cfg.to_dict(), feats, ok, {r["idx"]: r["path"] for r in rows}, run_dir, done, clock,
+                    slots)
     stage.start_memory(need_memory)  # needs no training: runs beside it
     t = time.time()
     if args.tolerate:
@@ -231,7 +247,7 @@ def run(args: argparse.Namespace) -> FitSummary:
         for w in model.calibration[c].stats.get("warnings", []):
             print(f"fit: warning: {c}: {w}", flush=True)
     return FitSummary(artifact=args.out, model_id=model_id, run_dir=run_dir, metrics=done.metrics,
-                      skipped_images=skipped, timings=clock, restored=restored)
+                      skipped_images=skipped, timings=clock, restored=restored, tasks=stage.tasks)
 
 
 def calibration_line(category: str, cal: Calibration) -> str:
@@ -263,19 +279,38 @@ def _features(args: argparse.Namespace, model_cfg: dict[str, Any], rows: list[di
     return feats, ok
 
 
+def _category_slots(args: argparse.Namespace, categories: int, nodes: list[dict[str, float]],
+                    beside_training: bool) -> dict[str, float]:
+    """CPUs of each memory and each calibration task: --cpus-per-category, or by default
+    stages.category_cpus, except that memory tasks running beside training take a worker's
+    CPUs, so that training's workers are not kept waiting for whole nodes."""
+    if args.cpus_per_category is not None:
+        return {"memory": args.cpus_per_category, "calibration": args.cpus_per_category}
+    share = stages.category_cpus(nodes, categories, args.cpus_per_worker, args.gpus_per_worker)
+    return {"memory": args.cpus_per_worker if beside_training else share, "calibration": share}
+
+
 class _Stages:
     """The per-category tasks: memory (started before training) and calibration (after it), each
-    result checkpointed in the run folder as it arrives."""
+    result checkpointed in the run folder as it arrives; `slots`: their CPUs (_category_slots),
+    which are also their torch threads (rounded down, at least one)."""
 
     def __init__(self, args: argparse.Namespace, model_cfg: dict[str, Any], feats: stages.FeatureSet | None,
                  ok: dict[str, list[int]], paths: dict[int, str], run_dir: str, done: runs.Done,
-                 clock: dict[str, float]):
+                 clock: dict[str, float], slots: dict[str, float]):
         self.model_cfg, self.feats, self.ok, self.paths, self.run_dir, self.done, self.clock = \
             model_cfg, feats, ok, paths, run_dir, done, clock
         self.seed, self.was_trained = args.seed, args.epochs > 0
-        self.slot = {"num_cpus": args.cpus_per_worker, "num_gpus": args.gpus_per_worker}
-        self.device, self.threads = stages.device_for(args.gpus_per_worker), max(1, int(args.cpus_per_worker))
+        self.gpus, self.slots = args.gpus_per_worker, slots
+        self.device = stages.device_for(args.gpus_per_worker)
         self.memory_refs: dict[str, tuple[Any, Any]] = {}
+        self.tasks: dict[str, dict[str, float]] = {}
+
+    def _task(self, fn, kind: str):
+        """`fn` as a Ray task with `kind`'s slot, and the torch threads it is to run on."""
+        cpus = self.slots[kind]
+        task = stages.remote(fn).options(num_returns=2, num_cpus=cpus, num_gpus=self.gpus)
+        return task, max(1, int(cpus))
 
     def _rows(self, category: str) -> tuple:
         """Task arguments for a category's readable rows in idx order: picks, then their blocks."""
@@ -283,9 +318,16 @@ class _Stages:
         return (selection.picks, *selection.blocks)
 
     def start_memory(self, categories: list[str]) -> None:
-        task = stages.remote(stages.category_memory).options(num_returns=2, **self.slot)
-        self.memory_refs = {c: task.remote(self.model_cfg, self.seed, self.device, self.threads, *self._rows(c))
+        task, threads = self._task(stages.category_memory, "memory")
+        self.memory_refs = {c: task.remote(self.model_cfg, self.seed, self.device, threads, *self._rows(c))
                             for c in categories}
+        if categories:
+            self._announce("building the memory of", categories, "memory", threads)
+
+    def _announce(self, what: str, categories: list[str], kind: str, threads: int) -> None:
+        n, cpus = len(categories), self.slots[kind]
+        print(f"fit: {what} {n} categor{'y' if n == 1 else 'ies'} on Ray, {cpus:g} CPU{'' if cpus == 1 else 's'} "
+              f"per task (torch on {console.counted(threads, 'thread')})", flush=True)
 
     def finish(self) -> None:
         """Calibrate every category not yet calibrated, once its memory is there; collect."""
@@ -295,20 +337,23 @@ class _Stages:
         done = self.done
         digest = state_digest(done.trained)
         trained = ray.put(done.trained)
-        task = stages.remote(stages.category_calibration).options(num_returns=2, **self.slot)
-        pending = {mem: ("memory", c, secs) for c, (mem, secs) in self.memory_refs.items()}
+        task, threads = self._task(stages.category_calibration, "calibration")
+        pending = {mem: ("memory", c, report) for c, (mem, report) in self.memory_refs.items()}
         need = [c for c in sorted(done.memory.keys() | self.memory_refs.keys()) if c not in done.calibration]
         for c in need:
             memory = self.memory_refs[c][0] if c in self.memory_refs else done.memory[c]
-            cal, secs = task.remote(self.model_cfg, trained, self.was_trained, c, memory, self.device, self.threads,
-                                    [self.paths[i] for i in self.ok[c]], *self._rows(c))
-            pending[cal] = ("calibration", c, secs)
+            cal, report = task.remote(self.model_cfg, trained, self.was_trained, c, memory, self.device, threads,
+                                      [self.paths[i] for i in self.ok[c]], *self._rows(c))
+            pending[cal] = ("calibration", c, report)
+        if need:
+            self._announce("calibrating", need, "calibration", threads)
         self.clock.update(memory_task_s=0.0, calibration_task_s=0.0, memory_wait=0.0)
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
-            kind, c, secs = pending.pop(ref)
-            value, seconds = ray.get([ref, secs])
-            self.clock[f"{kind}_task_s"] += seconds
+            kind, c, report_ref = pending.pop(ref)
+            value, report = ray.get([ref, report_ref])
+            self.clock[f"{kind}_task_s"] += report["seconds"]
+            self.tasks[kind] = {"cpus": self.slots[kind], "threads": report["threads"]}
             if kind == "memory":
                 done.memory[c] = value
                 runs.save_memory(self.run_dir, c, value)

@@ -32,7 +32,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -319,10 +319,27 @@ def as_tolerated(rows: dict[str, np.ndarray]) -> Features | None:
 
 
 # --------------------------------------------------------------------------- per-category tasks
+def category_cpus(nodes: Sequence[Mapping[str, float]], categories: int, floor: float, gpus: float = 0.0) -> float:
+    """The CPUs each per-category task reserves by default: the CPUs of the nodes that can host
+    it (those with the task's `gpus`) shared among the categories (their tasks run at once), no
+    more than the largest such node holds (a task runs on one node) and no less than a worker's.
+    The tasks run torch on that many threads, rounded down: the coreset and the leave-one-out
+    searches are matrix products that use every core."""
+    cpus = [n.get("CPU", 0.0) for n in nodes if n.get("GPU", 0.0) + 1e-9 >= gpus]
+    if not cpus:
+        return floor
+    return max(floor, min(max(cpus), sum(cpus) / max(1, categories)))
+
+
+def _report(t0: float) -> dict[str, float]:
+    """A task's second return: its seconds and the torch threads it ran on (fit's summary)."""
+    return {"seconds": time.perf_counter() - t0, "threads": torch.get_num_threads()}
+
+
 def category_memory(model_cfg: dict[str, Any], seed: int, device: str, threads: int,
                     picks: list[tuple[int, int]], *tables):
     """Ray task: one category's memory (pipeline.build_memory) from its rows in idx order; returns
-    (CategoryMemory on the CPU, seconds)."""
+    (CategoryMemory on the CPU, _report)."""
     from promptad.fit.pipeline import build_memory
 
     t0 = time.perf_counter()
@@ -331,7 +348,7 @@ def category_memory(model_cfg: dict[str, Any], seed: int, device: str, threads: 
     views = as_tolerated(rows)
     memory = build_memory(model, as_features(rows).to(device), seed,
                           None if views is None else views.to(device)).to("cpu")
-    return memory, time.perf_counter() - t0
+    return memory, _report(t0)
 
 
 def category_calibration(model_cfg: dict[str, Any], trained: dict[str, torch.Tensor], was_trained: bool,
@@ -339,7 +356,7 @@ def category_calibration(model_cfg: dict[str, Any], trained: dict[str, torch.Ten
                          picks: list[tuple[int, int]], *tables):
     """Ray task: one category's calibration (calibrate.calibrate_category) with the trainable
     weights (`was_trained` False: the untrained ones of --epochs 0), its memory and its rows in
-    the order the memory was built from (`names`: their paths, for its warnings); (Calibration, s)."""
+    the order the memory was built from (`names`: their paths, for its warnings); (Calibration, _report)."""
     from promptad.fit.calibrate import calibrate_category
 
     t0 = time.perf_counter()
@@ -349,7 +366,7 @@ def category_calibration(model_cfg: dict[str, Any], trained: dict[str, torch.Ten
     rows = take_rows(picks, *tables)
     calibration = calibrate_category(model, category, as_features(rows), trained=was_trained,
                                      tolerated=as_tolerated(rows), names=names)
-    return calibration, time.perf_counter() - t0
+    return calibration, _report(t0)
 
 
 @functools.lru_cache(maxsize=None)
