@@ -29,9 +29,8 @@ no held-out split).
 Resources. Feature actors and training workers each take one worker's resources
 (--cpus-per-worker, --gpus-per-worker). Memory and calibration tasks take a worker's GPUs and, by
 default, the CPUs of the nodes that have those GPUs shared among the categories, at most a node's
-(stages.category_cpus),
-as torch threads: their coreset and leave-one-out searches use every core they get (at one thread
-they were most of a fit). Memory tasks that run beside training take a worker's CPUs instead, so
+(stages.category_cpus), as torch threads: their coreset and leave-one-out searches use every core
+they get (at one thread they were most of a fit). Memory tasks that run beside training take a worker's CPUs instead, so
 training is not kept waiting for whole nodes; Ray runs what fits: on a small machine memory tasks
 can hold the CPUs training waits for, never the other way round, so nothing waits on itself. The
 feature actors are released when the features are materialized, before training. GPU workers
