@@ -37,9 +37,10 @@ _RAY_PATH = os.sep + "ray" + os.sep  # warnings raised in files under site-packa
 
 
 
-def counted(n: int, noun: str) -> str:
-    """"1 epoch", "3 epochs": a count with its (regular) noun in the right number."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+def counted(n: float, noun: str, plural: str | None = None) -> str:
+    """"1 epoch", "3 epochs", "0.5 CPUs", "2 categories": a count with its noun in the right
+    number (`plural` for an irregular one)."""
+    return f"{n:g} {noun}" if n == 1 else f"{n:g} {plural or noun + 's'}"
 
 def log_dir() -> str:
     """Where log files go: $PROMPTAD_LOG_DIR, else <tmp>/promptad-logs (writable on every node)."""

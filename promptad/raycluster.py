@@ -139,6 +139,12 @@ def is_local(address: str | None) -> bool:
     return not address or address == "local"
 
 
+def threads_for(cpus: float) -> int:
+    """Torch threads for a task or actor that reserves `cpus` CPUs: the whole CPUs, at least one
+    (a fractional reservation still runs on one core)."""
+    return max(1, int(cpus))
+
+
 def node_resources() -> list[dict[str, float]]:
     """The resources (CPU, GPU, ...) of each alive node of the connected Ray."""
     import ray
@@ -157,21 +163,24 @@ def check_fits(needs: dict[str, tuple[float, str]], what: str, fix: str, local: 
     """
     import ray
 
+    def fits(have: dict[str, float]) -> bool:
+        return all(amount <= have.get(name, 0.0) + 1e-9 for name, (amount, _) in needs.items())
+
     if per_node:
         nodes = node_resources()
-        if any(all(amount <= n.get(name, 0.0) + 1e-9 for name, (amount, _) in needs.items()) for n in nodes):
+        if any(fits(n) for n in nodes):
             return
-        largest = {name: max((n.get(name, 0.0) for n in nodes), default=0.0) for name in needs}
-        missing = [f"{asked} needs {amount:g} {name}s but the largest node of this Ray has {largest[name]:g}"
-                   for name, (amount, asked) in needs.items() if amount > largest[name] + 1e-9]
-        missing = missing or ["no single node has " + " and ".join(
-            f"{amount:g} {name}s ({asked})" for name, (amount, asked) in needs.items())]
+        have = {name: max((n.get(name, 0.0) for n in nodes), default=0.0) for name in needs}
+        where = "the largest node of this Ray has"
     else:
-        have = ray.cluster_resources()
-        missing = [f"{asked} needs {amount:g} {name}s but this machine's Ray has {have.get(name, 0.0):g}"
-                   for name, (amount, asked) in needs.items() if amount > have.get(name, 0.0) + 1e-9]
-    if not missing:
-        return
+        have, where = ray.cluster_resources(), "this machine's Ray has"
+        if fits(have):
+            return
+    missing = [f"{asked} needs {amount:g} {name}s but {where} {have.get(name, 0.0):g}"
+               for name, (amount, asked) in needs.items() if amount > have.get(name, 0.0) + 1e-9]
+    # Each resource fits some node, but no node holds them all.
+    missing = missing or ["no single node has " + " and ".join(
+        f"{amount:g} {name}s ({asked})" for name, (amount, asked) in needs.items())]
     msg = f"this Ray cluster cannot run {what}: {'; '.join(missing)}"
     if local:
         raise UserError(f"{msg}; {fix}")

@@ -68,3 +68,6 @@ def test_no_log_file_and_no_closing_line_when_ray_never_started(tmp_path):
 
 def test_counted_puts_the_noun_in_the_right_number():
     assert [console.counted(n, "epoch") for n in (0, 1, 2)] == ["0 epochs", "1 epoch", "2 epochs"]
+    assert console.counted(1, "category", "categories") == "1 category"
+    assert console.counted(3, "category", "categories") == "3 categories"
+    assert [console.counted(c, "CPU") for c in (0.5, 1.0, 2.0)] == ["0.5 CPUs", "1 CPU", "2 CPUs"]

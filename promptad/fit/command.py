@@ -30,12 +30,12 @@ Resources. Feature actors and training workers each take one worker's resources
 (--cpus-per-worker, --gpus-per-worker). Memory and calibration tasks take a worker's GPUs and, by
 default, the CPUs of the nodes that have those GPUs shared among the categories, at most a node's
 (stages.category_cpus), as torch threads: their coreset and leave-one-out searches use every core
-they get (at one thread they were most of a fit). Memory tasks that run beside training take a worker's CPUs instead, so
-training is not kept waiting for whole nodes; Ray runs what fits: on a small machine memory tasks
-can hold the CPUs training waits for, never the other way round, so nothing waits on itself. The
-feature actors are released when the features are materialized, before training. GPU workers
-train in fp16 with a GradScaler; CPU workers in fp32, or in bf16 where the CPU does it natively
-(training.training_precision).
+they get (at one thread they were most of a fit). Memory tasks that run beside training take a
+worker's CPUs instead, so training is not kept waiting for whole nodes; Ray runs what fits: on a
+small machine memory tasks can hold the CPUs training waits for, never the other way round, so
+nothing waits on itself. The feature actors are released when the features are materialized,
+before training. GPU workers train in fp16 with a GradScaler; CPU workers in fp32, or in bf16
+where the CPU does it natively (training.training_precision).
 
 Runs live in --storage as fit-<UTC time>-<id>/ (fit/runs.py: flags, epoch checkpoints, finished
 memories and calibrations). `--resume` continues the newest run there and redoes nothing it
@@ -74,6 +74,7 @@ from promptad.fit.train import (  # noqa: F401 - documented names
 from promptad.learning.training import TrainConfig
 from promptad.models.artifact import save_artifact
 from promptad.models.model import Calibration, ModelConfig, PromptAD
+from promptad.raycluster import threads_for
 
 # Test hook: the driver stops for good right after checkpointing the first category of this stage
 # (memory | calibration), so a test can kill it at a known point (tests/test_fit.py).
@@ -309,7 +310,7 @@ class _Stages:
         """`fn` as a Ray task with `kind`'s slot, and the torch threads it is to run on."""
         cpus = self.slots[kind]
         task = stages.remote(fn).options(num_returns=2, num_cpus=cpus, num_gpus=self.gpus)
-        return task, max(1, int(cpus))
+        return task, threads_for(cpus)
 
     def _rows(self, category: str) -> tuple:
         """Task arguments for a category's readable rows in idx order: picks, then their blocks."""
@@ -324,9 +325,9 @@ class _Stages:
             self._announce("building the memory of", categories, "memory", threads)
 
     def _announce(self, what: str, categories: list[str], kind: str, threads: int) -> None:
-        n, cpus = len(categories), self.slots[kind]
-        print(f"fit: {what} {n} categor{'y' if n == 1 else 'ies'} on Ray, {cpus:g} CPU{'' if cpus == 1 else 's'} "
-              f"per task (torch on {console.counted(threads, 'thread')})", flush=True)
+        print(f"fit: {what} {console.counted(len(categories), 'category', 'categories')} on Ray, "
+              f"{console.counted(self.slots[kind], 'CPU')} per task (torch on {console.counted(threads, 'thread')})",
+              flush=True)
 
     def finish(self) -> None:
         """Calibrate every category not yet calibrated, once its memory is there; collect."""

@@ -41,6 +41,7 @@ from promptad.data import storage
 from promptad.data.images import ImageDecodeError, decode_image, resize
 from promptad.data.shifts import tolerated_views
 from promptad.models.backbones import Features
+from promptad.raycluster import threads_for
 
 FEATURE_BATCH_CPU = 16  # images per block and extraction batch on CPU actors
 FEATURE_BATCH_GPU = 64  # ... and on GPU actors
@@ -197,7 +198,7 @@ def feature_blocks(rows: list[dict[str, Any]], model_cfg: dict[str, Any], actors
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = ds.map_batches(FeatureExtractor, batch_size=None, batch_format="numpy",
                             fn_constructor_kwargs={"model_cfg": model_cfg, "device": device_for(gpus),
-                                                   "threads": max(1, int(cpus))},
+                                                   "threads": threads_for(cpus)},
                             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=gpus,
                             max_restarts=-1, max_task_retries=-1)
     return ds.materialize().to_arrow_refs()

@@ -35,6 +35,7 @@ import pyarrow.fs as pafs
 
 from promptad.data import storage
 from promptad.models import artifact
+from promptad.raycluster import threads_for
 from promptad.score.output import OUTPUT_SCHEMA, RUNS_DIR, TMP_DIR, clean_staging, commit_file, committed_files, verify  # noqa: F401 (API)
 from promptad.score.plan import Plan, make_plan
 from promptad.score.progress import Progress, Summary
@@ -315,7 +316,7 @@ def _run_pipeline(todo: pa.Table, summary: Summary, model_uri: str, output_uri: 
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = ds.map_batches(Predictor, batch_format="numpy", batch_size=batch_size,
                             fn_constructor_kwargs={"model_uri": model_uri, "device": device,
-                                                   "threads": max(1, int(cpus_per_actor))},
+                                                   "threads": threads_for(cpus_per_actor)},
                             compute=ray.data.ActorPoolStrategy(size=actors),  # --actors N means N: all start, one per slot
                             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
                             max_restarts=-1, max_task_retries=-1)
