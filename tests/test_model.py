@@ -192,6 +192,7 @@ def test_untrained_fit_scores_without_running_the_trainable_part(monkeypatch):
     assert fusion["head"] == 0.0 and not model.weighs_trainable(["tile"])
     full_cal = model.calibration["tile"]
     monkeypatch.setattr(full_cal, "fusion", {**fusion, "head": 1e-30})  # weighs it: the head runs
+    monkeypatch.setattr(full_cal, "head_scales", [1.0, 1.0])  # (its input scales, set by training)
     with_head = predict_components(model, x, ["tile"] * 3)
     monkeypatch.setattr(full_cal, "fusion", fusion)
     calls = []

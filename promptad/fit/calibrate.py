@@ -96,7 +96,7 @@ def _robust_z(values: torch.Tensor) -> tuple[float, float]:
     return center, spread if spread > 1e-6 else max(abs(center), 1.0)
 
 
-def _scale(values: torch.Tensor) -> float:
+def distance_scale(values: torch.Tensor) -> float:
     """99th percentile of normal distances; 1 where it is ~0 (no left-out image to measure)."""
     v = values.float().flatten()
     v = v[torch.isfinite(v)]
@@ -176,7 +176,7 @@ def calibrate_category(model: PromptAD, category: str, feats: Features, trained:
     base = replace(model.calibration[category], fusion=model.default_fusion(trained))
     model.calibration[category] = base
     comps = held_out_components(model, category, feats, batch_size, tolerated)
-    cal = replace(base, memory_scale=_scale(comps["memory"]), regional_scale=_scale(comps["regional"]),
+    cal = replace(base, memory_scale=distance_scale(comps["memory"]), regional_scale=distance_scale(comps["regional"]),
                   local_center=0.0, local_scale=1.0, global_center=0.0, global_scale=1.0,
                   neighbour_scores=[], neighbours=0, neighbour_views=0)
     model.calibration[category] = cal

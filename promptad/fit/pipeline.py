@@ -4,11 +4,14 @@ data). `promptad fit` runs the same functions as Ray stages (fit/command.py).
     images -> features (predict.extract, once per image)
            -> memory per category (build_memory: local + regional coreset banks, global Gaussian;
               with --tolerate, each image's tolerated views join both)
-           -> training on the cached features (learning/training.py)
+           -> with training, the evidence head's rows per category (learning/evidence.py:
+              synthetic views measured against that memory) and training on them
+              (learning/training.py)
            -> calibration per category (calibrate.py, leave-one-out)
 
-Memory does not depend on training (the backbone is frozen and the banks hold its features), so
-it is built from the same cached features before, or beside, training.
+Memory does not depend on training (the backbone is frozen and the banks hold its features); the
+evidence head's rows depend on memory, so memory comes first. (A features head, head_input
+"features", trains on the cached local features and needs no memory.)
 """
 from __future__ import annotations
 
@@ -23,7 +26,15 @@ from promptad.data.datasets import Sample
 from promptad.data.images import decode_image, resize
 from promptad.data.shifts import tolerated_views
 from promptad.fit.calibrate import calibrate_category
-from promptad.learning.training import Shard, TrainConfig, set_standardization, train_in_process
+from promptad.learning.evidence import Evidence, category_evidence
+from promptad.learning.training import (
+    Shard,
+    TrainConfig,
+    pixel_pos_weight,
+    set_standardization,
+    shard_from_evidence,
+    train_in_process,
+)
 from promptad.memory.bank import Bank, build_bank
 from promptad.memory.gaussian import fit_gaussian
 from promptad.models.backbones import Features
@@ -98,6 +109,18 @@ def training_shard(model: PromptAD, feats: dict[str, Features]) -> Shard:
     return Shard(local, tokens, [c for c in cats for _ in range(len(feats[c]))])
 
 
+def evidence_shard(model: PromptAD, evidence: dict[str, Evidence]) -> Shard:
+    """Every category's evidence rows as one training shard; sets each category's head input
+    scales and the head's standardization (over all rows) on the model."""
+    cats = sorted(evidence)
+    for c in cats:
+        model.calibration[c].head_scales = list(evidence[c].scales)
+    rows = [evidence[c] for c in cats]
+    shard = shard_from_evidence(rows, cats, pixel_pos_weight(torch.cat([r.masks for r in rows])))
+    set_standardization(model.trainable, shard.local)
+    return shard
+
+
 def fit_in_process(images: dict[str, np.ndarray], model_cfg: ModelConfig, train_cfg: TrainConfig,
                    device: str = "cpu", log: Callable[[str], None] | None = print,
                    timings: dict[str, float] | None = None,
@@ -118,8 +141,17 @@ def fit_in_process(images: dict[str, np.ndarray], model_cfg: ModelConfig, train_
                     for c in model.categories}
     clock["memory"] = time.perf_counter() - t
     t = time.perf_counter()
-    shard = training_shard(model, feats)
-    set_standardization(model.trainable, shard.local)
+    if model.cfg.head_input == "evidence":
+        evidence = {}
+        if train_cfg.epochs:
+            evidence = {c: category_evidence(model, c, len(images[c]), images[c].__getitem__, train_cfg.views,
+                                             train_cfg.seed) for c in model.categories}
+        clock["evidence"] = time.perf_counter() - t
+        t = time.perf_counter()
+        shard = evidence_shard(model, evidence) if evidence else None
+    else:
+        shard = training_shard(model, feats)
+        set_standardization(model.trainable, shard.local)
     if train_cfg.epochs:
         train_in_process(model, shard, train_cfg, torch.device(device), log)
     clock["training"] = time.perf_counter() - t

@@ -1,11 +1,15 @@
-"""The per-worker training loop on cached backbone features: a plain function that Ray Train runs
-on each worker and that runs in-process too.
+"""The per-worker training loop on cached rows: a plain function that Ray Train runs on each
+worker and that runs in-process too.
 
-The backbone is frozen, so a fit computes its features once per image (predict.extract) and trains
-the trainable part (head, prompts) on them: no backbone pass per step. Each batch gets
-feature-space synthetic anomalies with exact masks (feature_anomalies.py) and a mirrored view for
-the consistency loss, seeded by (seed, rank, epoch, step) so that a resumed run replays the same
-data. An exponential moving average of the weights is what the model keeps: the head's quality on
+The backbone is frozen, so a fit computes what the head reads once per row and trains the
+trainable part (head, prompts) on it: no backbone pass per step. Two kinds of rows:
+- the evidence head (the default): the memory's evidence of each clean image and synthetic view
+  of learning/evidence.py, with its grid mask; a batch is those rows as they are, and the loss a
+  pixel BCE weighted towards the rare defect cells (pos_weight);
+- the features head: cached local features; each batch gets feature-space synthetic anomalies
+  with exact masks (feature_anomalies.py) and a mirrored view for the consistency loss.
+Either way the batches are seeded by (seed, rank, epoch, step) so that a resumed run replays the
+same data. An exponential moving average of the weights is what the model keeps: the head's quality on
 real defects swings from epoch to epoch, its average does not (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
@@ -28,17 +32,18 @@ MIN_EPOCH_SAMPLES = 256  # an epoch visits at least this many samples (cycling a
 
 @dataclass
 class TrainConfig:
-    epochs: int = 0  # benchmarks/RESULTS.md: the head did not beat the memory banks at any epoch count
+    epochs: int = 0
     batch_size: int = 16
-    lr: float = 3e-4
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     ema: float = 0.98  # decay of the weight average kept as the trained model (per step)
     seed: int = 0
-    p_anomaly: float = 0.5
+    p_anomaly: float = 0.5  # features head: share of a batch given feature-space anomalies
+    views: int = 200  # evidence head: synthetic views per category (learning/evidence.py VIEWS)
     precision: str = "auto"  # auto: see training_precision
     loss_weights: dict[str, float] = field(default_factory=lambda: {
         "image_bce": 1.0, "dice": 1.0, "focal": 1.0, "contrastive": 0.1, "margin": 0.1,
-        "alignment": 0.1, "consistency": 0.5})
+        "alignment": 0.1, "consistency": 0.5, "pixel_bce": 1.0})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,12 +133,33 @@ def set_standardization(trainable: torch.nn.Module, local: torch.Tensor) -> None
 class Shard:
     """One worker's training rows, cached: standardized inputs are derived per batch."""
 
-    local: torch.Tensor  # (n, C, h, w) local embeddings (features.local_embedding)
+    local: torch.Tensor  # (n, C, h, w) the head's input: local embeddings, or evidence (masks given)
     tokens: torch.Tensor | None  # (n, 1 + h*w, D) CLIP last-block inputs, or None
     categories: list[str]
+    # (n, h, w) evidence rows' defect cells (1, 0, or < 0: left out of the loss); None: features rows
+    masks: torch.Tensor | None = None
+    pos_weight: float = 1.0  # pixel BCE weight of a defect cell (evidence rows; pixel_pos_weight)
 
     def __len__(self) -> int:
         return int(self.local.shape[0])
+
+
+def pixel_pos_weight(masks: torch.Tensor) -> float:
+    """sqrt(normal cells / defect cells) over all evidence rows of a fit (every rank uses the
+    fit's one value): defect cells are ~2 % of a grid, and a full inverse-frequency weight made
+    the head flag whole images, the square root keeps the map sharp. Cells left out of the loss
+    (negative) do not count."""
+    counted = masks[masks >= 0].float()
+    pos = float(counted.mean()) if counted.numel() else 0.0
+    return math.sqrt((1 - pos) / pos) if 0 < pos < 1 else 1.0
+
+
+def shard_from_evidence(rows: Sequence, categories: Sequence[str], pos_weight: float) -> Shard:
+    """One shard from learning.evidence.Evidence rows of several categories (in that order)."""
+    tokens = None if rows[0].tokens is None else torch.cat([r.tokens for r in rows])
+    return Shard(torch.cat([r.inputs for r in rows]), tokens,
+                 [c for r, c in zip(rows, categories) for _ in range(len(r))],
+                 masks=torch.cat([r.masks for r in rows]), pos_weight=pos_weight)
 
 
 def shard_from_features(model, feats: Features, categories: Sequence[str]) -> Shard:
@@ -151,17 +177,25 @@ def epoch_order(n: int, steps: int, batch_size: int, seed: int, epoch: int, rank
 
 
 def loss_terms(trainable, out, out_flip, masks: torch.Tensor, labels: torch.Tensor, categories: Sequence[str],
-               handcrafted: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """All losses for one batch; text losses only with a text branch."""
-    terms = {
-        "image_bce": losses.image_bce(out.image_logit, labels),
-        "dice": losses.dice(out.head_logits, masks),
-        "focal": losses.pixel_focal(out.head_logits, masks),
-        "consistency": losses.consistency(out.head_logits, torch.flip(out_flip.head_logits, dims=[-1])),
-    }
+               handcrafted: Callable[[str], torch.Tensor], pos_weight: float | None = None) -> dict[str, torch.Tensor]:
+    """All losses for one batch; text losses only with a text branch. `pos_weight` given: evidence
+    rows (no mirrored forward, `out_flip` None), the head's loss is the weighted pixel BCE."""
+    if pos_weight is not None:
+        known = (masks >= 0).float()  # evidence.grid_masks: cells a defect barely touches are left out
+        masks = masks.clamp(min=0)
+        bce = F.binary_cross_entropy_with_logits(out.head_logits[:, 0].float(), masks, reduction="none",
+                                                 pos_weight=torch.tensor(pos_weight, device=masks.device))
+        terms = {"pixel_bce": (bce * known).sum() / known.sum().clamp(min=1)}
+    else:
+        terms = {
+            "image_bce": losses.image_bce(out.image_logit, labels),
+            "dice": losses.dice(out.head_logits, masks),
+            "focal": losses.pixel_focal(out.head_logits, masks),
+            "consistency": losses.consistency(out.head_logits, torch.flip(out_flip.head_logits, dims=[-1])),
+        }
     if out.text_logits is not None:
         grid = out.head_logits.shape[-2:]
-        terms["dice"] = terms["dice"] + losses.dice(out.text_logits, masks)
+        terms["dice"] = terms.get("dice", 0.0) + losses.dice(out.text_logits, masks)
         patch = out.patch_embed.float()
         if patch.shape[-2:] != grid:
             patch = F.interpolate(patch, size=grid, mode="bilinear", align_corners=False)
@@ -200,13 +234,20 @@ def train_epoch(trainable: torch.nn.Module, shard: Shard, opt, sched, scaler, em
         gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, rank, epoch, step]).integers(2**62)))
         z = module.standardize(shard.local[idx].to(device))
         tokens = None if shard.tokens is None else shard.tokens[idx].to(device).float()
-        z, tokens, masks, labels = add_anomalies(z, cfg.p_anomaly, gen, tokens)
-        flip_tokens = None if tokens is None else _flip_tokens(tokens, z.shape[-2:])
-        with autocast(precision, device):
-            out = trainable(torch.cat([z, torch.flip(z, dims=[-1])]),
-                            None if tokens is None else torch.cat([tokens, flip_tokens]), categories + categories)
-        out, out_flip = _split(out, z.shape[0])
-        terms = loss_terms(module, out, out_flip, masks, labels, categories, handcrafted)
+        if shard.masks is not None:  # evidence rows: the synthetic defects are already in them
+            masks = shard.masks[idx].to(device)
+            labels = (masks != 0).flatten(1).any(1).float()  # a view is anomalous even where no cell is filled
+            with autocast(precision, device):
+                out = trainable(z, tokens, categories)
+            terms = loss_terms(module, out, None, masks, labels, categories, handcrafted, shard.pos_weight)
+        else:
+            z, tokens, masks, labels = add_anomalies(z, cfg.p_anomaly, gen, tokens)
+            flip_tokens = None if tokens is None else _flip_tokens(tokens, z.shape[-2:])
+            with autocast(precision, device):
+                out = trainable(torch.cat([z, torch.flip(z, dims=[-1])]),
+                                None if tokens is None else torch.cat([tokens, flip_tokens]), categories + categories)
+            out, out_flip = _split(out, z.shape[0])
+            terms = loss_terms(module, out, out_flip, masks, labels, categories, handcrafted)
         loss = sum(cfg.loss_weights.get(k, 1.0) * v for k, v in terms.items())
         opt.zero_grad(set_to_none=True)
         if scaler is not None:

@@ -162,7 +162,8 @@ def load_artifact(uri: str, device: str | torch.device = "cpu") -> PromptAD:
 
     manifest, weights, banks = read_verified(uri)
     # an artifact written before local_norm existed holds banks of un-normalized features
-    cfg = ModelConfig(**{"local_norm": "none", "coreset_draws": 1, **manifest["model"]})
+    # ... and one written before head_input existed has a head on the local features
+    cfg = ModelConfig(**{"local_norm": "none", "coreset_draws": 1, "head_input": "features", **manifest["model"]})
 
     bb = manifest["backbone"]
     backbone = create_backbone(bb["spec"], layers=bb["layers"], input_size=bb["input_size"],

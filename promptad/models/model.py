@@ -6,7 +6,11 @@ Evidence per image, all computed from one frozen backbone pass (backbones.Featur
             own image's feature statistics: features.image_normalized) to its nearest normal
             patch in the category's local bank, divided by the calibrated `memory_scale`;
 - regional: the same for wide-window features (features.regional_embedding) and the regional bank;
-- head:     the localization head's probability, trained on feature-space synthetic anomalies;
+- head:     the localization head's probability. By default (head_input "evidence") the head reads
+            the memory's own evidence, log(1 + distance / scale) of the local and regional maps
+            (head_evidence), and learned from image-space synthetic defects seen through the
+            banks (learning/evidence.py); artifacts of head_input "features" read the local
+            features and learned from feature-space noise;
 - text:     for CLIP, how much a patch matches the anomaly prompts rather than the normal ones;
 - global:   Mahalanobis distance of the pooled features to the nearest normal image's, under the
             category's Gaussian (memory/gaussian.py);
@@ -16,8 +20,10 @@ Evidence per image, all computed from one frozen backbone pass (backbones.Featur
             category), each in its version nearest to the image: itself or one of its tolerated
             views. Otherwise 1.
 
-    map    = max(memory, regional) * (1 + head * p_head) + text * p_text          (pixel map)
-    local  = max over the blurred map of memory * (1 + head * p_head) + text * p_text (+ image text)
+    map    = max(memory, regional) * (1 + head^k * p_head) + text * p_text          (pixel map)
+    local  = max over the blurred map of memory * (1 + head^k * p_head) + text * p_text (+ image text)
+
+(k = 2 for the evidence head, 1 for the features head.)
     score  = max(z(local / reference), global * (z(global) - 3))
 
 z() is a robust standard score against held-out normal images (median, 1.4826 x MAD).
@@ -36,7 +42,10 @@ Why this shape (benchmarks/RESULTS.md has the measurements):
 - the image score keeps the fine scale only: the wide window flags large regions in the map but
   its maximum over normal images is noisy, and adding it cost image AUROC on magnetic_tile;
 - the head modulates memory evidence instead of being added to it: a patch that looks like normal
-  data stays normal whatever the head says; where the head confirms a deviation it is amplified;
+  data stays normal whatever the head says; where the head confirms a deviation it is amplified.
+  The evidence head's probability is squared: a confident head doubles a patch's distance, an
+  unsure one barely moves it, which kept magnetic_tile's pixel AUROC while the defects' extent
+  (AUPRO) grew on both shared sets (benchmarks/RESULTS.md);
 - the global branch is a second detector beside the local one (the score is the larger of the
   two), shifted by three robust standard deviations of its normal values: it decides an image's
   rank only when the image is globally far more unusual than it is locally, so it catches
@@ -63,6 +72,7 @@ from promptad.numerics import float32_math
 
 
 LOCAL_NORMS = ("image", "none")
+HEAD_INPUTS = ("evidence", "features")
 
 
 @dataclass
@@ -83,10 +93,16 @@ class ModelConfig:
     local_norm: str = "image"
     # coresets whose union makes each bank (memory.bank.build_bank's `draws`); fit time only
     coreset_draws: int = 3
+    # what the localization head reads: "evidence", the memory's local and regional distance maps
+    # (head_evidence); "features", the standardized local features (artifacts written before
+    # "evidence" existed)
+    head_input: str = "evidence"
 
     def __post_init__(self) -> None:
         if self.local_norm not in LOCAL_NORMS:
             raise ValueError(f"local_norm must be one of {', '.join(LOCAL_NORMS)}, not {self.local_norm!r}")
+        if self.head_input not in HEAD_INPUTS:
+            raise ValueError(f"head_input must be one of {', '.join(HEAD_INPUTS)}, not {self.head_input!r}")
         if self.coreset_draws < 1:
             raise ValueError(f"coreset_draws must be at least 1, not {self.coreset_draws}")
 
@@ -124,6 +140,10 @@ class Calibration:
     neighbour_scores: list[float] = field(default_factory=list)
     neighbours: int = 0
     neighbour_views: int = 0  # tolerated views per image among neighbour_scores
+    # the evidence head's input scales (local, regional): 99th percentile of the leave-one-out
+    # distances of the normal images its training views came from; set before training, so a
+    # fit without training (or a features head) has none
+    head_scales: list[float] = field(default_factory=list)
     stats: dict = field(default_factory=dict)  # what calibration measured and warns about
 
     def normalize_score(self, score):
@@ -182,6 +202,17 @@ def _up(grid: torch.Tensor, size) -> torch.Tensor:
     if tuple(grid.shape[-2:]) == tuple(size):
         return grid
     return F.interpolate(grid.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def head_evidence(memory: torch.Tensor, regional: torch.Tensor, scales) -> torch.Tensor:
+    """The evidence head's input (N, 2, h, w): log(1 + d / scale) of the local distances (N, h, w)
+    and of the regional ones (N, h', w') brought to the local grid. The log keeps the far tail of
+    a defect's distances from swamping the convolutions; the scales make one unit "as far as the
+    farthest normal patches" in every category."""
+    local_scale, regional_scale = (float(s) for s in scales)
+    grid = memory.shape[-2:]
+    return torch.stack([torch.log1p(memory.float().clamp(min=0) / local_scale),
+                        torch.log1p(_up(regional.float(), grid).clamp(min=0) / regional_scale)], 1)
 
 
 class PromptAD(nn.Module):
@@ -285,12 +316,23 @@ class PromptAD(nn.Module):
         comps = {"memory": mem, "regional": reg, "global": glob, "reference": reference}
         if not self.weighs_trainable(categories):
             return comps
-        out = self.trainable(self.trainable.standardize(local), feats.tokens, list(categories))
+        head_in = self.head_inputs(mem, reg, categories) if self.cfg.head_input == "evidence" else local
+        out = self.trainable(self.trainable.standardize(head_in), feats.tokens, list(categories))
         comps["head"] = torch.sigmoid(out.head_logits[:, 0].float())
         if out.text_logits is not None:
             comps["text"] = torch.sigmoid(out.text_logits[:, 0].float())
             comps["image_text"] = torch.sigmoid(out.image_text_logit.float())
         return comps
+
+    def head_inputs(self, memory: torch.Tensor, regional: torch.Tensor, categories: list[str]) -> torch.Tensor:
+        """The evidence head's input for a batch (head_evidence with each row's category scales)."""
+        out = torch.zeros(memory.shape[0], 2, *memory.shape[-2:], device=memory.device)
+        for cat, idx in by_category(list(categories), memory.device).items():
+            scales = self.calibration[cat].head_scales if cat in self.calibration else []
+            if len(scales) != 2:
+                raise ValueError(f"category {cat!r} has no evidence-head scales: its head was never trained")
+            out[idx] = head_evidence(memory[idx], regional[idx], scales)
+        return out
 
     def weighs_trainable(self, categories: list[str]) -> bool:
         """Whether the calibrated fusion of any of these categories gives the head or the text
@@ -315,7 +357,8 @@ class PromptAD(nn.Module):
         local = per_row([w.get("memory", 0.0) / c.memory_scale for w, c in zip(weights, cals)]) * comps["memory"]
         regional = per_row([w.get("regional", 0.0) / c.regional_scale for w, c in zip(weights, cals)]) \
             * _up(comps["regional"], head.shape[-2:])
-        modulation = 1.0 + per_row([w.get("head", 0.0) for w in weights]) * head
+        power = 2 if self.cfg.head_input == "evidence" else 1
+        modulation = 1.0 + per_row([w.get("head", 0.0) for w in weights]) * head ** power
         pixel = torch.maximum(local, regional) * modulation
         fine = local * modulation
         image_text = torch.zeros(head.shape[0], dtype=head.dtype, device=head.device)

@@ -22,16 +22,20 @@ if TYPE_CHECKING:  # model.py imports this module
 
 
 class LocalizationHead(nn.Module):
-    """The paper's head: 3x3 conv 256 + BN + ReLU, 3x3 conv 128 + BN + ReLU, 1x1 conv (logits)."""
+    """The paper's head: 3x3 conv 256 + BN + ReLU, 3x3 conv 128 + BN + ReLU, 1x1 conv (logits).
+    On the memory's two evidence channels it is narrower and has no BatchNorm (EVIDENCE_WIDTHS):
+    two standardized input channels need neither the width nor the renormalization."""
 
-    def __init__(self, in_channels: int, widths: tuple[int, int] = (256, 128)):
+    def __init__(self, in_channels: int, widths: tuple[int, int] = (256, 128), batch_norm: bool = True):
         super().__init__()
         a, b = widths
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, a, 3, padding=1, bias=False), nn.BatchNorm2d(a), nn.ReLU(inplace=True),
-            nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU(inplace=True),
-            nn.Conv2d(b, 1, 1),
-        )
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            if batch_norm:
+                return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True)]
+
+        self.net = nn.Sequential(*block(in_channels, a), *block(a, b), nn.Conv2d(b, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -50,6 +54,10 @@ class Outputs:
     prompts: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
+EVIDENCE_CHANNELS = 2  # model.head_evidence: local and regional memory distances
+EVIDENCE_WIDTHS = (64, 32)
+
+
 def topk_mean(logits: torch.Tensor, frac: float = 0.01) -> torch.Tensor:
     flat = logits.flatten(1)
     k = max(1, int(math.ceil(frac * flat.shape[1])))
@@ -65,16 +73,20 @@ def by_category(categories: list[str], device) -> dict[str, torch.Tensor]:
 class Trainable(nn.Module):
     """Everything that learns: head, vision prompts, text prompts. The only part DDP wraps.
 
-    The head reads the local embedding standardized per channel (`feat_mean`, `feat_std`, set from
-    the training features before training), so feature-space anomalies have one scale for every
-    backbone. The frozen backbone is held by reference, not as a submodule, so it is neither saved
+    The head reads its input standardized per channel (`feat_mean`, `feat_std`, set from the
+    training rows before training): the memory's evidence maps (head_input "evidence") or the local
+    embedding ("features", so feature-space anomalies have one scale for every backbone). The frozen backbone is held by reference, not as a submodule, so it is neither saved
     with the weights nor synchronized across workers.
     """
 
     def __init__(self, backbone: Backbone, cfg: ModelConfig, in_channels: int):
         super().__init__()
         self._backbone = [backbone]
-        self.head = LocalizationHead(in_channels)
+        if cfg.head_input == "evidence":
+            in_channels = EVIDENCE_CHANNELS
+            self.head = LocalizationHead(in_channels, EVIDENCE_WIDTHS, batch_norm=False)
+        else:
+            self.head = LocalizationHead(in_channels)
         self.register_buffer("feat_mean", torch.zeros(in_channels))
         self.register_buffer("feat_std", torch.ones(in_channels))
         self.vision_prompts = None
@@ -93,7 +105,7 @@ class Trainable(nn.Module):
         return (local.float() - self.feat_mean.view(1, -1, 1, 1)) / self.feat_std.view(1, -1, 1, 1)
 
     def forward(self, z: torch.Tensor, tokens: torch.Tensor | None, categories: list[str]) -> Outputs:
-        """z: standardized local embedding (N, C, h, w); tokens: CLIP's cached last-block input."""
+        """z: the standardized head input (N, C, h, w); tokens: CLIP's cached last-block input."""
         head_logits = self.head(z)
         out = Outputs(head_logits=head_logits, image_logit=topk_mean(head_logits))
         if self.text is None:
