@@ -4,7 +4,9 @@ checks, orchestrates and writes the artifact.
     driver   samples (data/datasets.py) -> rows (idx, path, category, image_id) -> checks -> run folder
     Ray Data decode (CPU tasks) -> predict.extract (actor pool, --workers actors of the workers'
              resources) -> feature blocks in the object store; an index task per block
-    tasks    memory per category (pipeline.build_memory), categories in parallel, beside training
+    tasks    memory per category (pipeline.build_memory), categories in parallel (fit/categories.py)
+    tasks    with training: the evidence head's rows per category (learning/evidence.py), each
+             task started when its category's memory is in
     Train    TorchTrainer, --workers DDP workers over the trainable part; each loads only its
              rows, once (fit/train.py); a checkpoint every epoch
     tasks    calibration per category (calibrate.calibrate_category) on the trained weights
@@ -13,10 +15,11 @@ checks, orchestrates and writes the artifact.
 Why this shape. The driver of a GPU cluster is its head node, usually without a GPU and with
 little memory; what grows with the data (images, features) stays in the object store and is read
 by the tasks that need it, so the driver's memory does not grow with the number of images. The
-head's standardization needs statistics over all training features: each image's per-channel
-moments come out of the feature stage and combine exactly, so the driver adds up vectors, not
-features (stages.Moments). Memory does not depend on training (the backbone is frozen), so
-its tasks start before training and run beside it wherever resources are free.
+evidence head learns from the memory's distances to synthetic views of the training images, so
+memory comes before training. Its rows are a fixed number per category (TrainConfig.views, not
+the number of images) and small, (2, h, w) maps and masks: the driver takes them and computes what
+needs all of them (the pixel loss's pos_weight, the head's standardization), as
+pipeline.fit_in_process does; their CLIP tokens stay in the object store (stages.category_evidence_rows).
 
 Several categories in one run. Prompts and the localization head are SHARED across categories:
 the category word in every prompt makes the text features category-specific, the head learns
@@ -27,26 +30,25 @@ category: one memory and one calibration each (leave-one-out over all its normal
 no held-out split).
 
 Resources. Feature actors and training workers each take one worker's resources
-(--cpus-per-worker, --gpus-per-worker). Memory and calibration tasks take a worker's GPUs and, by
-default, the CPUs of the nodes that have those GPUs shared among the categories, at most a node's
-(stages.category_cpus), as torch threads: their coreset and leave-one-out searches use every core
-they get (at one thread they were most of a fit). Memory tasks that run beside training take a
-worker's CPUs instead, so training is not kept waiting for whole nodes; Ray runs what fits: on a
-small machine memory tasks can hold the CPUs training waits for, never the other way round, so
-nothing waits on itself. The feature actors are released when the features are materialized,
-before training. GPU workers train in fp16 with a GradScaler; CPU workers in fp32, or in bf16
+(--cpus-per-worker, --gpus-per-worker). Memory, evidence and calibration tasks take a worker's
+GPUs and, by default, the CPUs of the nodes that have those GPUs shared among the categories, at
+most a node's (stages.category_cpus), as torch threads: their coreset and leave-one-out searches
+use every core they get (at one thread they were most of a fit). None of them runs beside
+training, so none keeps training's workers waiting. The feature actors are released when the features are materialized, before
+training. GPU workers train in fp16 with a GradScaler; CPU workers in fp32, or in bf16
 where the CPU does it natively (training.training_precision).
 
 Runs live in --storage as fit-<UTC time>-<id>/ (fit/runs.py: flags, epoch checkpoints, finished
 memories and calibrations). `--resume` continues the newest run there and redoes nothing it
-holds: after training it goes straight to the missing memories and calibrations, and it ends with
-the model_id an uninterrupted run gives.
+holds but the evidence rows while training is unfinished (they are deterministic, so they come out
+the same); after training it goes straight to the missing memories and calibrations (the evidence
+head's input scales are in the training checkpoint), and it ends with the model_id an
+uninterrupted run gives.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -59,6 +61,7 @@ from promptad.data import storage
 from promptad.data.datasets import Sample, load_samples
 from promptad.errors import UserError
 from promptad.fit import runs, stages
+from promptad.fit.categories import PAUSE_ENV, CategoryTasks, category_slots  # noqa: F401 - PAUSE_ENV: tests
 from promptad.fit.runs import default_storage
 from promptad.fit.train import (  # noqa: F401 - documented names
     CHECKPOINTS_KEPT,
@@ -67,18 +70,16 @@ from promptad.fit.train import (  # noqa: F401 - documented names
     deal,
     newest_state,
     prune_checkpoints,
+    rank_rows,
     read_state,
     state_digest,
+    token_picks,
     train,
 )
-from promptad.learning.training import TrainConfig
+from promptad.learning.evidence import Evidence
+from promptad.learning.training import TrainConfig, pixel_pos_weight, set_standardization
 from promptad.models.artifact import save_artifact
 from promptad.models.model import Calibration, ModelConfig, PromptAD
-from promptad.raycluster import threads_for
-
-# Test hook: the driver stops for good right after checkpointing the first category of this stage
-# (memory | calibration), so a test can kill it at a known point (tests/test_fit.py).
-PAUSE_ENV = "PROMPTAD_FIT_PAUSE_AFTER"
 
 
 @dataclass
@@ -92,15 +93,8 @@ class FitSummary:
     skipped_images: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (see run)
     restored: dict[str, Any] = field(default_factory=dict)  # what a resumed run took from its folder
-    # memory | calibration -> {"cpus": reserved per task, "threads": torch threads a task ran on}
+    # memory | evidence | calibration -> {"cpus": reserved per task, "threads": torch threads a task ran on}
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)
-
-
-def _pause_hook(stage: str, category: str) -> None:
-    if os.environ.get(PAUSE_ENV) == stage:
-        print(f"fit: paused after the {stage} checkpoint of {category} ({PAUSE_ENV})", flush=True)
-        while True:
-            time.sleep(60)
 
 
 # --------------------------------------------------------------------------- data
@@ -157,10 +151,11 @@ def run(args: argparse.Namespace) -> FitSummary:
     """`promptad fit`: features, memory, training and calibration on the cluster, then the artifact
     at --out. Everything a user can get wrong (data, category, backbone, storage, --resume,
     resources) is checked before anything runs. `timings` (seconds): features (decode + extract +
-    index, wall) with decode_task_s and extract_task_s (summed over tasks); training (wall);
-    memory_task_s and calibration_task_s (summed over tasks; memory runs beside training);
-    after_training (wall until every memory and calibration is in), of which memory_wait (until
-    the last memory); write; total."""
+    index, wall) with decode_task_s and extract_task_s (summed over tasks); memory_wait and
+    evidence (wall from the start of the memory tasks until the last memory, and with training
+    until the last evidence rows, are in); training (wall); after_training (wall until every
+    calibration, and any memory not yet in, is in); memory_task_s, evidence_task_s and
+    calibration_task_s (summed over tasks); write; total."""
     from promptad.raycluster import check_fits, connect, is_local, node_resources
 
     t_start = time.time()
@@ -208,21 +203,24 @@ def run(args: argparse.Namespace) -> FitSummary:
     feats, ok = _features(args, model.cfg.to_dict(), rows, run_dir, done, clock) if rows else (None, {})
     clock["features"] = time.time() - t
 
-    beside = args.epochs > 0 and done.trained is None  # memory tasks run beside training
-    slots = _category_slots(args, len(categories), node_resources(), beside)
-    stage = _Stages(args, model.cfg.to_dict(), feats, ok, {r["idx"]: r["path"] for r in rows}, run_dir, done, clock,
-                    slots)
-    stage.start_memory(need_memory)  # needs no training: runs beside it
-    t = time.time()
+    slots = category_slots(args, len(categories), node_resources())
+    stage = CategoryTasks(args, model.cfg.to_dict(), feats, ok, {r["idx"]: r["path"] for r in rows}, run_dir, done,
+                          clock, slots)
     if args.tolerate:
         print(f"fit: tolerating {', '.join(args.tolerate)}: each image's views under them join the memory banks "
               f"and the global branch ({len(args.tolerate)} extra backbone pass(es) per image)", flush=True)
+    stage.start_memory(need_memory)
+    t = time.time()
     if args.epochs == 0:
         print("fit: no training (--epochs 0): memory banks and global branch only", flush=True)
     elif done.trained is None:
-        _train(args, model.cfg.to_dict(), feats, ok, storage_uri, run_name)
+        evidence, tokens = stage.evidence(categories)  # waits for the memories it is made against
+        t = time.time()
+        _train(args, model, evidence, tokens, storage_uri, run_name)
+        del evidence, tokens  # the last refs to the rows' CLIP tokens: their objects go before calibration
         final = read_state(run_dir, args.epochs)
         done.trained, done.metrics = final["ema"]["state"], dict(final.get("metrics") or {})
+        done.head_scales = dict(final["head_scales"])
     clock["training"] = time.time() - t
     stage.finish()
 
@@ -279,113 +277,34 @@ def _features(args: argparse.Namespace, model_cfg: dict[str, Any], rows: list[di
     return feats, ok
 
 
-def _category_slots(args: argparse.Namespace, categories: int, nodes: list[dict[str, float]],
-                    beside_training: bool) -> dict[str, float]:
-    """CPUs of each memory and each calibration task: --cpus-per-category, or by default
-    stages.category_cpus, except that memory tasks running beside training take a worker's
-    CPUs, so that training's workers are not kept waiting for whole nodes."""
-    if args.cpus_per_category is not None:
-        return {"memory": args.cpus_per_category, "calibration": args.cpus_per_category}
-    share = stages.category_cpus(nodes, categories, args.cpus_per_worker, args.gpus_per_worker)
-    return {"memory": args.cpus_per_worker if beside_training else share, "calibration": share}
+def _train(args: argparse.Namespace, model: PromptAD, evidence: list[Evidence], tokens: list, storage_uri: str,
+           run_name: str) -> None:
+    """Ray Train over every category's evidence rows (`evidence` and their `tokens` refs in sorted
+    category order), from the newest checkpoint of the run if any. Sets the head's standardization
+    on `model` (over all rows, as pipeline.evidence_shard) and passes it to the workers."""
+    import ray
 
-
-class _Stages:
-    """The per-category tasks: memory (started before training) and calibration (after it), each
-    result checkpointed in the run folder as it arrives; `slots`: their CPUs (_category_slots),
-    which are also their torch threads (rounded down, at least one)."""
-
-    def __init__(self, args: argparse.Namespace, model_cfg: dict[str, Any], feats: stages.FeatureSet | None,
-                 ok: dict[str, list[int]], paths: dict[int, str], run_dir: str, done: runs.Done,
-                 clock: dict[str, float], slots: dict[str, float]):
-        self.model_cfg, self.feats, self.ok, self.paths, self.run_dir, self.done, self.clock = \
-            model_cfg, feats, ok, paths, run_dir, done, clock
-        self.seed, self.was_trained = args.seed, args.epochs > 0
-        self.gpus, self.slots = args.gpus_per_worker, slots
-        self.device = stages.device_for(args.gpus_per_worker)
-        self.memory_refs: dict[str, tuple[Any, Any]] = {}
-        self.tasks: dict[str, dict[str, float]] = {}
-
-    def _task(self, fn, kind: str):
-        """`fn` as a Ray task with `kind`'s slot, and the torch threads it is to run on."""
-        cpus = self.slots[kind]
-        task = stages.remote(fn).options(num_returns=2, num_cpus=cpus, num_gpus=self.gpus)
-        return task, threads_for(cpus)
-
-    def _rows(self, category: str) -> tuple:
-        """Task arguments for a category's readable rows in idx order: picks, then their blocks."""
-        selection = self.feats.select(self.ok[category])
-        return (selection.picks, *selection.blocks)
-
-    def start_memory(self, categories: list[str]) -> None:
-        task, threads = self._task(stages.category_memory, "memory")
-        self.memory_refs = {c: task.remote(self.model_cfg, self.seed, self.device, threads, *self._rows(c))
-                            for c in categories}
-        if categories:
-            self._announce("building the memory of", categories, "memory", threads)
-
-    def _announce(self, what: str, categories: list[str], kind: str, threads: int) -> None:
-        print(f"fit: {what} {console.counted(len(categories), 'category', 'categories')} on Ray, "
-              f"{console.counted(self.slots[kind], 'CPU')} per task (torch on {console.counted(threads, 'thread')})",
-              flush=True)
-
-    def finish(self) -> None:
-        """Calibrate every category not yet calibrated, once its memory is there; collect."""
-        import ray
-
-        t0 = time.time()
-        done = self.done
-        digest = state_digest(done.trained)
-        trained = ray.put(done.trained)
-        task, threads = self._task(stages.category_calibration, "calibration")
-        pending = {mem: ("memory", c, report) for c, (mem, report) in self.memory_refs.items()}
-        need = [c for c in sorted(done.memory.keys() | self.memory_refs.keys()) if c not in done.calibration]
-        for c in need:
-            memory = self.memory_refs[c][0] if c in self.memory_refs else done.memory[c]
-            cal, report = task.remote(self.model_cfg, trained, self.was_trained, c, memory, self.device, threads,
-                                      [self.paths[i] for i in self.ok[c]], *self._rows(c))
-            pending[cal] = ("calibration", c, report)
-        if need:
-            self._announce("calibrating", need, "calibration", threads)
-        self.clock.update(memory_task_s=0.0, calibration_task_s=0.0, memory_wait=0.0)
-        while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            kind, c, report_ref = pending.pop(ref)
-            value, report = ray.get([ref, report_ref])
-            self.clock[f"{kind}_task_s"] += report["seconds"]
-            self.tasks[kind] = {"cpus": self.slots[kind], "threads": report["threads"]}
-            if kind == "memory":
-                done.memory[c] = value
-                runs.save_memory(self.run_dir, c, value)
-                self.clock["memory_wait"] = time.time() - t0
-            else:
-                done.calibration[c] = value
-                runs.save_calibration(self.run_dir, c, value, digest)
-            _pause_hook(kind, c)
-        self.clock["after_training"] = time.time() - t0
-        print(f"fit: memory of {len(self.memory_refs)} and calibration of {len(need)} categories done "
-              f"{self.clock['after_training']:.1f}s after training", flush=True)
-
-
-def _train(args: argparse.Namespace, model_cfg: dict[str, Any], feats: stages.FeatureSet,
-           ok: dict[str, list[int]], storage_uri: str, run_name: str) -> None:
-    """Ray Train over every category's readable rows, from the newest checkpoint of the run if any."""
-    order = [(c, i) for c in sorted(ok) for i in ok[c]]  # idx order
-    if len(order) < args.workers:
-        raise UserError(f"--workers {args.workers} is more than the {len(order)} readable training images; "
-                        "lower --workers")
-    feat_mean, feat_std = stages.standardization(feats.moments())
-    ranks = deal(len(order), args.workers)
+    categories = model.categories
+    n = sum(len(e) for e in evidence)
+    if n < args.workers:
+        raise UserError(f"--workers {args.workers} is more than the {n} training rows; lower --workers")
+    set_standardization(model.trainable, torch.cat([e.inputs for e in evidence]))
+    ranks = rank_rows(evidence, categories, args.workers)
     run_dir = storage.join(storage_uri, run_name)
     newest = newest_state(run_dir)
-    config = {"model": model_cfg, "rows": len(order), "feat_mean": feat_mean.tolist(), "feat_std": feat_std.tolist(),
-              "run_dir": run_dir, "resume_epoch": newest[0] if newest else 0,
+    config = {"model": model.cfg.to_dict(), "rows": n, "run_dir": run_dir, "resume_epoch": newest[0] if newest else 0,
+              "feat_mean": model.trainable.feat_mean.tolist(), "feat_std": model.trainable.feat_std.tolist(),
+              "pos_weight": pixel_pos_weight(torch.cat([e.masks for e in evidence])),
+              "head_scales": {c: list(e.scales) for c, e in zip(categories, evidence)},
               "train": TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                                    precision=args.precision).to_dict(),
-              "selections": [feats.select([order[k][1] for k in pos]) for pos in ranks],
-              "categories": [[order[k][0] for k in pos] for pos in ranks]}
-    print(f"fit: training on {len(order)} images, {console.counted(args.workers, 'worker')}, "
-          f"{console.counted(args.epochs, 'epoch')}", flush=True)
+              "rows_refs": [ray.put(r) for r in ranks],
+              # CLIP: each rank's tokens, gathered from the evidence tasks' token objects by a tokens task
+              "tokens": [stages.Selection(tokens, token_picks([len(e) for e in evidence], r["positions"]))
+                         for r in ranks] if model.backbone.has_text else None}
+    del ranks
+    print(f"fit: training on {n} evidence rows of {console.counted(len(categories), 'category', 'categories')}, "
+          f"{console.counted(args.workers, 'worker')}, {console.counted(args.epochs, 'epoch')}", flush=True)
     train(config, workers=args.workers, cpus=args.cpus_per_worker, gpus=args.gpus_per_worker,
           storage_uri=storage_uri, run_name=run_name)
     prune_checkpoints(run_dir)

@@ -3,15 +3,18 @@ checks before it continues one. Plain storage, no Ray.
 
     fit-<UTC time>-<id>/
       promptad-fit.json              the run's flags (RESUME_KEYS must match on --resume)
-      epoch_NNNN/state.pt            Ray Train checkpoints (fit/train.py), the newest CHECKPOINTS_KEPT
+      epoch_NNNN/state.pt            Ray Train checkpoints (fit/train.py), the newest CHECKPOINTS_KEPT,
+                                     with the evidence head's input scales per category
       rows.json                      readable images per category, skipped files
       memory/<category>.safetensors  a finished category's memory (artifact.memory_tensors)
       calibration/<category>.json    a finished category's calibration, with the digest of the
                                      trained state it was computed with
 
-A memory depends on the features only, a calibration on the features, the memory and the trained
-state; everything that produces them is deterministic, so what a resumed run restores is what an
-uninterrupted run would have computed.
+A memory depends on the features only; the evidence rows on the images and the memory (they are
+not kept: a resumed run that still trains makes them again); the trained state on the evidence
+rows; a calibration on the features, the memory, the trained state and the head's input scales it
+was trained with (kept in its checkpoint). Everything that produces them is deterministic, so what
+a resumed run restores is what an uninterrupted run would have computed.
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ ROWS_FILE = "rows.json"
 RESUME_KEYS = ("data", "categories", "backbone", "input_size", "epochs", "batch_size", "seed", "workers",
                "precision", "coreset_draws")
 # what a run folder written before a key existed did, as that key's value
-BEFORE_KEY = {"coreset_draws": 1}
+BEFORE_KEY = {"coreset_draws": 1, "head": "features"}
+HEAD = "evidence"  # the head `promptad fit` trains (ModelConfig.head_input); in the run's flags
 
 
 def default_storage(out: str) -> str:
@@ -67,7 +71,7 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
     return {"data": args.data, "categories": sorted(set(args.category)), "backbone": args.backbone,
             "input_size": args.input_size, "epochs": args.epochs, "batch_size": args.batch_size,
             "seed": args.seed, "workers": args.workers, "precision": args.precision,
-            "tolerate": list(args.tolerate), "coreset_draws": args.coreset_draws}
+            "tolerate": list(args.tolerate), "coreset_draws": args.coreset_draws, "head": HEAD}
 
 
 def new_run(storage_uri: str, config: dict[str, Any]) -> str:
@@ -114,6 +118,10 @@ def resume_run(storage_uri: str, config: dict[str, Any]) -> str:
     if not has_checkpoint(run_dir):
         raise UserError(f"nothing to resume: run {name} in {storage_uri} stopped before its first checkpoint; {hint}")
     saved = json.loads(storage.read_bytes(storage.join(run_dir, RUN_FILE)))
+    head = saved.get("head", BEFORE_KEY["head"])
+    if config["epochs"] and head != config["head"]:
+        raise UserError(f"cannot resume run {name}: it trains a {head} head and this promptad fit trains the "
+                        f"{config['head']} head; {hint}")
     changed = [k for k in RESUME_KEYS if saved.get(k, BEFORE_KEY.get(k)) != config[k]]
     if changed:
         diffs = ", ".join(f"--{k.replace('_', '-')} {config[k]} (run has {saved.get(k, BEFORE_KEY.get(k))})" for k in changed)
@@ -129,6 +137,7 @@ class Done:
     metrics: dict[str, Any]  # the last epoch's metrics (rank 0), once training ended
     memory: dict[str, CategoryMemory]
     calibration: dict[str, Calibration]  # only those computed with `trained`
+    head_scales: dict[str, list[float]]  # per category, the evidence head's input scales `trained` was trained with
     rows: dict[str, Any]  # ROWS_FILE: readable images per category, skipped files
 
 
@@ -150,7 +159,8 @@ def read_done(run_dir: str, epochs: int, categories: list[str], initial: dict[st
                 calibration[c] = Calibration(**saved["calibration"])
     rows_uri = storage.join(run_dir, ROWS_FILE)
     rows = json.loads(storage.read_bytes(rows_uri)) if storage.exists(rows_uri) else {"images": {}, "skipped": {}}
-    return Done(trained, dict((final or {}).get("metrics") or {}), memory, calibration, rows)
+    return Done(trained, dict((final or {}).get("metrics") or {}), memory, calibration,
+                dict((final or {}).get("head_scales") or {}), rows)
 
 
 def save_memory(run_dir: str, category: str, memory: CategoryMemory) -> None:

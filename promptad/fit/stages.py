@@ -5,22 +5,23 @@ image or a feature map.
       -> Ray Data, CPU tasks: read + decode + resize (one block = one batch of FEATURE_BATCH rows),
          and the image under each --tolerate condition (shifts.tolerated_views)
       -> Ray Data, actor pool: predict.extract, the frozen backbone loaded once per actor
-         (--gpus-per-worker GPUs each on a GPU cluster), plus each image's per-channel moments of
-         its local embedding (for the head's standardization), and the layers of its tolerated
+         (--gpus-per-worker GPUs each on a GPU cluster), and the layers of each image's tolerated
          views (memory takes them into its banks and Gaussian; training does not see them)
       -> materialized feature blocks in the object store: idx, error, layer_<k> (CLIP: tokens),
          tolerated_layer_<k> (N, T, C_k, H_k, W_k) with --tolerate
-      -> one index task per block: which rows it holds, which failed, the block's moments
-    then, per category, as plain Ray tasks over that category's block refs:
-      memory       pipeline.build_memory (coreset banks, Gaussian); needs no training, so it runs
-                   beside it
+      -> one index task per block: which rows it holds, which failed
+    then, per category, as plain Ray tasks:
+      memory       pipeline.build_memory (coreset banks, Gaussian) over the category's block refs
+      evidence     with training: learning.evidence.category_evidence against that memory, from
+                   the chosen images read again from storage (not from the feature blocks: the
+                   synthetic views need the pixels); its rows are small, its CLIP tokens are not
+                   and stay in the object store for the training workers
       calibration  calibrate.calibrate_category, after training, on the trained weights
-    and per training rank, a rows task that gathers that rank's rows (what its worker loads).
 
 Every task sees its category's rows in idx order (sorted categories, then image_id), which is the
 order the memory was built in: row i of the category is source i of its banks, what calibration's
-leave-one-out needs. Nothing here depends on which block or task finished first, so a resumed fit
-rebuilds exactly what an uninterrupted one built.
+leave-one-out and the evidence rows' leave-one-out need. Nothing here depends on which block or
+task finished first, so a resumed fit rebuilds exactly what an uninterrupted one built.
 
 One block is one extraction batch (batch_size=None on both stages) and blocks are cut by the row
 count alone, so an image is always extracted with the same neighbours: a score on a GPU must not
@@ -31,7 +32,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -47,55 +48,6 @@ FEATURE_BATCH_CPU = 16  # images per block and extraction batch on CPU actors
 FEATURE_BATCH_GPU = 64  # ... and on GPU actors
 DECODE_CPUS = 0.5  # per decode task: two run beside two 0.5-CPU feature actors on a 2-CPU machine
 INDEX_CPUS = 0.25  # index and rows tasks only move small arrays or copy rows
-STD_FLOOR = 1e-6  # training.set_standardization's floor on a channel's std
-
-
-# --------------------------------------------------------------------------- standardization
-@dataclass
-class Moments:
-    """Count, per-channel mean and sum of squared deviations (M2) of local-embedding values: what
-    set_standardization computes, in pieces that combine exactly (Chan et al. 1979) in float64."""
-
-    count: int
-    mean: np.ndarray  # (C,) float64
-    m2: np.ndarray  # (C,) float64
-
-    def __add__(self, other: "Moments") -> "Moments":
-        if not self.count:
-            return other
-        if not other.count:
-            return self
-        n = self.count + other.count
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.count / n)
-        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
-        return Moments(n, mean, m2)
-
-
-def image_moments(local: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per image of (N, C, h, w) local embeddings: means (N, C), M2 (N, C) float64, and h*w."""
-    x = local.double().flatten(2)
-    mean = x.mean(2)
-    m2 = ((x - mean[..., None]) ** 2).sum(2)
-    return mean.numpy(), m2.numpy(), int(x.shape[2])
-
-
-def combine_rows(means: np.ndarray, m2s: np.ndarray, per_image: int) -> Moments:
-    """Moments of several images from their own, combined in the order given."""
-    total = Moments(0, np.zeros(means.shape[1]), np.zeros(means.shape[1]))
-    for mean, m2 in zip(means, m2s):
-        total = total + Moments(per_image, mean.astype(np.float64), m2.astype(np.float64))
-    return total
-
-
-def standardization(m: Moments) -> tuple[torch.Tensor, torch.Tensor]:
-    """(feat_mean, feat_std) float32 as training.set_standardization sets them: the mean and the
-    unbiased std, floored, of every local-embedding value of the training images per channel."""
-    if m.count < 2:
-        raise ValueError("standardization needs at least two local-embedding values per channel")
-    std = np.sqrt(m.m2 / (m.count - 1))
-    # torch.tensor copies: the moments can arrive as read-only arrays from Ray's object store.
-    return torch.tensor(m.mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32).clamp(min=STD_FLOOR)
 
 
 # --------------------------------------------------------------------------- models in tasks
@@ -147,8 +99,7 @@ def decode_block(batch: dict[str, np.ndarray], size: int, tolerate: Sequence[str
 
 
 class FeatureExtractor:
-    """The feature stage: one model per actor, then predict.extract per block. Also each image's
-    moments of its local embedding, so standardization needs no second pass over the features."""
+    """The feature stage: one model per actor, then predict.extract per block."""
 
     def __init__(self, model_cfg: dict[str, Any], device: str, threads: int):
         self.model = stage_model(model_cfg, device, threads)
@@ -159,7 +110,6 @@ class FeatureExtractor:
         t0 = time.perf_counter()
         views = batch.pop("tolerated", None)
         feats = extract(self.model, batch.pop("image"))
-        mean, m2, per_image = image_moments(self.model.local_features(feats).cpu())
         n = len(batch["idx"])
         out = {"idx": batch["idx"], "error": batch["error"], "decode_s": batch["decode_s"]}
         for i, t in enumerate(feats.layers):
@@ -171,8 +121,6 @@ class FeatureExtractor:
             vf = Features.cat([extract(self.model, views[:, k]) for k in range(t)])  # condition-major
             for i, layer in enumerate(vf.layers):
                 out[f"tolerated_layer_{i}"] = layer.cpu().view(t, n, *layer.shape[1:]).transpose(0, 1).numpy()
-        out["moment_mean"], out["moment_m2"] = mean, m2
-        out["moment_count"] = np.full(n, per_image, np.int64)
         out["extract_s"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
         return out
 
@@ -211,7 +159,6 @@ class BlockIndex:
 
     idx: np.ndarray  # (n,) int64 dataset idx of each row, in block order
     errors: list[str]  # "" for rows that decoded
-    moments: Moments  # of the readable rows' local embedding values
     decode_s: float  # task seconds spent decoding this block's images
     extract_s: float  # ... and extracting their features
 
@@ -223,15 +170,10 @@ def _column(table, name: str) -> np.ndarray:
 
 
 def index_block(table) -> BlockIndex:
-    """Ray task: a feature block's rows, errors and moments (combined in idx order)."""
+    """Ray task: a feature block's rows and errors, and the seconds its stages took."""
     idx = _column(table, "idx").astype(np.int64)
     errors = [str(e) for e in _column(table, "error")]
-    ok = np.asarray([not e for e in errors], dtype=bool)
-    order = np.argsort(idx[ok], kind="stable")
-    means = _column(table, "moment_mean")[ok][order]
-    m2s = _column(table, "moment_m2")[ok][order]
-    per_image = int(_column(table, "moment_count")[0]) if len(idx) else 0
-    return BlockIndex(idx=idx, errors=errors, moments=combine_rows(means, m2s, per_image),
+    return BlockIndex(idx=idx, errors=errors,
                       decode_s=float(_column(table, "decode_s").sum()),
                       extract_s=float(_column(table, "extract_s").sum()))
 
@@ -259,13 +201,6 @@ class FeatureSet:
     def errors(self) -> dict[int, str]:
         """idx -> error of the rows that could not be decoded."""
         return {int(i): e for ix in self.index for i, e in zip(ix.idx, ix.errors) if e}
-
-    def moments(self) -> Moments:
-        """Moments of all readable rows, blocks combined in idx order."""
-        total = Moments(0, np.zeros(0), np.zeros(0))
-        for ix in sorted(self.index, key=lambda ix: int(ix.idx.min()) if len(ix.idx) else -1):
-            total = total + ix.moments
-        return total
 
     def seconds(self) -> tuple[float, float]:
         """Task seconds of (decode, extract) over all blocks."""
@@ -333,7 +268,7 @@ def category_cpus(nodes: Sequence[Mapping[str, float]], categories: int, floor: 
 
 
 def _report(t0: float) -> dict[str, float]:
-    """A task's second return: its seconds and the torch threads it ran on (fit's summary)."""
+    """A task's last return: its seconds and the torch threads it ran on (fit's summary)."""
     return {"seconds": time.perf_counter() - t0, "threads": torch.get_num_threads()}
 
 
@@ -352,18 +287,47 @@ def category_memory(model_cfg: dict[str, Any], seed: int, device: str, threads: 
     return memory, _report(t0)
 
 
+def read_images(paths: Sequence[str], size: int) -> np.ndarray:
+    """(k, S, S, 3) uint8: the images at `paths`, read, decoded and resized as decode_block and
+    pipeline.load_images do, so a Ray fit's evidence rows are an in-process fit's bit for bit."""
+    out = np.zeros((len(paths), size, size, 3), np.uint8)
+    for i, path in enumerate(paths):
+        out[i] = resize(decode_image(storage.read_bytes(str(path))), size)
+    return out
+
+
+def category_evidence_rows(model_cfg: dict[str, Any], seed: int, views: int, device: str, threads: int,
+                           category: str, memory, paths: list[str]):
+    """Ray task (three returns): one category's evidence-head rows (learning.evidence.category_evidence)
+    against its memory; `paths`: its readable images in idx order (the memory's sources), of which
+    only the chosen ones are read. Returns (Evidence without tokens, its CLIP tokens or None,
+    _report): the driver fetches the first, (n, 2, h, w) maps and masks; the tokens, (n, 1 + h*w, D)
+    per row, stay in the object store for the training workers (train.take_tokens)."""
+    from promptad.learning.evidence import category_evidence
+
+    t0 = time.perf_counter()
+    model = stage_model(model_cfg, device, threads)
+    model.memory = {category: memory.to(model.device)}
+    size = int(model_cfg["input_size"])
+    evidence = category_evidence(model, category, len(paths), lambda idx: read_images([paths[i] for i in idx], size),
+                                 views, seed)
+    return replace(evidence, tokens=None), evidence.tokens, _report(t0)
+
+
 def category_calibration(model_cfg: dict[str, Any], trained: dict[str, torch.Tensor], was_trained: bool,
-                         category: str, memory, device: str, threads: int, names: list[str],
-                         picks: list[tuple[int, int]], *tables):
+                         head_scales: Sequence[float], category: str, memory, device: str, threads: int,
+                         names: list[str], picks: list[tuple[int, int]], *tables):
     """Ray task: one category's calibration (calibrate.calibrate_category) with the trainable
-    weights (`was_trained` False: the untrained ones of --epochs 0), its memory and its rows in
-    the order the memory was built from (`names`: their paths, for its warnings); (Calibration, _report)."""
+    weights (`was_trained` False: the untrained ones of --epochs 0), the evidence head's input
+    scales it was trained with (none without training), its memory and its rows in the order the
+    memory was built from (`names`: their paths, for its warnings); (Calibration, _report)."""
     from promptad.fit.calibrate import calibrate_category
 
     t0 = time.perf_counter()
     model = stage_model(model_cfg, device, threads)
     model.trainable.load_state_dict(trained)
     model.memory = {category: memory.to(model.device)}
+    model.calibration[category] = replace(model.calibration[category], head_scales=list(head_scales))
     rows = take_rows(picks, *tables)
     calibration = calibrate_category(model, category, as_features(rows), trained=was_trained,
                                      tolerated=as_tolerated(rows), names=names)

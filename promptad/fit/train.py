@@ -1,20 +1,25 @@
 """Training in `promptad fit`: Ray Train's TorchTrainer, DDP over the trainable part only (head,
-prompts), on the cached backbone features.
+prompts), on the evidence head's cached rows (learning/evidence.py, made by the evidence tasks).
 
-Rows. The readable training rows, in idx order (sorted categories, then image_id), are dealt
-round-robin to the ranks: row k goes to rank k mod W, so every rank sees every category. Each
-worker gathers its own rows once, through one rows task over the feature blocks that hold them
-(stages.take_rows: only its rows reach it), and trains every epoch on them from memory; nothing
-streams the dataset per epoch. Within an epoch the order is training.epoch_order(seed, epoch,
-rank) and the synthetic anomalies are seeded by (seed, rank, epoch, step), so a run resumed from a
-checkpoint replays what the uninterrupted run did. (Ray Data's streaming_split hands blocks to
-whichever worker asks first, so a resumed run would not see the same rows.) With one worker this
-is training.train_in_process on the same shard.
+Rows. The evidence rows of every category, in sorted-category order and each category's own row
+order (pipeline.evidence_shard's), are dealt round-robin to the ranks: row k goes to rank k mod W,
+so every rank sees every category. A row's head input and mask are small, (2, h, w) and (h, w):
+the driver puts each rank's into the object store (rank_rows) and the worker fetches its own; a
+row's CLIP tokens are not small and never pass through the driver: the worker gathers its rows'
+from the evidence tasks' token objects with one tokens task (take_tokens: only its rows reach
+it). Each worker holds its rows for the whole run; nothing streams per epoch. The pixel BCE's
+pos_weight and the head's standardization are the fit's, computed by the driver over all rows,
+the same on every rank. Within an epoch the order is training.epoch_order(seed, epoch, rank), so
+a run resumed from a checkpoint replays what the uninterrupted run did. (Ray Data's
+streaming_split hands blocks to whichever worker asks first, so a resumed run would not see the
+same rows.) With one worker this is training.train_in_process on pipeline.evidence_shard.
 
 Checkpoints. Every epoch rank 0 reports the trainable state, optimizer, scheduler, GradScaler, the
-weight average (WeightAverage.state_dict), the epoch and the epoch's metrics; Ray Train keeps the
-newest CHECKPOINTS_KEPT and restarts a lost worker group from the newest (WORKER_RESTARTS times).
-What the fit keeps is the weight average of the last epoch's checkpoint (`final_state`).
+weight average (WeightAverage.state_dict), the epoch, the epoch's metrics and the categories'
+evidence-head input scales (what calibration needs with the trained state, when a resumed run
+does not make the rows again); Ray Train keeps the newest CHECKPOINTS_KEPT and restarts a lost
+worker group from the newest (WORKER_RESTARTS times). What the fit keeps is the weight average
+of the last epoch's checkpoint.
 """
 from __future__ import annotations
 
@@ -24,14 +29,14 @@ import os
 import tempfile
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from promptad.data import storage
-from promptad.fit.pipeline import training_shard
-from promptad.fit.stages import INDEX_CPUS, Selection, as_features, remote, take_rows
+from promptad.fit.stages import INDEX_CPUS, Selection, remote
+from promptad.learning.evidence import Evidence
 from promptad.learning.training import (
     Shard,
     TrainConfig,
@@ -130,17 +135,39 @@ def _gather(value: Any, world: int) -> list[Any]:
     return out
 
 
-def load_shard(model: PromptAD, selection: Selection, categories: list[str]) -> Shard:
-    """This rank's rows, gathered once by a rows task: local embeddings (and CLIP tokens) on the CPU."""
+def rank_rows(evidence: Sequence[Evidence], categories: Sequence[str], world: int) -> list[dict[str, Any]]:
+    """Each rank's evidence rows (deal over the rows of `evidence`, one per category in
+    `categories` order): positions, head inputs, masks and categories, what load_shard needs
+    besides the tokens. Built on the driver from the evidence tasks' small parts."""
+    inputs = torch.cat([e.inputs for e in evidence])
+    masks = torch.cat([e.masks for e in evidence])
+    names = [c for e, c in zip(evidence, categories) for _ in range(len(e))]
+    return [{"positions": pos, "inputs": inputs[pos], "masks": masks[pos],
+             "categories": [names[k] for k in pos]} for pos in deal(len(names), world)]
+
+
+def token_picks(sizes: Sequence[int], positions: np.ndarray) -> list[tuple[int, int]]:
+    """(category j, row r within it) of each position in the rows of categories of `sizes` rows."""
+    starts = np.cumsum([0, *sizes])
+    which = np.searchsorted(starts, positions, side="right") - 1
+    return [(int(j), int(p - starts[j])) for j, p in zip(which, positions)]
+
+
+def take_tokens(picks: list[tuple[int, int]], *tokens: torch.Tensor) -> torch.Tensor:
+    """Ray task body (the categories' token objects arrive as arguments): the picked rows' CLIP
+    tokens, in the order picked."""
+    return torch.stack([tokens[j][r] for j, r in picks])
+
+
+def load_shard(rows: dict[str, Any], tokens: Selection | None, pos_weight: float) -> Shard:
+    """This rank's training shard: its rows from rank_rows, and its CLIP tokens gathered by one
+    tokens task (None without a text branch)."""
     import ray
 
-    rows = ray.get(remote(take_rows).options(num_cpus=INDEX_CPUS).remote(selection.picks, *selection.blocks))
-    feats = as_features(rows)
-    by_cat: dict[str, list[int]] = {}
-    for i, c in enumerate(categories):
-        by_cat.setdefault(c, []).append(i)
-    # Rows come in idx order, which groups them by sorted category: training_shard keeps that order.
-    return training_shard(model, {c: feats.select(torch.tensor(ix)) for c, ix in by_cat.items()})
+    gathered = None
+    if tokens is not None:
+        gathered = ray.get(remote(take_tokens).options(num_cpus=INDEX_CPUS).remote(tokens.picks, *tokens.blocks))
+    return Shard(rows["inputs"], gathered, list(rows["categories"]), masks=rows["masks"], pos_weight=pos_weight)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -163,7 +190,8 @@ def train_worker(config: dict[str, Any]) -> None:
     if model.backbone.has_text:
         for cat in model.categories:  # hand-written prompt features, computed in fp32 before any halving
             model.handcrafted(cat)
-    shard = load_shard(model, config["selections"][rank], config["categories"][rank])
+    tokens = config["tokens"][rank] if config.get("tokens") else None
+    shard = load_shard(ray.get(config["rows_refs"][rank]), tokens, float(config["pos_weight"]))
     if precision == "fp16":
         model.backbone.half()  # frozen: half the memory and bandwidth; autocast runs the trainable part
     steps = steps_per_epoch(int(config["rows"]), cfg.batch_size, world)
@@ -191,7 +219,7 @@ def train_worker(config: dict[str, Any]) -> None:
     # Only the trainable part is wrapped: the frozen backbone is held by reference, not as a
     # submodule, so DDP neither broadcasts nor all-reduces it.
     trainable = ray.train.torch.prepare_model(model.trainable, move_to_device=False)
-    mine = hashlib.sha256(np.asarray(config["selections"][rank].picks, dtype=np.int64).tobytes()).hexdigest()[:16]
+    mine = hashlib.sha256(shard.local.numpy().tobytes()).hexdigest()[:16]
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
         stats = train_epoch(trainable, shard, opt, sched, scaler, ema, cfg, epoch, rank, steps, model.handcrafted,
@@ -204,7 +232,7 @@ def train_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             state = {"epoch": epoch + 1, "trainable": model.trainable.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-                     "ema": ema.state_dict(), "metrics": metrics}
+                     "ema": ema.state_dict(), "metrics": metrics, "head_scales": config["head_scales"]}
             with tempfile.TemporaryDirectory() as d:
                 torch.save(state, os.path.join(d, STATE_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
