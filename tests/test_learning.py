@@ -59,8 +59,10 @@ def test_evidence_head_trained_on_synthetic_views_finds_real_defects(datasets_ro
     torch.manual_seed(0)
     model = PromptAD(ModelConfig(backbone="effnet-lite0", categories=["magnetic_tile"], input_size=SIZE))
     images = load_images(picked, SIZE)
-    model.memory = {"magnetic_tile": build_memory(model, extract_all(model, images))}
-    evidence = category_evidence(model, "magnetic_tile", len(images), images.__getitem__, views=60, seed=0)
+    feats = extract_all(model, images)
+    model.memory = {"magnetic_tile": build_memory(model, feats)}
+    evidence = category_evidence(model, "magnetic_tile", len(images), images.__getitem__,
+                                 lambda idx: feats.select(torch.from_numpy(idx)), views=60, seed=0)
     assert len(evidence) == 120 and evidence.masks[:60].sum() == 0 and (evidence.masks[60:] != 0).flatten(1).any(1).all()
     assert all(s > 0 for s in evidence.scales)
     shard = evidence_shard(model, {"magnetic_tile": evidence})

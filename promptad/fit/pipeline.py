@@ -143,9 +143,11 @@ def fit_in_process(images: dict[str, np.ndarray], model_cfg: ModelConfig, train_
     t = time.perf_counter()
     if model.cfg.head_input == "evidence":
         evidence = {}
-        if train_cfg.epochs:
-            evidence = {c: category_evidence(model, c, len(images[c]), images[c].__getitem__, train_cfg.views,
-                                             train_cfg.seed) for c in model.categories}
+        for c in model.categories if train_cfg.epochs else []:
+            cached = feats[c]
+            evidence[c] = category_evidence(model, c, len(images[c]), images[c].__getitem__,
+                                            lambda idx: cached.select(torch.from_numpy(idx)),
+                                            train_cfg.views, train_cfg.seed)
         clock["evidence"] = time.perf_counter() - t
         t = time.perf_counter()
         shard = evidence_shard(model, evidence) if evidence else None

@@ -85,32 +85,40 @@ def grid_masks(masks: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
 
 @torch.no_grad()
 def category_evidence(model: PromptAD, category: str, n: int, load: Callable[[np.ndarray], np.ndarray],
-                      views: int, seed: int = 0, batch_size: int = 16) -> Evidence:
+                      clean: Callable[[np.ndarray], Features], views: int, seed: int = 0,
+                      batch_size: int = 16) -> Evidence:
     """The evidence head's training rows for one category whose memory is in `model` (built from
     n images, row i = source i). `load(idx)`: those training images (uint8 (k, S, S, 3), in the
-    order asked), so a Ray task can read only the chosen ones. The input scales come from the
-    chosen images' own clean leave-one-out distances (calibrate.distance_scale)."""
+    order asked), so a Ray task reads only the chosen ones; `clean(idx)`: their cached backbone
+    features (the fit has them: only the views need a backbone pass). The input scales come from
+    the chosen images' own clean leave-one-out distances (calibrate.distance_scale)."""
     from promptad.fit.calibrate import distance_scale  # fit imports this module
 
     chosen, sources = view_plan(n, views, seed)
     images = load(chosen)
     position = {int(c): k for k, c in enumerate(chosen)}
     synthetic, masks = synthesize_views(images, [position[int(s)] for s in sources], seed)
-    rows = np.concatenate([images, synthetic])
-    owners = torch.from_numpy(np.concatenate([chosen, sources])).long()
+    del images
     mem, reg, tokens = [], [], []
-    for s in range(0, len(rows), batch_size):
-        feats: Features = extract(model, rows[s:s + batch_size])
-        comps = components_of(model, feats, [category] * len(feats), exclude=owners[s:s + batch_size].to(model.device))
+
+    def measure(feats: Features, owners: np.ndarray) -> None:
+        comps = components_of(model, feats, [category] * len(feats),
+                              exclude=torch.from_numpy(owners).long().to(model.device))
         mem.append(comps["memory"].float().cpu())
         reg.append(comps["regional"].float().cpu())
         if feats.tokens is not None:
-            tokens.append(feats.tokens.float().cpu().half())
+            tokens.append(feats.tokens.cpu().half())
+
+    known = clean(chosen)
+    for s in range(0, len(chosen), batch_size):
+        measure(known.select(slice(s, s + batch_size)), chosen[s:s + batch_size])
+    for s in range(0, len(sources), batch_size):
+        measure(extract(model, synthetic[s:s + batch_size]), sources[s:s + batch_size])
     memory, regional = torch.cat(mem), torch.cat(reg)
-    clean = len(chosen)
-    scales = [distance_scale(memory[:clean]), distance_scale(regional[:clean])]
+    k = len(chosen)
+    scales = [distance_scale(memory[:k]), distance_scale(regional[:k])]
     grid = tuple(memory.shape[-2:])
-    labels = torch.cat([torch.zeros(clean, *grid), grid_masks(masks, grid)])
+    labels = torch.cat([torch.zeros(k, *grid), grid_masks(masks, grid)])
     return Evidence(inputs=head_evidence(memory, regional, scales), masks=labels,
                     tokens=torch.cat(tokens) if tokens else None, scales=scales,
-                    sources=[int(x) for x in owners])
+                    sources=[int(x) for x in np.concatenate([chosen, sources])])
