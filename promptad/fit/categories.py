@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from promptad import console
 from promptad.fit import runs, stages
@@ -115,12 +115,12 @@ class CategoryTasks:
         self.clock["evidence"] = time.time() - self.t0
         return [rows[c] for c in categories], [refs[c][1] for c in categories]
 
-    def _collect(self, wanted) -> dict[str, Any]:
+    def _collect(self, wanted: Callable[[str], bool]) -> dict[str, Evidence]:
         """Wait for the pending results of the kinds `wanted(kind)` is true for, checkpointing
         memories and calibrations as they arrive; the evidence rows that came, per category."""
         import ray
 
-        rows = {}
+        rows: dict[str, Evidence] = {}
         while waiting := [ref for ref, (kind, _, _) in self.pending.items() if wanted(kind)]:
             (ref,), _ = ray.wait(waiting, num_returns=1)
             kind, c, report_ref = self.pending.pop(ref)
