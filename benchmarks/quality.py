@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--backbone", default="effnet-lite0")
     ap.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--views", type=int, default=TrainConfig.views,
+                    help="synthetic views per category for the evidence head (with --epochs)")
     ap.add_argument("--train-limit", type=int, default=None,
                     help="fit on N train images drawn at random (seeded by --seed), in their sorted order")
     ap.add_argument("--local-norm", default=ModelConfig.local_norm, choices=LOCAL_NORMS,
@@ -141,7 +143,7 @@ def main() -> None:
     size = backbone.input_size
     images = load_images(train, size)
     timings["decode"] = time.perf_counter() - t0
-    model = fit_in_process({args.category: images}, cfg, TrainConfig(epochs=args.epochs, seed=args.seed),
+    model = fit_in_process({args.category: images}, cfg, TrainConfig(epochs=args.epochs, seed=args.seed, views=args.views),
                            log=lambda m: print(m, file=sys.stderr), timings=timings)
     fit_s = time.perf_counter() - t0
     cal = model.calibration[args.category]
@@ -203,7 +205,7 @@ def main() -> None:
     result["whole_image_defects"] = whole
     result["timings"] = {k: round(v, 1) for k, v in timings.items()}
     result["settings"] = {"data": args.data, "category": args.category, "backbone": args.backbone,
-                          "epochs": args.epochs, "seed": args.seed, "coreset_draws": args.coreset_draws,
+                          "epochs": args.epochs, "views": args.views, "seed": args.seed, "coreset_draws": args.coreset_draws,
                           "local_norm": args.local_norm, "train_images": len(train),
                           "test_images": len(test), "calibration": cal.stats,
                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

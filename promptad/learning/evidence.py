@@ -15,10 +15,10 @@ distances finds real defects on its own (0.80-0.98) and, fused, widens what the 
 (benchmarks/RESULTS.md). Reading distances only also keeps it from learning the training images
 themselves: with the features as a third input it did.
 
-A fixed number of synthetic views per category whatever its size (TrainConfig.views, 200): spread
-over at most that many of its images (a seeded draw), at least one each; a small category gives each image several. The cost is then
-one backbone pass and one leave-one-out search per view and per chosen clean image, about a
-quarter of a 761-image category's fit (RESULTS.md).
+Two synthetic views per training image, at most TrainConfig.views (200) per category: a large
+category gives one each to a seeded draw of 200 of its images, so the cost stops growing with
+its size (one backbone pass per view, one leave-one-out search per view and per chosen clean
+image). On cookie one view per image did about as well as two, four or six (RESULTS.md).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from promptad.models.model import PromptAD, head_evidence
 from promptad.predict import components_of, extract
 
 COVERED = 0.25  # a grid cell is a defect when a synthetic mask covers at least this much of it
+VIEWS_PER_IMAGE = 2
 IGNORED = -1.0  # grid_masks: a cell a defect touches but covers less: neither defect nor normal
 
 
@@ -54,9 +55,11 @@ class Evidence:
 
 def view_plan(n: int, views: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(chosen, sources): the training images (of n) that get views, sorted, and the image of
-    each of the `views` synthetic views (the chosen cycled, so each gets at least one)."""
+    each synthetic view: VIEWS_PER_IMAGE per image, at most `views` in all (the chosen cycled,
+    so each gets at least one)."""
     if n < 1:
         raise ValueError("no training images to make views of")
+    views = min(views, VIEWS_PER_IMAGE * n)
     rng = np.random.default_rng([seed, 7])
     chosen = np.sort(rng.choice(n, min(n, views), replace=False))
     return chosen, np.sort(np.resize(chosen, max(views, len(chosen))))
