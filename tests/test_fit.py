@@ -140,8 +140,10 @@ def test_evidence_rows_reach_the_driver_without_their_tokens(tmp_path):
     the tokens apart (what only the training workers' tokens tasks read); each rank's rows, with
     its tokens gathered by take_tokens, are pipeline.evidence_shard's rows dealt round-robin, and
     the rows are category_evidence's on the same images (read from storage as the feature stage
-    reads them). Tiny CLIP: the text branch's tokens are what must stay off the driver."""
+    reads them, their clean features from a feature block). Tiny CLIP: the text branch's tokens
+    are what must stay off the driver."""
     import tinyclip
+    from ray.data.block import BlockAccessor
 
     from promptad.data.datasets import Sample
     from promptad.fit import train as fit_train
@@ -157,14 +159,22 @@ def test_evidence_rows_reach_the_driver_without_their_tokens(tmp_path):
     torch.manual_seed(0)
     model = PromptAD(ModelConfig(backbone=f"clip:{tinyclip.NAME}:{weights}", categories=cats, input_size=SIZE))
     images = {c: load_images([Sample(p, p, c, 0, "good", None) for p in paths[c]], SIZE) for c in cats}
-    model.memory = {c: build_memory(model, extract_all(model, images[c])) for c in cats}
+    feats = {c: extract_all(model, images[c]) for c in cats}
+    model.memory = {c: build_memory(model, feats[c]) for c in cats}
     threads = torch.get_num_threads()
+    extractor = fit_stages.FeatureExtractor(model.cfg.to_dict(), "cpu", threads)
     small, tokens, full = [], [], []
     for c in cats:
+        block = BlockAccessor.batch_to_block(extractor({"idx": np.arange(5), "image": images[c].copy(),
+                                                        "error": np.asarray([""] * 5, dtype=object),
+                                                        "decode_s": np.zeros(5)}))
         rows, toks, report = fit_stages.category_evidence_rows(model.cfg.to_dict(), 0, 6, "cpu", threads, c,
-                                                               model.memory[c], paths[c])
+                                                               model.memory[c], paths[c], [(0, r) for r in range(5)],
+                                                               block)
         assert rows.tokens is None and set(report) == {"seconds", "threads"}
-        ref = category_evidence(model, c, 5, images[c].__getitem__, 6, 0)
+        cached = feats[c]
+        ref = category_evidence(model, c, 5, images[c].__getitem__, lambda idx: cached.select(torch.from_numpy(idx)),
+                                6, 0)
         assert torch.equal(rows.inputs, ref.inputs) and torch.equal(rows.masks, ref.masks)
         assert rows.scales == ref.scales and torch.equal(toks, ref.tokens)
         assert toks.shape == (len(rows), 1 + (SIZE // 8) ** 2, 64)  # (n, 1 + h*w, D): per row, larger than its maps
@@ -304,8 +314,9 @@ def test_a_per_category_task_must_fit_one_node_with_its_gpus(monkeypatch):
 
 
 # --------------------------------------------------------------------------- fits on Ray
-# Tiny epochs (80 steps of 4 evidence rows per worker, 3 x 212 rows) take ~0.5 s on 2 CPUs: with 10,
-# a kill at the first epoch's checkpoint (polled every 50 ms) lands seconds before the run's end.
+# Tiny epochs (32 steps of 4 of the 3 x 36 evidence rows per worker) take ~0.2 s on 2 CPUs and a
+# checkpoint each: with 10, a kill at the first epoch's checkpoint (polled every 50 ms) lands
+# seconds before the run's end.
 EPOCHS = "10"
 
 
@@ -526,8 +537,8 @@ def test_one_worker_fit_on_s3_is_the_in_process_fit(ray_local, aligned, s3_bucke
     assert summary.tasks["memory"] == summary.tasks["evidence"] == {"cpus": 1.0, "threads": 1}
     assert summary.timings["evidence"] >= summary.timings["memory_wait"] > 0 and summary.timings["evidence_task_s"] > 0
     out = capsys.readouterr().out
-    assert re.search(r"^fit: synthetic views \(200 per category\) for the evidence head of 2 categories on Ray, "
-                     r"1 CPU per task \(torch on 1 thread\)$", out, re.M), out
+    assert re.search(r"^fit: synthetic views \(at most 200 per category\) for the evidence head of 2 categories "
+                     r"on Ray, 1 CPU per task \(torch on 1 thread\)$", out, re.M), out
     threads = torch.get_num_threads()
     # The memory and evidence tasks' threads: the same float rounding.
     torch.set_num_threads(summary.tasks["memory"]["threads"])
@@ -558,8 +569,8 @@ def test_one_worker_fit_on_s3_is_the_in_process_fit(ray_local, aligned, s3_bucke
     # Standardization can round differently in the two processes (~1e-7; the driver computes it),
     # and Adam turns such noise in near-zero gradients into whole steps, so weights are compared by
     # relative norm per tensor. Measured (2026-12-07, evidence head): 0 here (bit-identical), while
-    # seed 1 gives a median of 1.3 and 1 or 3 epochs a worst of 0.18-0.28 and a median of
-    # 0.08-0.13; the features head's rounding measured 5.5e-3 on an AVX2 CPU.
+    # seed 1 gives a median of 1.3 and 1 or 3 epochs a worst of 0.20-0.23 and a median of 0.08;
+    # the features head's rounding measured 5.5e-3 on an AVX2 CPU.
     for k in sa:
         if not sb[k].is_floating_point():
             assert torch.equal(sa[k], sb[k]), k

@@ -107,8 +107,8 @@ class CategoryTasks:
         tokens, fetched; the refs of their tokens, never fetched here), both in `categories` order."""
         task, threads = self._task(stages.category_evidence_rows, "evidence", returns=3)
         refs = {c: task.remote(self.model_cfg, self.seed, self.views, self.device, threads, c, self._memory(c),
-                               [self.paths[i] for i in self.ok[c]]) for c in categories}
-        self._announce(f"synthetic views ({self.views} per category) for the evidence head of", categories,
+                               [self.paths[i] for i in self.ok[c]], *self._rows(c)) for c in categories}
+        self._announce(f"synthetic views (at most {self.views} per category) for the evidence head of", categories,
                        "evidence", threads)
         self.pending.update({rows: ("evidence", c, report) for c, (rows, _, report) in refs.items()})
         rows = self._collect(lambda kind: kind != "calibration")

@@ -12,9 +12,9 @@ image or a feature map.
       -> one index task per block: which rows it holds, which failed
     then, per category, as plain Ray tasks:
       memory       pipeline.build_memory (coreset banks, Gaussian) over the category's block refs
-      evidence     with training: learning.evidence.category_evidence against that memory, from
-                   the chosen images read again from storage (not from the feature blocks: the
-                   synthetic views need the pixels); its rows are small, its CLIP tokens are not
+      evidence     with training: learning.evidence.category_evidence against that memory: the
+                   chosen images' clean features from the blocks, their pixels read again from
+                   storage for the synthetic views; its rows are small, its CLIP tokens are not
                    and stay in the object store for the training workers
       calibration  calibrate.calibrate_category, after training, on the trained weights
 
@@ -297,12 +297,14 @@ def read_images(paths: Sequence[str], size: int) -> np.ndarray:
 
 
 def category_evidence_rows(model_cfg: dict[str, Any], seed: int, views: int, device: str, threads: int,
-                           category: str, memory, paths: list[str]):
+                           category: str, memory, paths: list[str], picks: list[tuple[int, int]], *tables):
     """Ray task (three returns): one category's evidence-head rows (learning.evidence.category_evidence)
-    against its memory; `paths`: its readable images in idx order (the memory's sources), of which
-    only the chosen ones are read. Returns (Evidence without tokens, its CLIP tokens or None,
-    _report): the driver fetches the first, (n, 2, h, w) maps and masks; the tokens, (n, 1 + h*w, D)
-    per row, stay in the object store for the training workers (train.take_tokens)."""
+    against its memory. Its readable images in idx order (the memory's sources): `paths`, of which
+    only the chosen ones are read again (the synthetic views need their pixels), and their rows in
+    the feature blocks (`picks`, `tables`: the chosen images' cached features, measured clean).
+    Returns (Evidence without tokens, its CLIP tokens or None, _report): the driver fetches the
+    first, (n, 2, h, w) maps and masks; the tokens, (n, 1 + h*w, D) per row, stay in the object
+    store for the training workers (train.take_tokens)."""
     from promptad.learning.evidence import category_evidence
 
     t0 = time.perf_counter()
@@ -310,7 +312,7 @@ def category_evidence_rows(model_cfg: dict[str, Any], seed: int, views: int, dev
     model.memory = {category: memory.to(model.device)}
     size = int(model_cfg["input_size"])
     evidence = category_evidence(model, category, len(paths), lambda idx: read_images([paths[i] for i in idx], size),
-                                 views, seed)
+                                 lambda idx: as_features(take_rows([picks[i] for i in idx], *tables)), views, seed)
     return replace(evidence, tokens=None), evidence.tokens, _report(t0)
 
 
