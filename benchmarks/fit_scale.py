@@ -8,17 +8,18 @@ A run IMAGES:WORKERS:C also passes --cpus-per-category C (the per-category tasks
 threads), e.g. `--runs 761:1:0.5,761:1 --epochs 0` compares one-thread tasks with the default.
 
 Each run (IMAGES:WORKERS) is the real command (fit.run: Ray Data decode + feature actors, memory
-tasks beside Ray Train, calibration tasks, artifact) in a driver process of its own, connected to
+tasks, evidence tasks, Ray Train, calibration tasks, artifact) in a driver process of its own, connected to
 one Ray cluster that a helper process started beforehand, so the driver's peak RSS (VmHWM, read by
 the driver itself when it is done) is the driver alone: no raylet, object store or worker of a Ray
 it started is counted. Manifests list the category's train/good images in sorted order; past the
 761 that magnetic_tile has they are listed again under distinct image_ids (read in place).
 
 Wall time per stage comes from FitSummary.timings: features (decode + extract + index, one
-streaming pipeline; decode and extract task-seconds summed over tasks), training (Ray Train),
-memory and calibration task-seconds (memory tasks start before training and run beside it;
-calibration tasks follow it), the wall time from the end of training until every memory and
-calibration is in (and until the last memory), write.
+streaming pipeline; decode and extract task-seconds summed over tasks), memory and evidence
+(wall from the start of the memory tasks until the last memory, and until the last evidence rows:
+the evidence head's views are measured against the memory, and training waits for them), training
+(Ray Train), the per-category task-seconds, the wall time from the end of training until every
+calibration is in, write.
 """
 from __future__ import annotations
 
@@ -130,8 +131,9 @@ def main() -> None:
             print(f"{n:5d} images, {workers} worker(s){cpus}: driver peak RSS {r['peak_rss'] / 2**20:7.1f} MiB; "
                   f"process wall {r['wall']:6.1f}s, fit {t['total']:6.1f}s = features {t['features']:.1f}s "
                   f"(task-s: decode {t.get('decode_task_s', 0):.1f}, extract {t.get('extract_task_s', 0):.1f}), "
-                  f"training {t['training']:.1f}s, then memory + calibration {t['after_training']:.1f}s "
-                  f"(last memory {t['memory_wait']:.1f}s after training; task-s: memory {t['memory_task_s']:.1f}, "
+                  f"memory {t.get('memory_wait', 0):.1f}s, evidence {t.get('evidence', 0):.1f}s, "
+                  f"training {t['training']:.1f}s, then calibration {t['after_training']:.1f}s "
+                  f"(task-s: memory {t['memory_task_s']:.1f}, evidence {t.get('evidence_task_s', 0):.1f}, "
                   f"calibration {t['calibration_task_s']:.1f}), write {t['write']:.1f}s", flush=True)
     finally:
         cluster.stdin.close()

@@ -18,6 +18,11 @@ from typing import Any, Callable, Sequence
 
 from promptad.errors import UserError
 
+# learning.training.TrainConfig's defaults, restated so that `--help` needs no torch import
+# (tests/test_user_errors.py checks they agree): what quality.py measures is what fit runs
+TRAIN_EPOCHS = 20
+TRAIN_BATCH = 16
+
 
 def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
     """An argparse type: `convert`, then `ok`; either failing is "expected <expected>, got ..."."""
@@ -81,7 +86,7 @@ EXAMPLES = {
     "fit": """examples:
   promptad fit --data /data/mvtec_ad --category bottle --out runs/bottle-effnet
   promptad fit --data s3://promptad-data/mvtec_ad --category bottle,cable --out s3://promptad-models/mvtec-v1 \\
-      --workers 4 --gpus-per-worker 1 --epochs 8 --tolerate sensor --address ray://head:10001""",
+      --workers 4 --gpus-per-worker 1 --tolerate sensor --address ray://head:10001""",
     "score": """examples:
   promptad score --model runs/bottle-effnet --input /data/incoming/bottle --output runs/scores-bottle
   promptad score --model s3://promptad-models/mvtec-v1 --input s3://inspection-archive/images/ \\
@@ -91,7 +96,7 @@ EXAMPLES = {
   promptad audit --model runs/bottle-effnet --data /data/mvtec_ad --report runs/audit-shifts --shifts all""",
     "demo": """examples:
   promptad demo
-  promptad demo --data /data/mvtec_ad --category bottle --epochs 0 --workdir runs/demo-bottle""",
+  promptad demo --data /data/mvtec_ad --category bottle --workdir runs/demo-bottle""",
 }
 
 
@@ -146,15 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cpus-per-worker", type=_non_negative_float, default=0.5, metavar="C",
                    help="CPUs Ray reserves per worker (default: %(default)g)")
     f.add_argument("--cpus-per-category", type=_positive_float, default=None, metavar="C",
-                   help="CPUs Ray reserves for each category's memory-bank and calibration task, which run torch "
-                        "on that many threads (default: the CPUs of the nodes that can run them, those with GPUs "
-                        "if --gpus-per-worker > 0, shared among the categories, at most a node's and at least "
-                        "--cpus-per-worker; memory tasks beside training take --cpus-per-worker)")
-    f.add_argument("--epochs", type=_non_negative_int, default=0, metavar="E",
-                   help="epochs of training for the localization head (and CLIP's prompts); 0 fits the memory "
-                        "banks and the global branch only, which measured best (benchmarks/RESULTS.md) "
-                        "(default: %(default)s)")
-    f.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
+                   help="CPUs Ray reserves for each category's memory-bank, evidence and calibration task, which "
+                        "run torch on that many threads (default: the CPUs of the nodes that can run them, those "
+                        "with GPUs if --gpus-per-worker > 0, shared among the categories, at most a node's and at "
+                        "least --cpus-per-worker)")
+    f.add_argument("--epochs", type=_non_negative_int, default=TRAIN_EPOCHS, metavar="E",
+                   help="epochs of training for the localization head on the memory's evidence of synthetic "
+                        "defects (and CLIP's prompts); 0 fits the memory banks and the global branch only "
+                        "(default: %(default)s, chosen from a measured quality-per-epoch curve)")
+    f.add_argument("--batch-size", type=_positive_int, default=TRAIN_BATCH, metavar="B",
                    help="images per worker and step (default: %(default)s)")
     f.add_argument("--tolerate", type=_shift_names, default=[], metavar="LIST",
                    help="imaging conditions the line must accept as normal, named as audit --shifts names them "
@@ -239,8 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where data, model, scores, report and logs go; a re-run replaces its own outputs "
                         "(default: %(default)s)")
     d.add_argument("--epochs", type=_non_negative_int, default=None, metavar="E",
-                   help="epochs of head training in the demo's fit; 0 is `promptad fit`'s default (no "
-                        "training) (default: 3, to show the Ray Train stage)")
+                   help="epochs of head training in the demo's fit (default: `promptad fit`'s)")
     common(d)
     return p
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from promptad import console, raycluster
-from promptad.cli import build_parser
+from promptad.cli import TRAIN_EPOCHS, build_parser
 from promptad.data import datasets
 from promptad.data.synthesis import procedural_texture, synthesize_anomaly
 from promptad.errors import UserError
@@ -30,10 +30,6 @@ IMAGE_SIZE = 192
 N_TRAIN, N_TEST_GOOD, N_TEST_DEFECT = 24, 8, 8
 DEFECT = "synthetic"
 SEED = 0
-# `promptad fit` trains nothing by default (the memory banks measured best); the demo trains the
-# head for one epoch anyway, to show the Ray Train stage and its epoch line (each epoch costs about
-# a minute on 2 CPUs and shows nothing new); --epochs overrides (0: the fit's default).
-DEFAULT_EPOCHS = 1
 # Written into --workdir so a re-run may replace the demo's own outputs and nothing else.
 MARKER = ".promptad-demo"
 OUTPUTS = ("model", "checkpoints", "scores", "report", "logs", "test_images.csv")
@@ -150,7 +146,7 @@ def run(args: argparse.Namespace) -> None:
     raycluster.connect(args.address)  # one Ray for the three steps
 
     model, scores, report = workdir / "model", workdir / "scores", workdir / "report"
-    epochs = DEFAULT_EPOCHS if args.epochs is None else args.epochs
+    epochs = TRAIN_EPOCHS if args.epochs is None else args.epochs
     print(f"[demo] fit: effnet-lite0 on {cats}, {console.counted(epochs, 'epoch')} (Ray Train)")
     fit.run(_step(["fit", "--data", data, "--category", cats, "--backbone", "effnet-lite0",
                    "--out", str(model), "--storage", str(workdir / "checkpoints"),

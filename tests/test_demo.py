@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from promptad import demo
+from promptad.cli import TRAIN_EPOCHS
 from promptad.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,9 +114,9 @@ def test_demo_console_is_short_and_free_of_ray_internals(demo_run):
     noisy = [line for line in lines if RAY_INTERNALS.search(line)]
     assert not noisy, noisy[:5]
     epochs = [line for line in lines if re.match(r"epoch \d+/\d+  loss ", line)]
-    assert len(epochs) == demo.DEFAULT_EPOCHS  # fit's lines come through from the Train controller
-    assert "[demo] fit: effnet-lite0 on tile, 1 epoch (Ray Train)" in lines and demo.DEFAULT_EPOCHS == 1
-    assert any(re.match(r"fit: training on \d+ images, 1 worker, 1 epoch$", line) for line in lines), lines
+    assert len(epochs) == TRAIN_EPOCHS  # fit's lines come through from the Train controller
+    assert f"[demo] fit: effnet-lite0 on tile, {TRAIN_EPOCHS} epochs (Ray Train)" in lines
+    assert any(re.match(rf"fit: training on \d+ evidence rows of 1 category, 1 worker, {TRAIN_EPOCHS} epochs$", line) for line in lines), lines
     assert re.search(r"  \(\d+ steps x 1 worker\)$", epochs[0]), epochs
     named = re.search(r"^promptad: Ray's logs: (\S+\.log)", demo_run["stderr"], re.M)
     assert named, demo_run["stderr"][-1000:]
@@ -151,7 +152,7 @@ def test_demo_runs_the_whole_flow(demo_run):
     assert table.schema.field("scored_at").type == pa.timestamp("us", tz="UTC")
     manifest = json.loads((workdir / "model" / "promptad.json").read_text())
     assert set(table["model_id"].to_pylist()) == {manifest["model_id"]}
-    assert manifest["training"]["epochs"] == demo.DEFAULT_EPOCHS
+    assert manifest["training"]["epochs"] == TRAIN_EPOCHS
 
     report = json.loads((workdir / "report" / "report.json").read_text())
     tile = report["categories"][demo.CATEGORY]

@@ -594,7 +594,7 @@ def test_tolerated_conditions_join_the_global_branch_as_in_process(ray_local, da
     from promptad.models.artifact import load_artifact
     from promptad.models.model import ModelConfig
 
-    summary = fit.run(fit_args(str(data), str(tmp_path / "model"), "--tolerate", "noise,jpeg",
+    summary = fit.run(fit_args(str(data), str(tmp_path / "model"), "--tolerate", "noise,jpeg", "--epochs", "0",
                                "--storage", str(tmp_path / "ckpt")))
     model = load_artifact(summary.artifact)
     manifest = json.loads((tmp_path / "model" / "promptad.json").read_text())
@@ -630,10 +630,10 @@ def test_tolerated_conditions_join_the_global_branch_as_in_process(ray_local, da
 
 
 @pytest.mark.slow
-def test_default_fit_trains_nothing_and_weights_only_what_it_fitted(ray_local, data, tmp_path):
-    """At the defaults (--epochs 0) fit runs no Ray Train and writes no epoch checkpoint; the
-    artifact's fusion gives the untrained head no weight, and its calibration is the in-process
-    fit's without training."""
+def test_fit_without_training_weights_only_what_it_fitted(ray_local, data, tmp_path):
+    """With --epochs 0 fit runs no Ray Train and writes no epoch checkpoint; the artifact's fusion
+    gives the untrained head no weight, and its calibration is the in-process fit's without
+    training."""
     from promptad.data.datasets import load_samples
     from promptad.fit.pipeline import fit_in_process, load_images
     from promptad.learning.training import TrainConfig
@@ -641,7 +641,8 @@ def test_default_fit_trains_nothing_and_weights_only_what_it_fitted(ray_local, d
     from promptad.models.model import FUSION_UNTRAINED, ModelConfig
     from promptad.predict import predict
 
-    summary = fit.run(fit_args(str(data), str(tmp_path / "model"), "--storage", str(tmp_path / "ckpt")))
+    summary = fit.run(fit_args(str(data), str(tmp_path / "model"), "--storage", str(tmp_path / "ckpt"),
+                               "--epochs", "0"))
     assert not list(Path(summary.run_dir).glob("epoch_*")) and summary.metrics == {}
     model = load_artifact(summary.artifact)
     manifest = json.loads((tmp_path / "model" / "promptad.json").read_text())
@@ -663,11 +664,11 @@ def test_default_fit_trains_nothing_and_weights_only_what_it_fitted(ray_local, d
 
 
 def test_one_category_fit_runs_its_tasks_on_every_cpu(ray_local, data, tmp_path, capsys):
-    """At the defaults (no training) a one-category fit's memory and calibration tasks each
-    reserve the machine's CPUs and run torch on that many threads, as they report from inside."""
+    """Without training, a one-category fit's memory and calibration tasks each reserve the
+    machine's CPUs and run torch on that many threads, as they report from inside."""
     cpus = ray_local.cluster_resources()["CPU"]
     summary = fit.run(fit_args(str(data), str(tmp_path / "model"), "--storage", str(tmp_path / "ckpt"),
-                               categories="tile"))
+                               "--epochs", "0", categories="tile"))
     want = {"cpus": cpus, "threads": max(1, int(cpus))}
     assert summary.tasks == {"memory": want, "calibration": want}
     out = capsys.readouterr().out
@@ -687,7 +688,7 @@ def test_fit_says_what_its_threshold_promises_and_names_the_image_it_rests_on(ra
     img = np.asarray(Image.open(paths[4])).copy()
     img[25:55, 25:55] = 0
     Image.fromarray(img).save(paths[4])
-    fit.run(fit_args(str(root), str(tmp_path / "model"), "--storage", str(tmp_path / "ckpt")))
+    fit.run(fit_args(str(root), str(tmp_path / "model"), "--storage", str(tmp_path / "ckpt"), "--epochs", "0"))
     out = capsys.readouterr().out
     for c in ("tile", "wood"):
         assert re.search(rf"^fit: {c}: image threshold [0-9.]+ from 12 held-out normal images, promising at most "

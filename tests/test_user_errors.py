@@ -302,3 +302,13 @@ def test_bare_promptad_lists_the_commands(capsys):
     for name in ("fit", "score", "audit", "demo"):
         assert re.search(rf"^\s+{name}\s+\S", out, re.M), out
     assert "required" not in out
+
+
+def test_cli_training_defaults_are_train_configs():
+    """`promptad fit` restates TrainConfig's defaults (its --help imports no torch): a fit at the
+    defaults trains what benchmarks/quality.py measured."""
+    from promptad.cli import TRAIN_BATCH, TRAIN_EPOCHS, build_parser
+    from promptad.learning.training import TrainConfig
+
+    args = build_parser().parse_args(["fit", "--data", "d", "--category", "c", "--out", "o"])
+    assert (args.epochs, args.batch_size) == (TRAIN_EPOCHS, TRAIN_BATCH) == (TrainConfig.epochs, TrainConfig.batch_size)

@@ -32,7 +32,7 @@ MIN_EPOCH_SAMPLES = 256  # an epoch visits at least this many samples (cycling a
 
 @dataclass
 class TrainConfig:
-    epochs: int = 0
+    epochs: int = 20  # benchmarks/RESULTS.md, "Epochs": the evidence head's AUPRO levels off by 20
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 1e-4
