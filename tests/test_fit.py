@@ -537,7 +537,7 @@ def test_one_worker_fit_on_s3_is_the_in_process_fit(ray_local, aligned, s3_bucke
     assert summary.tasks["memory"] == summary.tasks["evidence"] == {"cpus": 1.0, "threads": 1}
     assert summary.timings["evidence"] >= summary.timings["memory_wait"] > 0 and summary.timings["evidence_task_s"] > 0
     out = capsys.readouterr().out
-    assert re.search(r"^fit: synthetic views \(at most 200 per category\) for the evidence head of 2 categories "
+    assert re.search(r"^fit: synthetic views \(at most 100 per category\) for the evidence head of 2 categories "
                      r"on Ray, 1 CPU per task \(torch on 1 thread\)$", out, re.M), out
     threads = torch.get_num_threads()
     # The memory and evidence tasks' threads: the same float rounding.

@@ -205,3 +205,27 @@ def test_untrained_fit_scores_without_running_the_trainable_part(monkeypatch):
     torch.testing.assert_close(a.maps, b.maps)
     with pytest.raises(ValueError, match="head or text"):
         model.fuse(without, ["tile"] * 3, {"tile": {**fusion, "head": 1.0}})
+
+
+def test_evidence_head_shapes_the_map_not_the_image_score(effnet_model):
+    """A trained evidence head scales the map by 1 + head^2 (only where it is confident does a
+    distance grow) and leaves the image score, the banks' and the global branch's, as it is."""
+    from promptad.models.model import _up
+    from promptad.predict import predict_components
+
+    model = effnet_model
+    assert model.cfg.head_input == "evidence" and model.calibration["tile"].fusion["head"] == 1.0
+    assert len(model.calibration["tile"].head_scales) == 2
+    cats = ["tile"] * 6
+    comps = predict_components(model, _probe(6), cats)
+    with_head = model.fuse(comps, cats)
+    without = model.fuse(comps, cats, {"tile": {**model.calibration["tile"].fusion, "head": 0.0}})
+    torch.testing.assert_close(with_head.scores, without.scores)
+    assert not torch.equal(with_head.maps, without.maps)
+    cal = model.calibration["tile"]
+    local = comps["memory"] / cal.memory_scale
+    regional = _up(comps["regional"], local.shape[-2:]) / cal.regional_scale
+    want = model.fuse({**comps, "memory": torch.maximum(local, regional) * cal.memory_scale * (1 + comps["head"] ** 2),
+                       "regional": torch.zeros_like(comps["regional"])}, cats,
+                      {"tile": {**cal.fusion, "head": 0.0}}).maps
+    torch.testing.assert_close(with_head.maps, want, rtol=1e-5, atol=1e-6)

@@ -39,7 +39,7 @@ class TrainConfig:
     ema: float = 0.98  # decay of the weight average kept as the trained model (per step)
     seed: int = 0
     p_anomaly: float = 0.5  # features head: share of a batch given feature-space anomalies
-    views: int = 200  # evidence head: synthetic views per category (learning/evidence.py VIEWS)
+    views: int = 100  # evidence head: at most this many synthetic views per category (learning/evidence.py)
     precision: str = "auto"  # auto: see training_precision
     loss_weights: dict[str, float] = field(default_factory=lambda: {
         "image_bce": 1.0, "dice": 1.0, "focal": 1.0, "contrastive": 0.1, "margin": 0.1,

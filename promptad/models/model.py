@@ -21,9 +21,9 @@ Evidence per image, all computed from one frozen backbone pass (backbones.Featur
             views. Otherwise 1.
 
     map    = max(memory, regional) * (1 + head^k * p_head) + text * p_text          (pixel map)
-    local  = max over the blurred map of memory * (1 + head^k * p_head) + text * p_text (+ image text)
+    local  = max over the blurred map of memory * m + text * p_text (+ image text)
 
-(k = 2 for the evidence head, 1 for the features head.)
+(evidence head: k = 2 and m = 1; features head: k = 1 and m = 1 + head * p_head.)
     score  = max(z(local / reference), global * (z(global) - 3))
 
 z() is a robust standard score against held-out normal images (median, 1.4826 x MAD).
@@ -45,7 +45,9 @@ Why this shape (benchmarks/RESULTS.md has the measurements):
   data stays normal whatever the head says; where the head confirms a deviation it is amplified.
   The evidence head's probability is squared: a confident head doubles a patch's distance, an
   unsure one barely moves it, which kept magnetic_tile's pixel AUROC while the defects' extent
-  (AUPRO) grew on both shared sets (benchmarks/RESULTS.md);
+  (AUPRO) grew on both shared sets. It shapes the map only, not the image score: there it moved
+  no image AUROC, and on cookie it lifted two normal test images' local scores above those of
+  whole-image defects that only the global branch sees (benchmarks/RESULTS.md);
 - the global branch is a second detector beside the local one (the score is the larger of the
   two), shifted by three robust standard deviations of its normal values: it decides an image's
   rank only when the image is globally far more unusual than it is locally, so it catches
@@ -360,7 +362,7 @@ class PromptAD(nn.Module):
         power = 2 if self.cfg.head_input == "evidence" else 1
         modulation = 1.0 + per_row([w.get("head", 0.0) for w in weights]) * head ** power
         pixel = torch.maximum(local, regional) * modulation
-        fine = local * modulation
+        fine = local if self.cfg.head_input == "evidence" else local * modulation
         image_text = torch.zeros(head.shape[0], dtype=head.dtype, device=head.device)
         if "text" in comps:
             w_text = per_row([w.get("text", 0.0) for w in weights])
