@@ -159,5 +159,6 @@ class CategoryTasks:
             self._announce("calibrating", need, "calibration", threads)
         self._collect(lambda kind: True)
         self.clock["after_training"] = time.time() - t0
-        print(f"fit: memory of {memories} and calibration of {len(need)} categories done "
-              f"{self.clock['after_training']:.1f}s after training", flush=True)
+        done_what = (f"memory of {memories} and " if memories else "") + \
+            f"calibration of {console.counted(len(need), 'category', 'categories')}"
+        print(f"fit: {done_what} done {self.clock['after_training']:.1f}s after training", flush=True)
