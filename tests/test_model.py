@@ -17,7 +17,7 @@ from promptad.learning.training import TrainConfig
 from promptad.models import artifact
 from promptad.models.model import ModelConfig
 from promptad.postprocess import postprocess
-from promptad.predict import predict
+from promptad.predict import predict, predict_components
 
 SIZE = 64
 
@@ -180,11 +180,9 @@ def test_clip_model_round_trip_with_local_weights(tmp_path):
 
 
 def test_untrained_fit_scores_without_running_the_trainable_part(monkeypatch):
-    """At the default (no training) the head weighs nothing, so prediction never runs it: the same
+    """Without training (--epochs 0) the head weighs nothing, so prediction never runs it: the same
     scores as with the head computed and weighted 0, and a head weight asked of such components
     is refused rather than read as zeros."""
-    from promptad.predict import predict_components
-
     model = fit_in_process({"tile": _images(8, 0)}, ModelConfig(backbone="effnet-lite0", input_size=SIZE),
                            TrainConfig(epochs=0), log=None)
     x = _probe(3)
@@ -211,7 +209,6 @@ def test_evidence_head_shapes_the_map_not_the_image_score(effnet_model):
     """A trained evidence head scales the map by 1 + head^2 (only where it is confident does a
     distance grow) and leaves the image score, the banks' and the global branch's, as it is."""
     from promptad.models.model import _up
-    from promptad.predict import predict_components
 
     model = effnet_model
     assert model.cfg.head_input == "evidence" and model.calibration["tile"].fusion["head"] == 1.0
@@ -229,3 +226,33 @@ def test_evidence_head_shapes_the_map_not_the_image_score(effnet_model):
                        "regional": torch.zeros_like(comps["regional"])}, cats,
                       {"tile": {**cal.fusion, "head": 0.0}}).maps
     torch.testing.assert_close(with_head.maps, want, rtol=1e-5, atol=1e-6)
+
+
+def test_artifact_from_before_head_input_keeps_its_features_head(tmp_path):
+    """An artifact written before head_input existed holds a trained head on the local features
+    (and calibrations without head_scales): it must load as a features head and score exactly as
+    it did, its head in the image score as then, not as an evidence head."""
+    imgs = {"tile": _images(12, 0)}
+    old = fit_in_process(imgs, ModelConfig(backbone="effnet-lite0", input_size=SIZE, head_input="features"),
+                         TrainConfig(epochs=1, batch_size=4, lr=3e-4), log=None)
+    assert old.calibration["tile"].fusion["head"] == 1.0 and old.calibration["tile"].head_scales == []
+    uri = tmp_path / "m"
+    artifact.save_artifact(old, str(uri))
+    manifest = json.loads((uri / "promptad.json").read_text())
+    del manifest["model"]["head_input"]
+    for cal in manifest["calibration"].values():
+        del cal["head_scales"]
+    weights = (uri / "weights.safetensors").read_bytes()
+    banks = {c: (uri / p).read_bytes() for c, p in manifest["memory"].items()}
+    manifest["model_id"] = artifact._model_id(manifest, weights, banks)
+    (uri / "promptad.json").write_text(json.dumps(manifest))
+    loaded = artifact.load_artifact(str(uri))
+    assert loaded.cfg.head_input == "features" and loaded.trainable.head.net[0].in_channels == loaded.local_dim
+    x = _probe()
+    a, b = predict(old, x, ["tile"] * len(x)), predict(loaded, x, ["tile"] * len(x))
+    assert np.array_equal(a.scores, b.scores) and np.array_equal(a.maps, b.maps)
+    without = old.fuse(predict_components(old, x, ["tile"] * len(x)), ["tile"] * len(x),
+                       {"tile": {**old.calibration["tile"].fusion, "head": 0.0}})
+    assert not np.allclose(a.scores, without.scores.numpy())  # the features head moves the image score
+    with pytest.raises(ValueError, match="head_input must be one of evidence, features"):
+        ModelConfig(head_input="pixels")
