@@ -1,11 +1,13 @@
 """Synthetic anomalies in feature space (after SimpleNet, Liu et al. CVPR 2023, and GLASS): the
-training signal of the localization head, made from cached normal features with exact masks.
+training signal of the features head (head_input "features", the head of artifacts written
+before the evidence head; learning/evidence.py says why that one replaced it), made from cached
+normal features with exact masks.
 
 The backbone is frozen, so every training image's features are computed once; an anomaly is then
 Gaussian noise added to the standardized local features inside a smooth random blob of patches.
 The head learns where normal features end, patch by patch and from their neighbourhood, without
-a picture of any defect. (Image-space defects, cut-paste and texture blends, trained a head that
-did not transfer to real magnetic-tile defects; benchmarks/RESULTS.md has the numbers.)
+a picture of any defect. Measured, it learned the noise, not defects (its map's pixel AUROC 0.59
+on both shared sets; benchmarks/RESULTS.md, fourteenth round).
 Every function takes a torch.Generator: the same seed gives the same anomalies.
 """
 from __future__ import annotations
