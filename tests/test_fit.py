@@ -265,7 +265,7 @@ def test_per_category_tasks_share_the_cluster_cpus():
     """Memory, evidence and calibration tasks reserve the CPUs they run torch threads on: by
     default the cluster's shared among the categories, at most a node's, at least a worker's (none
     of them runs beside training); --cpus-per-category overrides that."""
-    from promptad.fit.categories import category_slots
+    from promptad.fit.categories import task_cpus
     from promptad.fit.stages import category_cpus
 
     cpu = lambda *c: [{"CPU": x} for x in c]  # noqa: E731 - CPU-only nodes
@@ -282,10 +282,10 @@ def test_per_category_tasks_share_the_cluster_cpus():
     assert category_cpus(gpu_cluster[:1], 1, 0.5, gpus=1.0) == 0.5  # no GPU node yet (autoscaler)
     assert category_cpus(gpu_cluster, 1, 0.5) == 32.0
     args = fit_args("d", "m")
-    assert category_slots(args, 1, cpu(4.0)) == {"memory": 4.0, "evidence": 4.0, "calibration": 4.0}
-    assert category_slots(args, 2, cpu(4.0)) == {"memory": 2.0, "evidence": 2.0, "calibration": 2.0}
+    assert task_cpus(args, 1, cpu(4.0)) == 4.0
+    assert task_cpus(args, 2, cpu(4.0)) == 2.0
     args = fit_args("d", "m", "--cpus-per-category", "3")
-    assert category_slots(args, 2, cpu(4.0)) == {"memory": 3.0, "evidence": 3.0, "calibration": 3.0}
+    assert task_cpus(args, 2, cpu(4.0)) == 3.0
 
 
 def test_cpus_per_category_beyond_any_node(ray_local, data, tmp_path, capsys):

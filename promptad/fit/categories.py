@@ -7,7 +7,7 @@ Order. An evidence task reads its category's memory, so it is started on the mem
 and Ray runs it once that memory is in; training waits for every category's evidence rows; a
 calibration needs the trained weights, and the memory's evidence head input scales with them.
 None of these tasks runs beside training, so each reserves its full share of the cluster's CPUs
-(category_slots).
+(task_cpus).
 """
 from __future__ import annotations
 
@@ -36,27 +36,27 @@ def pause_hook(stage: str, category: str) -> None:
             time.sleep(60)
 
 
-def category_slots(args: argparse.Namespace, categories: int, nodes: list[dict[str, float]]) -> dict[str, float]:
-    """CPUs of each memory, evidence and calibration task: --cpus-per-category, or by default
+def task_cpus(args: argparse.Namespace, categories: int, nodes: list[dict[str, float]]) -> float:
+    """CPUs of every memory, evidence and calibration task: --cpus-per-category, or by default
     stages.category_cpus (none of them runs beside training, so each may have its share)."""
-    cpus = args.cpus_per_category if args.cpus_per_category is not None else \
-        stages.category_cpus(nodes, categories, args.cpus_per_worker, args.gpus_per_worker)
-    return {"memory": cpus, "evidence": cpus, "calibration": cpus}
+    if args.cpus_per_category is not None:
+        return args.cpus_per_category
+    return stages.category_cpus(nodes, categories, args.cpus_per_worker, args.gpus_per_worker)
 
 
 class CategoryTasks:
     """The per-category tasks: memory, evidence (with training; each on its category's memory) and
     calibration (after training), memories and calibrations checkpointed in the run folder as they
-    arrive; `slots`: their CPUs (category_slots), which are also their torch threads (rounded
+    arrive; `cpus`: what each reserves (task_cpus), which is also its torch threads (rounded
     down, at least one)."""
 
     def __init__(self, args: argparse.Namespace, model_cfg: dict[str, Any], feats: stages.FeatureSet | None,
                  ok: dict[str, list[int]], paths: dict[int, str], run_dir: str, done: runs.Done,
-                 clock: dict[str, float], slots: dict[str, float]):
+                 clock: dict[str, float], cpus: float):
         self.model_cfg, self.feats, self.ok, self.paths, self.run_dir, self.done, self.clock = \
             model_cfg, feats, ok, paths, run_dir, done, clock
         self.seed, self.was_trained, self.views = args.seed, args.epochs > 0, TrainConfig.views
-        self.gpus, self.slots = args.gpus_per_worker, slots
+        self.gpus, self.cpus = args.gpus_per_worker, cpus
         self.device = stages.device_for(args.gpus_per_worker)
         self.memory_refs: dict[str, tuple[Any, Any]] = {}  # built in this run: (memory, report)
         self.pending: dict[Any, tuple[str, str, Any]] = {}  # result ref -> (kind, category, report ref)
@@ -66,11 +66,10 @@ class CategoryTasks:
         self.t0 = time.time()
         clock.update(memory_task_s=0.0, evidence_task_s=0.0, calibration_task_s=0.0, memory_wait=0.0, evidence=0.0)
 
-    def _task(self, fn, kind: str, returns: int = 2):
-        """`fn` as a Ray task with `kind`'s slot, and the torch threads it is to run on."""
-        cpus = self.slots[kind]
-        task = stages.remote(fn).options(num_returns=returns, num_cpus=cpus, num_gpus=self.gpus)
-        return task, threads_for(cpus)
+    def _task(self, fn, returns: int = 2):
+        """`fn` as a Ray task with the per-category CPUs, and the torch threads it is to run on."""
+        task = stages.remote(fn).options(num_returns=returns, num_cpus=self.cpus, num_gpus=self.gpus)
+        return task, threads_for(self.cpus)
 
     def _rows(self, category: str) -> tuple:
         """Task arguments for a category's readable rows in idx order: picks, then their blocks."""
@@ -89,27 +88,27 @@ class CategoryTasks:
 
     def start_memory(self, categories: list[str]) -> None:
         self.t0 = time.time()
-        task, threads = self._task(stages.category_memory, "memory")
+        task, threads = self._task(stages.category_memory)
         self.memory_refs = {c: task.remote(self.model_cfg, self.seed, self.device, threads, *self._rows(c))
                             for c in categories}
         self.pending.update({mem: ("memory", c, report) for c, (mem, report) in self.memory_refs.items()})
         if categories:
-            self._announce("building the memory of", categories, "memory", threads)
+            self._announce("building the memory of", categories, threads)
 
-    def _announce(self, what: str, categories: list[str], kind: str, threads: int) -> None:
+    def _announce(self, what: str, categories: list[str], threads: int) -> None:
         print(f"fit: {what} {console.counted(len(categories), 'category', 'categories')} on Ray, "
-              f"{console.counted(self.slots[kind], 'CPU')} per task (torch on {console.counted(threads, 'thread')})",
+              f"{console.counted(self.cpus, 'CPU')} per task (torch on {console.counted(threads, 'thread')})",
               flush=True)
 
     def evidence(self, categories: list[str]) -> tuple[list[Evidence], list]:
         """The evidence head's rows of `categories` (sorted), each task started on its category's
         memory, and every memory of the run in (checkpointed as it comes): (the rows without their
         tokens, fetched; the refs of their tokens, never fetched here), both in `categories` order."""
-        task, threads = self._task(stages.category_evidence_rows, "evidence", returns=3)
+        task, threads = self._task(stages.category_evidence_rows, returns=3)
         refs = {c: task.remote(self.model_cfg, self.seed, self.views, self.device, threads, c, self._memory(c),
                                [self.paths[i] for i in self.ok[c]], *self._rows(c)) for c in categories}
         self._announce(f"synthetic views (at most {self.views} per category) for the evidence head of", categories,
-                       "evidence", threads)
+                       threads)
         self.pending.update({rows: ("evidence", c, report) for c, (rows, _, report) in refs.items()})
         rows = self._collect(lambda kind: kind != "calibration")
         self.clock["evidence"] = time.time() - self.t0
@@ -126,7 +125,7 @@ class CategoryTasks:
             kind, c, report_ref = self.pending.pop(ref)
             value, report = ray.get([ref, report_ref])
             self.clock[f"{kind}_task_s"] += report["seconds"]
-            self.tasks[kind] = {"cpus": self.slots[kind], "threads": report["threads"]}
+            self.tasks[kind] = {"cpus": self.cpus, "threads": report["threads"]}
             if kind == "memory":
                 self.done.memory[c] = value
                 runs.save_memory(self.run_dir, c, value)
@@ -147,7 +146,7 @@ class CategoryTasks:
         done = self.done
         self.digest = state_digest(done.trained)
         trained = ray.put(done.trained)
-        task, threads = self._task(stages.category_calibration, "calibration")
+        task, threads = self._task(stages.category_calibration)
         memories = sum(kind == "memory" for kind, _, _ in self.pending.values())
         need = [c for c in sorted(done.memory.keys() | self.memory_refs.keys()) if c not in done.calibration]
         for c in need:
@@ -156,7 +155,7 @@ class CategoryTasks:
                                       self.device, threads, [self.paths[i] for i in self.ok[c]], *self._rows(c))
             self.pending[cal] = ("calibration", c, report)
         if need:
-            self._announce("calibrating", need, "calibration", threads)
+            self._announce("calibrating", need, threads)
         self._collect(lambda kind: True)
         self.clock["after_training"] = time.time() - t0
         done_what = (f"memory of {memories} and " if memories else "") + \

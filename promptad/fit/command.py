@@ -61,7 +61,7 @@ from promptad.data import storage
 from promptad.data.datasets import Sample, load_samples
 from promptad.errors import UserError
 from promptad.fit import runs, stages
-from promptad.fit.categories import PAUSE_ENV, CategoryTasks, category_slots  # noqa: F401 - PAUSE_ENV: tests
+from promptad.fit.categories import PAUSE_ENV, CategoryTasks, task_cpus  # noqa: F401 - PAUSE_ENV: tests
 from promptad.fit.runs import default_storage
 from promptad.fit.train import (  # noqa: F401 - documented names
     CHECKPOINTS_KEPT,
@@ -203,9 +203,9 @@ def run(args: argparse.Namespace) -> FitSummary:
     feats, ok = _features(args, model.cfg.to_dict(), rows, run_dir, done, clock) if rows else (None, {})
     clock["features"] = time.time() - t
 
-    slots = category_slots(args, len(categories), node_resources())
+    cpus = task_cpus(args, len(categories), node_resources())
     stage = CategoryTasks(args, model.cfg.to_dict(), feats, ok, {r["idx"]: r["path"] for r in rows}, run_dir, done,
-                          clock, slots)
+                          clock, cpus)
     if args.tolerate:
         print(f"fit: tolerating {', '.join(args.tolerate)}: each image's views under them join the memory banks "
               f"and the global branch ({len(args.tolerate)} extra backbone pass(es) per image)", flush=True)

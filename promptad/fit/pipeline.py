@@ -43,11 +43,18 @@ from promptad.models.model import CategoryMemory, ModelConfig, PromptAD
 from promptad.predict import extract
 
 
+def read_images(paths: Sequence[str], size: int) -> np.ndarray:
+    """(N, S, S, 3) uint8: the images at `paths`, decoded and resized to the model's input size
+    (as the Ray feature stage's decode_block does, so Ray and in-process fits see the same pixels)."""
+    out = np.zeros((len(paths), size, size, 3), np.uint8)
+    for i, path in enumerate(paths):
+        out[i] = resize(decode_image(storage.read_bytes(str(path))), size)
+    return out
+
+
 def load_images(samples: Sequence[Sample], size: int) -> np.ndarray:
-    """(N, S, S, 3) uint8, decoded and resized to the model's input size."""
-    if not samples:
-        return np.zeros((0, size, size, 3), np.uint8)
-    return np.stack([resize(decode_image(storage.read_bytes(s.path)), size) for s in samples])
+    """read_images of the samples' paths."""
+    return read_images([s.path for s in samples], size)
 
 
 def load_tolerated(samples: Sequence[Sample], size: int, names: list[str]) -> np.ndarray:

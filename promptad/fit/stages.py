@@ -287,15 +287,6 @@ def category_memory(model_cfg: dict[str, Any], seed: int, device: str, threads: 
     return memory, _report(t0)
 
 
-def read_images(paths: Sequence[str], size: int) -> np.ndarray:
-    """(k, S, S, 3) uint8: the images at `paths`, read, decoded and resized as decode_block and
-    pipeline.load_images do, so a Ray fit's evidence rows are an in-process fit's bit for bit."""
-    out = np.zeros((len(paths), size, size, 3), np.uint8)
-    for i, path in enumerate(paths):
-        out[i] = resize(decode_image(storage.read_bytes(str(path))), size)
-    return out
-
-
 def category_evidence_rows(model_cfg: dict[str, Any], seed: int, views: int, device: str, threads: int,
                            category: str, memory, paths: list[str], picks: list[tuple[int, int]], *tables):
     """Ray task (three returns): one category's evidence-head rows (learning.evidence.category_evidence)
@@ -305,6 +296,7 @@ def category_evidence_rows(model_cfg: dict[str, Any], seed: int, views: int, dev
     Returns (Evidence without tokens, its CLIP tokens or None, _report): the driver fetches the
     first, (n, 2, h, w) maps and masks; the tokens, (n, 1 + h*w, D) per row, stay in the object
     store for the training workers (train.take_tokens)."""
+    from promptad.fit.pipeline import read_images
     from promptad.learning.evidence import category_evidence
 
     t0 = time.perf_counter()

@@ -231,7 +231,6 @@ def train_epoch(trainable: torch.nn.Module, shard: Shard, opt, sched, scaler, em
     for step in range(steps):
         idx = torch.from_numpy(order[step * cfg.batch_size:(step + 1) * cfg.batch_size])
         categories = [shard.categories[i] for i in idx.tolist()]
-        gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, rank, epoch, step]).integers(2**62)))
         z = module.standardize(shard.local[idx].to(device))
         tokens = None if shard.tokens is None else shard.tokens[idx].to(device).float()
         if shard.masks is not None:  # evidence rows: the synthetic defects are already in them
@@ -240,7 +239,8 @@ def train_epoch(trainable: torch.nn.Module, shard: Shard, opt, sched, scaler, em
             with autocast(precision, device):
                 out = trainable(z, tokens, categories)
             terms = loss_terms(module, out, None, masks, labels, categories, handcrafted, shard.pos_weight)
-        else:
+        else:  # features rows: this step's feature-space anomalies, seeded by (seed, rank, epoch, step)
+            gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, rank, epoch, step]).integers(2**62)))
             z, tokens, masks, labels = add_anomalies(z, cfg.p_anomaly, gen, tokens)
             flip_tokens = None if tokens is None else _flip_tokens(tokens, z.shape[-2:])
             with autocast(precision, device):
