@@ -182,7 +182,7 @@ def test_evidence_rows_reach_the_driver_without_their_tokens(tmp_path):
         tokens.append(toks)
         full.append(ref)
     shard = shard_from_evidence(full, cats, pixel_pos_weight(torch.cat([e.masks for e in full])))
-    ranks = fit_train.rank_rows(small, cats, 3)
+    ranks = fit_train.rank_rows(shard_from_evidence(small, cats, 1.0), 3)  # the driver's: no tokens
     assert sorted(np.concatenate([r["positions"] for r in ranks]).tolist()) == list(range(len(shard)))
     for rank, r in enumerate(ranks):
         pos = torch.as_tensor(r["positions"])

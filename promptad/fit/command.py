@@ -62,6 +62,7 @@ from promptad.data.datasets import Sample, load_samples
 from promptad.errors import UserError
 from promptad.fit import runs, stages
 from promptad.fit.categories import PAUSE_ENV, CategoryTasks, task_cpus  # noqa: F401 - PAUSE_ENV: tests
+from promptad.fit.pipeline import evidence_shard
 from promptad.fit.runs import default_storage
 from promptad.fit.train import (  # noqa: F401 - documented names
     CHECKPOINTS_KEPT,
@@ -77,7 +78,7 @@ from promptad.fit.train import (  # noqa: F401 - documented names
     train,
 )
 from promptad.learning.evidence import Evidence
-from promptad.learning.training import TrainConfig, pixel_pos_weight, set_standardization
+from promptad.learning.training import TrainConfig
 from promptad.models.artifact import save_artifact
 from promptad.models.model import Calibration, ModelConfig, PromptAD
 
@@ -280,22 +281,23 @@ def _features(args: argparse.Namespace, model_cfg: dict[str, Any], rows: list[di
 def _train(args: argparse.Namespace, model: PromptAD, evidence: list[Evidence], tokens: list, storage_uri: str,
            run_name: str) -> None:
     """Ray Train over every category's evidence rows (`evidence` and their `tokens` refs in sorted
-    category order), from the newest checkpoint of the run if any. Sets the head's standardization
-    on `model` (over all rows, as pipeline.evidence_shard) and passes it to the workers."""
+    category order), from the newest checkpoint of the run if any. The fit's shard
+    (pipeline.evidence_shard, as in-process: the head's standardization and input scales set on
+    `model`, the pixel loss's pos_weight), built without tokens, is dealt to the workers."""
     import ray
 
     categories = model.categories
-    n = sum(len(e) for e in evidence)
+    shard = evidence_shard(model, dict(zip(categories, evidence)))
+    n = len(shard)
     if n < args.workers:
         raise UserError(f"--workers {args.workers} is more than the {n} training rows; lower --workers")
-    set_standardization(model.trainable, torch.cat([e.inputs for e in evidence]))
-    ranks = rank_rows(evidence, categories, args.workers)
+    ranks = rank_rows(shard, args.workers)
     run_dir = storage.join(storage_uri, run_name)
     newest = newest_state(run_dir)
     config = {"model": model.cfg.to_dict(), "rows": n, "run_dir": run_dir, "resume_epoch": newest[0] if newest else 0,
               "feat_mean": model.trainable.feat_mean.tolist(), "feat_std": model.trainable.feat_std.tolist(),
-              "pos_weight": pixel_pos_weight(torch.cat([e.masks for e in evidence])),
-              "head_scales": {c: list(e.scales) for c, e in zip(categories, evidence)},
+              "pos_weight": shard.pos_weight,
+              "head_scales": {c: list(model.calibration[c].head_scales) for c in categories},
               "train": TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                                    precision=args.precision).to_dict(),
               "rows_refs": [ray.put(r) for r in ranks],

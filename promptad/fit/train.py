@@ -36,7 +36,6 @@ import torch
 
 from promptad.data import storage
 from promptad.fit.stages import INDEX_CPUS, Selection, remote
-from promptad.learning.evidence import Evidence
 from promptad.learning.training import (
     Shard,
     TrainConfig,
@@ -135,15 +134,12 @@ def _gather(value: Any, world: int) -> list[Any]:
     return out
 
 
-def rank_rows(evidence: Sequence[Evidence], categories: Sequence[str], world: int) -> list[dict[str, Any]]:
-    """Each rank's evidence rows (deal over the rows of `evidence`, one per category in
-    `categories` order): positions, head inputs, masks and categories, what load_shard needs
-    besides the tokens. Built on the driver from the evidence tasks' small parts."""
-    inputs = torch.cat([e.inputs for e in evidence])
-    masks = torch.cat([e.masks for e in evidence])
-    names = [c for e, c in zip(evidence, categories) for _ in range(len(e))]
-    return [{"positions": pos, "inputs": inputs[pos], "masks": masks[pos],
-             "categories": [names[k] for k in pos]} for pos in deal(len(names), world)]
+def rank_rows(shard: Shard, world: int) -> list[dict[str, Any]]:
+    """Each rank's rows of the fit's evidence shard (pipeline.evidence_shard, built on the driver
+    without tokens), dealt round-robin: positions, head inputs, masks and categories, what
+    load_shard needs besides the tokens."""
+    return [{"positions": pos, "inputs": shard.local[pos], "masks": shard.masks[pos],
+             "categories": [shard.categories[k] for k in pos]} for pos in deal(len(shard), world)]
 
 
 def token_picks(sizes: Sequence[int], positions: np.ndarray) -> list[tuple[int, int]]:

@@ -48,7 +48,6 @@ class Evidence:
     masks: torch.Tensor  # (n, h, w) float32: 1 cells a synthetic defect covers (COVERED), 0 normal, IGNORED
     tokens: torch.Tensor | None  # (n, 1 + h*w, D) CLIP last-block inputs, for the prompts' losses
     scales: list[float]  # (local, regional) head input scales: the category's Calibration.head_scales
-    sources: list[int]  # each row's training image (row index in the category's memory order)
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -124,5 +123,4 @@ def category_evidence(model: PromptAD, category: str, n: int, load: Callable[[np
     grid = tuple(memory.shape[-2:])
     labels = torch.cat([torch.zeros(k, *grid), grid_masks(masks, grid)])
     return Evidence(inputs=head_evidence(memory, regional, scales), masks=labels,
-                    tokens=torch.cat(tokens) if tokens else None, scales=scales,
-                    sources=[int(x) for x in np.concatenate([chosen, sources])])
+                    tokens=torch.cat(tokens) if tokens else None, scales=scales)
