@@ -173,12 +173,13 @@ def test_missing_manifest_object_on_s3_is_a_user_error(s3_bucket):
         load_samples(f"{s3_bucket}/none.parquet", None, "test")
 
 
-def test_real_magnetic_tile_and_cookie(datasets_root):
+def test_real_shared_datasets(datasets_root):
     root = str(datasets_root)
-    assert mvtec_categories(root) == ["cookie", "magnetic_tile"]
+    assert mvtec_categories(root) == ["cookie", "magnetic_tile", "tire"]
     counts = {
         "magnetic_tile": (761, {"good": 191, "blowhole": 115, "break": 85, "crack": 57, "fray": 32, "uneven": 103}, 392),
         "cookie": (31, {"good": 14, "cracked": 32}, 32),
+        "tire": (210, {"good": 25, "contamination": 28, "cut": 27, "hole": 27, "combined": 5}, 87),
     }
     for category, (n_train, per_defect, n_masks) in counts.items():
         train = load_samples(root, [category], "train")
