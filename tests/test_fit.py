@@ -696,3 +696,36 @@ def test_fit_says_what_its_threshold_promises_and_names_the_image_it_rests_on(ra
     lone = [ln for ln in out.splitlines() if "rests on one normal image" in ln]
     assert len(lone) == 1 and lone[0].startswith("fit: warning: tile: ") and str(paths[4]) in lone[0], out
     assert "fit: warning: wood: 12 normal images cannot support a 1.0% false-alarm target" in out
+
+
+@pytest.mark.slow
+def test_a_one_image_category_cannot_poison_the_ray_fit(ray_local, tmp_path, capsys):
+    """Issue 34: with training, a category of one image (no leave-one-out rows) made the shared
+    head and every category's maps NaN, and every scored image an error row. Now it is warned
+    about before memory is built, trains nothing, and the artifact is finite throughout: the
+    other category is calibrated with the trained head, the lone one without it."""
+    from dataclasses import asdict
+
+    from promptad.models.artifact import load_artifact
+    from promptad.models.model import FUSION_UNTRAINED
+    from promptad.numerics import non_finite
+    from promptad.predict import predict
+
+    root = tmp_path / "data"
+    make_category(root, "tile", 8, seed=1)
+    make_category(root, "wood", 1, seed=2)
+    summary = fit.run(fit_args(str(root), str(tmp_path / "model"), "--storage", str(tmp_path / "ckpt"),
+                               "--epochs", "2", "--workers", "1"))
+    out = capsys.readouterr().out
+    assert re.search(r"^fit: warning: wood: only 1 readable normal image.*left out of training", out, re.M), out
+    assert out.index("fit: warning: wood: only 1") < out.index("fit: training on")
+    model = load_artifact(summary.artifact)
+    assert non_finite(dict(model.trainable.state_dict())) == []
+    for c in ("tile", "wood"):
+        assert non_finite(asdict(model.calibration[c])) == [], c
+    assert model.calibration["tile"].fusion["head"] > 0 and model.calibration["wood"].fusion == FUSION_UNTRAINED
+    images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((SIZE, SIZE)))
+                       for p in sorted((root / "tile" / "train" / "good").glob("*.png"))[:2]
+                       + sorted((root / "wood" / "train" / "good").glob("*.png"))])
+    scored = predict(model, images, ["tile", "tile", "wood"])
+    assert np.isfinite(scored.scores).all() and np.isfinite(scored.maps).all()

@@ -203,7 +203,7 @@ def test_non_finite_model_output_is_an_error_row_and_its_batch_scores(ray_local,
     entries[0, 0] = float("nan")
     model.memory["cookie"].local = Bank(entries, model.memory["cookie"].local.source)
     broken = str(tmp_path / "nan_model")
-    artifact.save_artifact(model, broken)
+    artifact.save_artifact(model, broken, finite=False)  # a broken model on purpose
     mt = [s.path for s in mvtec_samples(str(datasets_root), "magnetic_tile", "test")[:3]]
     ck = mvtec_samples(str(datasets_root), "cookie", "test")[0].path
     rows = [{"image_id": f"mt-{i}", "path": p, "category": "magnetic_tile"} for i, p in enumerate(mt)]
