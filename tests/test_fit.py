@@ -254,6 +254,44 @@ def test_resume_with_other_flags(data, tmp_path, capsys):
     assert "cannot resume" in line and "it trains a features head" in line and "without --resume" in line
 
 
+def test_every_fit_flag_is_declared_to_shape_the_model_or_not():
+    """Resume checks every flag that shapes the model (runs.MODEL_FLAGS, which run_config
+    records); every other flag is declared not to matter, so a new flag cannot be forgotten."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["fit"]
+    flags = {a.dest for a in sub._actions if a.dest != "help"}
+    declared = set(fit_runs.MODEL_FLAGS) | set(fit_runs.OTHER_FLAGS)
+    assert flags == declared, (flags - declared, declared - flags)
+    assert not set(fit_runs.MODEL_FLAGS) & set(fit_runs.OTHER_FLAGS)
+    config = fit_runs.run_config(fit_args("d", "m"))
+    assert set(fit_runs.RESUME_KEYS) <= set(config)
+
+
+@pytest.mark.parametrize("saved, given, expect", [
+    ({"tolerate": ["noise"]}, [], "--tolerate none (run has noise)"),
+    ({}, ["--tolerate", "jpeg"], "--tolerate jpeg (run has none)"),
+    ({"gpus_per_worker": 1.0}, [], "--gpus-per-worker 0.0 (run has 1.0)"),
+    ({"gpus_per_worker": None}, [], "--gpus-per-worker 0.0 (run has not recorded)"),
+])
+def test_resume_refuses_every_model_flag_it_was_not_started_with(data, tmp_path, capsys, saved, given, expect):
+    """--tolerate and --gpus-per-worker (fp16 training) shape the model: before, a resumed run
+    ignored them; a run folder from before a key was recorded is not resumed either."""
+    config = fit_runs.run_config(fit_args(str(data), str(tmp_path / "m"), "--epochs", "3", categories="tile"))
+    for k, v in saved.items():
+        if v is None:
+            del config[k]
+        else:
+            config[k] = v
+    run = tmp_path / "ckpt" / "fit-20260101T000000Z-abcdef"
+    (run / "epoch_0001").mkdir(parents=True)
+    (run / "epoch_0001" / fit.STATE_FILE).write_bytes(b"")
+    (run / fit_runs.RUN_FILE).write_text(json.dumps(config))
+    line = fails(["fit", "--data", str(data), "--category", "tile", "--out", str(tmp_path / "m"), "--input-size",
+                  str(SIZE), "--batch-size", "4", "--storage", str(tmp_path / "ckpt"), "--epochs", "3", "--resume",
+                  *given], capsys)
+    assert "cannot resume" in line and expect in line, line
+
+
 def test_more_workers_than_the_machine(ray_local, data, tmp_path, capsys):
     cpus = ray_local.cluster_resources()["CPU"]
     line = fails(["fit", "--data", str(data), "--category", "tile", "--out", str(tmp_path / "m"),
