@@ -151,8 +151,10 @@ class Predictor:
 
 
 def postprocess_and_commit(batch: dict[str, np.ndarray], output_uri: str, calibration: dict[str, Calibration],
-                           model_id: str, run_id: str, nonce: str = "") -> pa.Table:
+                           model_id: str, run_id: str, nonce: str = "", run_seq: int = 1) -> pa.Table:
     """Output rows of one bundle -> one atomically committed Parquet file; returns its summary row.
+    `run_seq`: the run's sequence number from the driver's plan (output.next_run_seq), what decides
+    which row of an image is current; `scored_at` is this worker's clock, for people only.
 
     The file name hashes this invocation's `nonce` with the bundle's image_ids: a retried task
     rewrites its own file, and no file another run left is ever overwritten (output.py)."""
@@ -180,6 +182,7 @@ def postprocess_and_commit(batch: dict[str, np.ndarray], output_uri: str, calibr
         "model_id": [model_id] * n,
         "run_id": [run_id] * n,
         "scored_at": [datetime.now(timezone.utc)] * n,
+        "run_seq": [run_seq] * n,
     })
     table = pa.table([pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array) else cols[f.name]
                       for f in OUTPUT_SCHEMA], schema=OUTPUT_SCHEMA)
@@ -261,7 +264,8 @@ def execute(the_plan: Plan, model_uri: str, manifest: dict, *, actors: int = 1, 
     todo = the_plan.todo
     summary = Summary(output=output_uri, run_id=run_id, model_id=the_plan.model_id,
                       inputs=the_plan.inputs.num_rows, already_done=the_plan.done, new=the_plan.new,
-                      changed=the_plan.changed, retried=the_plan.retry, plan_seconds=round(the_plan.seconds, 2))
+                      changed=the_plan.changed, retried=the_plan.retry, plan_seconds=round(the_plan.seconds, 2),
+                      run_seq=the_plan.run_seq)
     print(f"score: {summary.inputs:,} inputs: {summary.already_done:,} already in {output_uri}, {the_plan.new:,} new, "
           f"{the_plan.changed:,} changed, {the_plan.retry:,} to retry; scoring {todo.num_rows:,} with model "
           f"{the_plan.model_id} (run {run_id}; planned in {the_plan.seconds:.1f} s)", file=sys.stderr, flush=True)
@@ -278,7 +282,7 @@ def execute(the_plan: Plan, model_uri: str, manifest: dict, *, actors: int = 1, 
         clean_staging(output_uri)
         storage.makedirs(output_uri)
         _run_pipeline(todo, summary, model_uri, output_uri, manifest, actors=actors, gpus_per_actor=gpus_per_actor,
-                      cpus_per_actor=cpus_per_actor, batch_size=batch_size)
+                      cpus_per_actor=cpus_per_actor, batch_size=batch_size, run_seq=the_plan.run_seq)
     checked = verify(the_plan.inputs, output_uri)
     summary.superseded_dropped = checked.superseded_dropped
     storage.write_bytes(storage.join(output_uri, RUNS_DIR, f"{run_id}.json"),
@@ -287,7 +291,7 @@ def execute(the_plan: Plan, model_uri: str, manifest: dict, *, actors: int = 1, 
 
 
 def _run_pipeline(todo: pa.Table, summary: Summary, model_uri: str, output_uri: str, manifest: dict, *,
-                  actors: int, gpus_per_actor: float, cpus_per_actor: float, batch_size: int) -> None:
+                  actors: int, gpus_per_actor: float, cpus_per_actor: float, batch_size: int, run_seq: int) -> None:
     import ray
 
     size = int(manifest["model"]["input_size"])
@@ -324,7 +328,7 @@ def _run_pipeline(todo: pa.Table, summary: Summary, model_uri: str, output_uri: 
                         num_cpus=COMMIT_CPUS,
                         fn_kwargs={"output_uri": output_uri, "calibration": artifact.read_calibration(manifest),
                                    "model_id": summary.model_id, "run_id": summary.run_id,
-                                   "nonce": uuid.uuid4().hex})
+                                   "nonce": uuid.uuid4().hex, "run_seq": run_seq})
     with Progress(summary, todo.num_rows) as progress:
         for row in ds.iter_rows():
             progress.add(int(row["rows"]), list(row["errors"]))

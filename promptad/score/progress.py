@@ -32,6 +32,7 @@ class Summary:
     superseded_dropped: int = 0
     plan_seconds: float = 0.0
     seconds: float = 0.0
+    run_seq: int = 0  # the run's sequence number in the output (its rows' run_seq)
 
     def lines(self) -> list[str]:
         rate = self.scored / self.seconds if self.seconds > 0 else 0.0
