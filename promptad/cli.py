@@ -274,7 +274,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("promptad: interrupted", file=sys.stderr)
             return 130
-        except Exception:
+        except Exception as e:
+            from promptad.data.storage import s3_error_reason
+
+            reason = s3_error_reason(e)
+            if reason is not None:  # an object-store failure past the preflight: still one line
+                return _user_error(UserError(reason), debug)
             traceback.print_exc()
             closing = session.closing_line()
             if closing:

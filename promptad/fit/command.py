@@ -161,6 +161,7 @@ def run(args: argparse.Namespace) -> FitSummary:
 
     t_start = time.time()
     clock: dict[str, float] = {}
+    storage.preflight({"--data": args.data, "--out": args.out, "--storage": args.storage})
     categories = sorted(set(args.category))
     by_cat = _training_samples(args, categories)
     head_categories({c: len(v) for c, v in by_cat.items()}, args.epochs)  # no category can train: one line now

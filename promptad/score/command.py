@@ -239,6 +239,7 @@ def plan(model_uri: str, input_uri: str, output_uri: str) -> tuple[Plan, dict]:
     No Ray: every mistake in --model, --input and --output surfaces here, in seconds."""
     from promptad.score.plan import check_output_location
 
+    storage.preflight({"--model": model_uri, "--input": input_uri, "--output": output_uri})
     check_output_location(output_uri)
     manifest, _, _ = artifact.read_verified(model_uri)
     return make_plan(input_uri, output_uri, manifest["model_id"], list(manifest["categories"])), manifest
