@@ -23,6 +23,7 @@ from PIL import Image
 from promptad.cli import build_parser, main
 from promptad.data import storage
 from promptad.data.synthesis import procedural_texture
+from promptad.errors import UserError
 from promptad.fit import command as fit
 from promptad.fit import runs as fit_runs
 from promptad.fit import stages as fit_stages
@@ -201,6 +202,32 @@ def test_no_normal_training_images(tmp_path, capsys):
     assert "no normal training images" in line and "train/good" in line
 
 
+def test_out_that_holds_something_else_is_refused(data, tmp_path, capsys):
+    """Issue 34: fit wrote its artifact into a scores folder (a Parquet dataset) without a word.
+    --out must be new, empty, or an earlier model (replaced); a file is refused too."""
+    argv = ["fit", "--data", str(data), "--category", "tile", "--input-size", str(SIZE), "--out"]
+    scores = tmp_path / "scores"
+    (scores / "_runs").mkdir(parents=True)
+    (scores / "part-0a1b.parquet").write_bytes(b"PAR1")
+    (scores / "_runs" / "r.json").write_text("{}")
+    line = fails(argv + [str(scores)], capsys)
+    assert f"--out {scores} holds files that are not a promptad model" in line and "part-0a1b.parquet" in line
+    (tmp_path / "a_file").write_text("x")
+    line = fails(argv + [str(tmp_path / "a_file")], capsys)
+    assert "is a file" in line
+    from promptad.models.artifact import check_out_folder
+
+    model = tmp_path / "model"
+    (model / "memory").mkdir(parents=True)
+    for name in ("promptad.json", "weights.safetensors", "memory/tile.safetensors"):
+        (model / name).write_bytes(b"{}")
+    check_out_folder(str(model))  # an earlier model: replaced
+    check_out_folder(str(tmp_path / "new"))
+    (model / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes.txt"):
+        check_out_folder(str(model))
+
+
 def test_unknown_category(data, tmp_path, capsys):
     line = fails(["fit", "--data", str(data), "--category", "tile,carpet", "--out", str(tmp_path / "m")], capsys)
     assert "unknown category carpet" in line and "available: tile, wood" in line
@@ -340,7 +367,6 @@ def test_a_per_category_task_must_fit_one_node_with_its_gpus(monkeypatch):
     """--cpus-per-category with --gpus-per-worker: one node must hold both; a big CPU-only head
     does not count. On a Ray the command started that is an error, on a cluster a warning."""
     from promptad import raycluster
-    from promptad.errors import UserError
 
     monkeypatch.setattr(raycluster, "node_resources", lambda: [{"CPU": 32.0}, {"CPU": 8.0, "GPU": 1.0}])
     gpu = {"GPU": (1.0, "--gpus-per-worker 1")}

@@ -79,7 +79,7 @@ from promptad.fit.train import (  # noqa: F401 - documented names
 )
 from promptad.learning.evidence import Evidence
 from promptad.learning.training import TrainConfig, check_trained
-from promptad.models.artifact import save_artifact
+from promptad.models.artifact import check_out_folder, save_artifact
 from promptad.models.model import Calibration, ModelConfig, PromptAD
 
 
@@ -162,6 +162,7 @@ def run(args: argparse.Namespace) -> FitSummary:
     t_start = time.time()
     clock: dict[str, float] = {}
     storage.preflight({"--data": args.data, "--out": args.out, "--storage": args.storage})
+    check_out_folder(args.out)
     categories = sorted(set(args.category))
     by_cat = _training_samples(args, categories)
     head_categories({c: len(v) for c, v in by_cat.items()}, args.epochs)  # no category can train: one line now

@@ -128,6 +128,28 @@ def save_artifact(model: PromptAD, uri: str, training: dict | None = None, finit
     return manifest["model_id"]
 
 
+def is_own_file(relative: str) -> bool:
+    """Whether a file at `relative` (below an artifact folder) is one save_artifact writes, or the
+    write probe fit leaves if killed mid-check."""
+    return relative in (MANIFEST, WEIGHTS) or relative.startswith(".promptad-write-test-") or (
+        relative.startswith("memory/") and relative.endswith(".safetensors") and relative.count("/") == 1)
+
+
+def check_out_folder(uri: str) -> None:
+    """`fit --out`: new, empty, or a model artifact (which the fit replaces). Anything else is
+    refused (UserError) before any work: writing into a scores folder mixed an artifact into a
+    Parquet dataset, and into another tool's folder it would leave a half-model among its files."""
+    if not storage.exists(uri):
+        return
+    if not storage.is_dir(uri):
+        raise UserError(f"--out {uri} is a file; pass a new or empty folder (or the --out of an earlier fit)")
+    foreign = [f for f in (storage.relative(p, uri) for p in storage.list_files(uri)) if not is_own_file(f)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"--out {uri} holds files that are not a promptad model ({shown}); pass a new or empty "
+                        "folder (or the --out of an earlier fit, whose model is replaced)")
+
+
 def read_manifest(uri: str) -> dict:
     try:
         manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST)))
