@@ -371,8 +371,10 @@ def _run_pipeline(todo: pa.Table, summary: Summary, model_uri: str, output_uri: 
 def run(args: argparse.Namespace) -> Summary | Plan:
     """`promptad score` (and jobs/score.py): plan without Ray; then --dry-run prints the plan, a
     real run joins Ray (only if there is something to score) and runs it."""
-    from promptad.raycluster import is_local
+    from promptad.raycluster import check_address, is_local
 
+    if not getattr(args, "dry_run", False):
+        check_address(args.address)  # before the plan line: a wrong address is the only line
     the_plan, manifest = plan(args.model, args.input, args.output)
     if getattr(args, "dry_run", False):
         for line in the_plan.lines():
