@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog="Run `promptad COMMAND --help` for a command's flags and examples.\n\n"
                        "examples:\n  promptad demo\n"
                        "  promptad score --model runs/m --input /data/incoming --output runs/scores --dry-run")
+    p.add_argument("--version", action="store_true", help="print promptad's version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
@@ -244,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where data, model, scores, report and logs go; a re-run replaces its own outputs "
                         "(default: %(default)s)")
     d.add_argument("--epochs", type=_non_negative_int, default=None, metavar="E",
-                   help="epochs of head training in the demo's fit (default: `promptad fit`'s)")
+                   help=f"epochs of head training in the demo's fit; 0: no training (default: {TRAIN_EPOCHS}, "
+                        "`promptad fit`'s)")
     common(d)
     return p
 
@@ -261,6 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except UserError as e:
         return _user_error(e, debug)
+    if getattr(args, "version", False):
+        print(f"promptad {version()}")
+        return 0
     if args.command is None:  # bare `promptad`: what it can do, not a usage error
         parser.print_help()
         return 2
@@ -274,7 +279,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("promptad: interrupted", file=sys.stderr)
             return 130
-        except Exception:
+        except Exception as e:
+            from promptad.data.storage import s3_error_reason
+
+            reason = s3_error_reason(e)
+            if reason is not None:  # an object-store failure past the preflight: still one line
+                return _user_error(UserError(reason), debug)
             traceback.print_exc()
             closing = session.closing_line()
             if closing:
@@ -284,6 +294,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if closing:
             print(closing, file=sys.stderr)
     return status if isinstance(status, int) else 0
+
+
+def version() -> str:
+    """The installed package's version (pyproject.toml's), or "unknown" for an uninstalled checkout."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("promptad")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _user_error(e: UserError, debug: bool) -> int:

@@ -172,7 +172,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def read_hint(scores: Path) -> str:
-    """A shell command that prints the scores table, with this environment's Python (which has
-    pandas): a bare `python` outside the venv may have none."""
-    code = f"import pandas as pd; print(pd.read_parquet({json.dumps(str(scores))}))"
+    """A shell command that prints the scores table's main columns, with this environment's Python
+    (which has pandas): a bare `python` outside the venv may have none. Named columns: the whole
+    frame is too wide for a terminal, and pandas then shows only its first and last columns."""
+    columns = ["image_id", "score", "is_anomalous", "defect_area", "error"]
+    code = f"import pandas as pd; print(pd.read_parquet({json.dumps(str(scores))})[{json.dumps(columns)}])"
     return f"{shlex.quote(sys.executable)} -c {shlex.quote(code)}"

@@ -54,3 +54,24 @@ def float32_math(fn: F) -> F:
             return fn(*as_float32(args), **as_float32(kwargs))
 
     return wrapper  # type: ignore[return-value]
+
+
+def non_finite(value: Any, name: str = "") -> list[str]:
+    """The names of the parts of `value` (a tensor, a number, or dicts, lists and tuples of them,
+    e.g. a state dict or a Calibration's asdict) that hold NaN or inf, as `name.key[i]`; empty when
+    all is finite. One NaN in a head's input standardization, a bank or a threshold makes every
+    map it touches NaN, so a fit checks what crosses each of its steps with this and refuses it."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype.is_complex:
+            bad = int((~torch.isfinite(value.detach())).sum())
+            return [f"{name} ({bad} of {value.numel()} values)"] if bad else []
+        return []
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [f"{name} ({value})"] if value != value or value in (float("inf"), float("-inf")) else []
+    if isinstance(value, dict):
+        return [b for k, v in value.items() for b in non_finite(v, f"{name}.{k}" if name else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [b for i, v in enumerate(value) for b in non_finite(v, f"{name}[{i}]")]
+    return []

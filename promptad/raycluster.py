@@ -37,6 +37,33 @@ def _unreachable(address: str, source: str, reason: str) -> str:
             f"machine can reach it; or {leave} to start a local Ray")
 
 
+def _shorten(text: str, limit: int = 300) -> str:
+    """`text` on one line, cut at a word boundary (with "...") when longer than `limit`: Ray's
+    hints were cut mid-word."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0].rstrip(",;:")
+    return cut + " ..."
+
+
+def check_address(address: str | None) -> None:
+    """What can be told of --address (or RAY_ADDRESS) without Ray, in seconds: a dashboard URL
+    (http://HOST:8265, what `ray job submit` takes) is not a cluster address, and a HOST:PORT must
+    accept a TCP connection. Commands call this before printing their plans, so a wrong address
+    is the only line."""
+    source = "--address" if address else "RAY_ADDRESS"
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address or address in ("local", "auto"):
+        return
+    if re.match(r"^https?://", address, re.I):
+        leave = "leave --address out" if source == "--address" else "unset RAY_ADDRESS"
+        raise UserError(f"{source} {address} is a dashboard (Jobs API) address, which `ray job submit --address` "
+                        f"takes; a command joins a cluster at its head's HOST:6379 (GCS) or ray://HOST:10001 (Ray "
+                        f"Client), or {leave} to start a local Ray")
+    _probe(address, source)
+
+
 def _host_port(address: str) -> tuple[str, int] | None:
     """(host, port) of 'host:port', '[v6]:port' or 'ray://host:port'; None for 'auto' and the like."""
     bare = address[len("ray://"):] if address.startswith("ray://") else address
@@ -113,13 +140,13 @@ def connect(address: str | None = None) -> None:
     if session:
         session.prepare_for_ray()
     if address and address != "local":
-        _probe(address, source)
+        check_address(address if source == "--address" else None)
         _import_torch_first()
         with _Deadline(address, source, _connect_timeout()):
             try:
                 context = ray.init(address=address, **kwargs)
             except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
-                reason = " ".join(str(e).split())[:200] or type(e).__name__
+                reason = _shorten(str(e)) or type(e).__name__
                 raise UserError(_unreachable(address, source, reason)) from None
     else:
         _import_torch_first()

@@ -133,7 +133,7 @@ def test_demo_read_it_hint_runs_as_printed(demo_run):
     proc = subprocess.run(["/bin/sh", "-c", hint], cwd=demo_run["cwd"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "image_id" in proc.stdout and "score" in proc.stdout
+    assert "image_id" in proc.stdout and "score" in proc.stdout and "is_anomalous" in proc.stdout
 
 
 @pytest.mark.slow

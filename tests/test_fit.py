@@ -23,6 +23,7 @@ from PIL import Image
 from promptad.cli import build_parser, main
 from promptad.data import storage
 from promptad.data.synthesis import procedural_texture
+from promptad.errors import UserError
 from promptad.fit import command as fit
 from promptad.fit import runs as fit_runs
 from promptad.fit import stages as fit_stages
@@ -201,6 +202,32 @@ def test_no_normal_training_images(tmp_path, capsys):
     assert "no normal training images" in line and "train/good" in line
 
 
+def test_out_that_holds_something_else_is_refused(data, tmp_path, capsys):
+    """Issue 34: fit wrote its artifact into a scores folder (a Parquet dataset) without a word.
+    --out must be new, empty, or an earlier model (replaced); a file is refused too."""
+    argv = ["fit", "--data", str(data), "--category", "tile", "--input-size", str(SIZE), "--out"]
+    scores = tmp_path / "scores"
+    (scores / "_runs").mkdir(parents=True)
+    (scores / "part-0a1b.parquet").write_bytes(b"PAR1")
+    (scores / "_runs" / "r.json").write_text("{}")
+    line = fails(argv + [str(scores)], capsys)
+    assert f"--out {scores} holds files that are not a promptad model" in line and "part-0a1b.parquet" in line
+    (tmp_path / "a_file").write_text("x")
+    line = fails(argv + [str(tmp_path / "a_file")], capsys)
+    assert "is a file" in line
+    from promptad.models.artifact import check_out_folder
+
+    model = tmp_path / "model"
+    (model / "memory").mkdir(parents=True)
+    for name in ("promptad.json", "weights.safetensors", "memory/tile.safetensors"):
+        (model / name).write_bytes(b"{}")
+    check_out_folder(str(model))  # an earlier model: replaced
+    check_out_folder(str(tmp_path / "new"))
+    (model / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes.txt"):
+        check_out_folder(str(model))
+
+
 def test_unknown_category(data, tmp_path, capsys):
     line = fails(["fit", "--data", str(data), "--category", "tile,carpet", "--out", str(tmp_path / "m")], capsys)
     assert "unknown category carpet" in line and "available: tile, wood" in line
@@ -254,6 +281,44 @@ def test_resume_with_other_flags(data, tmp_path, capsys):
     assert "cannot resume" in line and "it trains a features head" in line and "without --resume" in line
 
 
+def test_every_fit_flag_is_declared_to_shape_the_model_or_not():
+    """Resume checks every flag that shapes the model (runs.MODEL_FLAGS, which run_config
+    records); every other flag is declared not to matter, so a new flag cannot be forgotten."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["fit"]
+    flags = {a.dest for a in sub._actions if a.dest != "help"}
+    declared = set(fit_runs.MODEL_FLAGS) | set(fit_runs.OTHER_FLAGS)
+    assert flags == declared, (flags - declared, declared - flags)
+    assert not set(fit_runs.MODEL_FLAGS) & set(fit_runs.OTHER_FLAGS)
+    config = fit_runs.run_config(fit_args("d", "m"))
+    assert set(fit_runs.RESUME_KEYS) <= set(config)
+
+
+@pytest.mark.parametrize("saved, given, expect", [
+    ({"tolerate": ["noise"]}, [], "--tolerate none (run has noise)"),
+    ({}, ["--tolerate", "jpeg"], "--tolerate jpeg (run has none)"),
+    ({"gpus_per_worker": 1.0}, [], "--gpus-per-worker 0.0 (run has 1.0)"),
+    ({"gpus_per_worker": None}, [], "--gpus-per-worker 0.0 (run has not recorded)"),
+])
+def test_resume_refuses_every_model_flag_it_was_not_started_with(data, tmp_path, capsys, saved, given, expect):
+    """--tolerate and --gpus-per-worker (fp16 training) shape the model: before, a resumed run
+    ignored them; a run folder from before a key was recorded is not resumed either."""
+    config = fit_runs.run_config(fit_args(str(data), str(tmp_path / "m"), "--epochs", "3", categories="tile"))
+    for k, v in saved.items():
+        if v is None:
+            del config[k]
+        else:
+            config[k] = v
+    run = tmp_path / "ckpt" / "fit-20260101T000000Z-abcdef"
+    (run / "epoch_0001").mkdir(parents=True)
+    (run / "epoch_0001" / fit.STATE_FILE).write_bytes(b"")
+    (run / fit_runs.RUN_FILE).write_text(json.dumps(config))
+    line = fails(["fit", "--data", str(data), "--category", "tile", "--out", str(tmp_path / "m"), "--input-size",
+                  str(SIZE), "--batch-size", "4", "--storage", str(tmp_path / "ckpt"), "--epochs", "3", "--resume",
+                  *given], capsys)
+    assert "cannot resume" in line and expect in line, line
+
+
 def test_more_workers_than_the_machine(ray_local, data, tmp_path, capsys):
     cpus = ray_local.cluster_resources()["CPU"]
     line = fails(["fit", "--data", str(data), "--category", "tile", "--out", str(tmp_path / "m"),
@@ -302,7 +367,6 @@ def test_a_per_category_task_must_fit_one_node_with_its_gpus(monkeypatch):
     """--cpus-per-category with --gpus-per-worker: one node must hold both; a big CPU-only head
     does not count. On a Ray the command started that is an error, on a cluster a warning."""
     from promptad import raycluster
-    from promptad.errors import UserError
 
     monkeypatch.setattr(raycluster, "node_resources", lambda: [{"CPU": 32.0}, {"CPU": 8.0, "GPU": 1.0}])
     gpu = {"GPU": (1.0, "--gpus-per-worker 1")}
@@ -696,3 +760,36 @@ def test_fit_says_what_its_threshold_promises_and_names_the_image_it_rests_on(ra
     lone = [ln for ln in out.splitlines() if "rests on one normal image" in ln]
     assert len(lone) == 1 and lone[0].startswith("fit: warning: tile: ") and str(paths[4]) in lone[0], out
     assert "fit: warning: wood: 12 normal images cannot support a 1.0% false-alarm target" in out
+
+
+@pytest.mark.slow
+def test_a_one_image_category_cannot_poison_the_ray_fit(ray_local, tmp_path, capsys):
+    """Issue 34: with training, a category of one image (no leave-one-out rows) made the shared
+    head and every category's maps NaN, and every scored image an error row. Now it is warned
+    about before memory is built, trains nothing, and the artifact is finite throughout: the
+    other category is calibrated with the trained head, the lone one without it."""
+    from dataclasses import asdict
+
+    from promptad.models.artifact import load_artifact
+    from promptad.models.model import FUSION_UNTRAINED
+    from promptad.numerics import non_finite
+    from promptad.predict import predict
+
+    root = tmp_path / "data"
+    make_category(root, "tile", 8, seed=1)
+    make_category(root, "wood", 1, seed=2)
+    summary = fit.run(fit_args(str(root), str(tmp_path / "model"), "--storage", str(tmp_path / "ckpt"),
+                               "--epochs", "2", "--workers", "1"))
+    out = capsys.readouterr().out
+    assert re.search(r"^fit: warning: wood: only 1 readable normal image.*left out of training", out, re.M), out
+    assert out.index("fit: warning: wood: only 1") < out.index("fit: training on")
+    model = load_artifact(summary.artifact)
+    assert non_finite(dict(model.trainable.state_dict())) == []
+    for c in ("tile", "wood"):
+        assert non_finite(asdict(model.calibration[c])) == [], c
+    assert model.calibration["tile"].fusion["head"] > 0 and model.calibration["wood"].fusion == FUSION_UNTRAINED
+    images = np.stack([np.asarray(Image.open(p).convert("RGB").resize((SIZE, SIZE)))
+                       for p in sorted((root / "tile" / "train" / "good").glob("*.png"))[:2]
+                       + sorted((root / "wood" / "train" / "good").glob("*.png"))])
+    scored = predict(model, images, ["tile", "tile", "wood"])
+    assert np.isfinite(scored.scores).all() and np.isfinite(scored.maps).all()

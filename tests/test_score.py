@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -203,7 +204,7 @@ def test_non_finite_model_output_is_an_error_row_and_its_batch_scores(ray_local,
     entries[0, 0] = float("nan")
     model.memory["cookie"].local = Bank(entries, model.memory["cookie"].local.source)
     broken = str(tmp_path / "nan_model")
-    artifact.save_artifact(model, broken)
+    artifact.save_artifact(model, broken, finite=False)  # a broken model on purpose
     mt = [s.path for s in mvtec_samples(str(datasets_root), "magnetic_tile", "test")[:3]]
     ck = mvtec_samples(str(datasets_root), "cookie", "test")[0].path
     rows = [{"image_id": f"mt-{i}", "path": p, "category": "magnetic_tile"} for i, p in enumerate(mt)]
@@ -588,3 +589,28 @@ def test_killed_rescoring_run_never_loses_a_row_and_the_rerun_supersedes_exactly
     assert all(r["source_version"] == current[r["image_id"]] for r in table.to_pylist())
     assert set(table["run_id"].to_pylist()) == {"killed", "third"}
     assert all(r["height"] == 72 for r in table.to_pylist())
+
+
+def test_progress_moves_during_a_slow_run_and_the_summary_names_failed_files(ray_local, models, datasets_root,
+                                                                              tmp_path, monkeypatch, capsys):
+    """Issue 34: the progress line stayed at `0/46 rows (0 %)` until "done" (it counted committed
+    files, each a few model batches). With a slow model stage (1 s per batch of 2) and every row
+    in one file, the line still moves while the model works; and the summary names the file that
+    failed and says where every failed file is listed."""
+    from promptad.score import progress as progress_module
+
+    monkeypatch.setattr(progress_module, "PROGRESS_INTERVAL_S", 0.5)
+    paths = sorted(storage.list_files(str(datasets_root / "magnetic_tile" / "test" / "fray")))[:9]
+    bad = tmp_path / "zz_truncated.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    manifest = tmp_path / "in.csv"
+    manifest.write_text("path,category\n" + "".join(f"{p},magnetic_tile\n" for p in [*paths, str(bad)]))
+    the_plan, manifest_json = score.plan(models["one"], str(manifest), str(tmp_path / "out"))
+    summary = score.execute(the_plan, models["one"], manifest_json, batch_size=2, stage_delay_s=1.0)
+    assert (summary.scored, summary.files, summary.errors) == (10, 1, 1)
+    err = capsys.readouterr().err
+    done = [int(m) for m in re.findall(r"^score: (\d+)/10 rows", err, re.M)]
+    assert any(0 < d < 10 for d in done), err
+    lines = summary.lines()
+    assert any(f"score: failed: {bad} (decode: " in ln for ln in lines), lines
+    assert any("every failed file is listed in" in ln and summary.run_id in ln for ln in lines), lines

@@ -22,14 +22,14 @@ MODEL = "0123456789abcdef"
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 
 
-def _rows(specs: list[tuple], when: datetime = T0) -> pa.Table:
+def _rows(specs: list[tuple], when: datetime = T0, run_seq: int | None = None) -> pa.Table:
     """Output rows from (image_id, error, source_version[, category]) tuples."""
     rows = []
     for spec in specs:
         image_id, error, version, *rest = spec
         rows.append({"image_id": image_id, "path": image_id, "category": rest[0] if rest else "tile",
                      "error": error, "source_version": version, "model_id": MODEL, "run_id": "r",
-                     "scored_at": when, "score": None if error else 1.0})
+                     "scored_at": when, "score": None if error else 1.0, "run_seq": run_seq})
     return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
 
 
@@ -213,6 +213,52 @@ def test_superseded_rows_are_dropped_after_the_new_ones_commit(tmp_path):
     assert pq.read_table(os.path.join(out, "part-old.parquet"))["image_id"].to_pylist() == ["b"]
     assert pq.read_table(out).num_rows == 3
     assert drop_superseded(out, newest_rows(read_rows(out, ["image_id", "scored_at"]))[1]) == 0
+
+
+def test_the_current_row_is_the_latest_runs_whatever_the_workers_clocks_say(tmp_path):
+    """Issue 34: run 2's worker clock is a day behind run 1's. The current row of an image is
+    the one of the later run (run_seq, set by the driver), not the later scored_at: the plan
+    sees run 2's version as done and verify drops run 1's row. Rows of files written before
+    run_seq existed count as run 0 (and among themselves scored_at still orders them)."""
+    out = str(tmp_path / "out")
+    storage.makedirs(out)
+    commit_file(out, "part-legacy.parquet", _rows([("a", None, "0"), ("b", None, "0")], T0 + timedelta(days=5))
+                .drop_columns(["run_seq"]))
+    commit_file(out, "part-run1.parquet", _rows([("a", None, "1"), ("b", None, "1")], T0 + timedelta(days=1), run_seq=1))
+    commit_file(out, "part-run2.parquet", _rows([("a", None, "2")], T0, run_seq=2))  # skewed: a day early
+    current, superseded = newest_rows(read_rows(out, ["image_id", "source_version", "run_seq", "scored_at"]))
+    assert dict(zip(current["image_id"].to_pylist(), current["source_version"].to_pylist())) == {"a": "2", "b": "1"}
+    assert superseded.num_rows == 3
+    manifest = _manifest(tmp_path / "m.parquet", [{"path": "a", "image_id": "a", "version": "2"},
+                                                  {"path": "b", "image_id": "b", "version": "1"}])
+    plan = make_plan(manifest, out, MODEL, ["tile"])
+    assert (plan.done, plan.changed, plan.run_seq) == (2, 0, 3)
+    checked = verify(pa.table({"image_id": ["a", "b"], "source_version": ["2", "1"]}), out)
+    assert (checked.rows, checked.superseded_dropped) == (2, 3)
+    # the legacy rows alone: ordered by scored_at, and the next run is run 1
+    old = str(tmp_path / "old")
+    storage.makedirs(old)
+    commit_file(old, "part-x.parquet", _rows([("a", None, "late")], T0 + timedelta(days=1)).drop_columns(["run_seq"]))
+    commit_file(old, "part-y.parquet", _rows([("a", None, "early")], T0).drop_columns(["run_seq"]))
+    rows = read_rows(old, ["image_id", "source_version", "run_seq", "scored_at"])
+    assert newest_rows(rows)[0]["source_version"].to_pylist() == ["late"]
+    assert make_plan(manifest, old, MODEL, ["tile"]).run_seq == 1
+
+
+def test_rows_carry_the_run_seq_the_driver_gave(tmp_path):
+    """postprocess_and_commit writes the plan's run_seq in every row, whatever its clock."""
+    import numpy as np
+
+    from promptad.score.command import postprocess_and_commit
+
+    out = str(tmp_path / "out")
+    storage.makedirs(out)
+    batch = {"image_id": np.asarray(["a", "b"], object), "path": np.asarray(["a", "b"], object),
+             "category": np.asarray(["tile", "tile"], object), "source_version": np.asarray(["1", "1"], object),
+             "error": np.asarray(["read: x", "read: y"], object), "height": np.zeros(2, np.int32),
+             "width": np.zeros(2, np.int32), "score": np.zeros(2, np.float32), "map": np.zeros((2, 4, 4), np.float32)}
+    postprocess_and_commit(batch, out, {}, MODEL, "r", nonce="n", run_seq=7)
+    assert read_rows(out, ["image_id", "run_seq"])["run_seq"].to_pylist() == [7, 7]
 
 
 def test_verify_fails_loudly_on_a_missing_row_or_a_stale_version(tmp_path):

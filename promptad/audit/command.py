@@ -55,6 +55,7 @@ import numpy as np
 from promptad.audit.results import CSV_COLUMNS, CategoryResults, ConditionResults, build_report, fold
 from promptad.audit.stages import CLEAN, dataset
 from promptad.audit.verdict import NO_GO, Targets
+from promptad.data import storage
 from promptad.data.datasets import NORMAL_DEFECT, Sample, load_samples
 from promptad.data.shifts import parse_shifts
 from promptad.errors import UserError
@@ -138,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     created_at = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
     report_dir = _check_report_dir(args.report)
+    storage.preflight({"--model": args.model, "--data": args.data})
     conditions = [CLEAN, *parse_shifts(args.shifts or "")]
     targets = Targets(getattr(args, "max_false_alarm", None), getattr(args, "min_recall", None))
     model = load_artifact(args.model)  # fails fast (UserError) before Ray starts

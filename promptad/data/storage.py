@@ -24,9 +24,17 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 # Attempts per S3 request (first try included); transient 5xx/throttling/network errors are retried
 # by the AWS SDK with backoff, so a nightly job over millions of objects survives S3 hiccups.
 S3_MAX_ATTEMPTS = 10
+# The SDK's own connect and request timeouts (seconds): a dead endpoint fails each attempt in
+# seconds, not at the OS's minutes-long TCP timeout.
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_REQUEST_TIMEOUT_S = 60.0
+# Attempts of the drivers' first request to each bucket (preflight): a wrong endpoint, missing
+# credentials, a denied role or a missing bucket is one line within seconds; with S3_MAX_ATTEMPTS
+# and the SDK's backoff it was a traceback after 68-93 s.
+S3_PREFLIGHT_ATTEMPTS = 2
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
-_FS_CACHE: dict[tuple[str, str | None, str | None], pafs.FileSystem] = {}
+_FS_CACHE: dict[tuple[str, str | None, str | None, int], pafs.FileSystem] = {}
 _FS_LOCK = threading.Lock()
 
 
@@ -49,10 +57,11 @@ def _s3_region() -> str | None:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
 
 
-def _cached_fs(scheme: str) -> pafs.FileSystem:
-    """One filesystem per (scheme, endpoint, region): S3FileSystem setup is not free and this runs per image."""
+def _cached_fs(scheme: str, attempts: int = S3_MAX_ATTEMPTS) -> pafs.FileSystem:
+    """One filesystem per (scheme, endpoint, region, attempts): S3FileSystem setup is not free and
+    this runs per image."""
     endpoint, region = (_s3_endpoint(), _s3_region()) if scheme == "s3" else (None, None)
-    key = (scheme, endpoint, region)
+    key = (scheme, endpoint, region, attempts)
     with _FS_LOCK:
         fs = _FS_CACHE.get(key)
         if fs is None:
@@ -60,12 +69,60 @@ def _cached_fs(scheme: str) -> pafs.FileSystem:
                 fs = pafs.S3FileSystem(
                     endpoint_override=endpoint,
                     region=region,
-                    retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+                    retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
+                    connect_timeout=S3_CONNECT_TIMEOUT_S,
+                    request_timeout=S3_REQUEST_TIMEOUT_S,
                 )
             else:
                 fs = pafs.LocalFileSystem()
             _FS_CACHE[key] = fs
     return fs
+
+
+def s3_error_reason(e: BaseException) -> str | None:
+    """What an object-store error means to a user, in a few words with what to check; None when
+    `e` is not an S3 error (pyarrow's "AWS Error ..." OSErrors, botocore's via s3fs)."""
+    text = " ".join(str(e).split())
+    if "AWS Error" not in text and type(e).__module__.split(".")[0] not in ("botocore", "aiobotocore", "s3fs"):
+        return None
+    where = _s3_endpoint() or "the AWS default endpoint"
+    if any(k in text for k in ("NETWORK_CONNECTION", "Could not connect", "Could not resolve", "curlCode",
+                               "Connect timeout", "EndpointConnectionError", "Connection refused")):
+        return (f"cannot reach the object store at {where}; check AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL "
+                "and that this machine can reach it")
+    if any(k in text for k in ("NO_SUCH_BUCKET", "NoSuchBucket")):
+        return "its bucket does not exist; check the bucket name (and AWS_REGION)"
+    if any(k in text for k in ("INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId", "SIGNATURE_DOES_NOT_MATCH",
+                               "SignatureDoesNotMatch", "MISSING_AUTHENTICATION_TOKEN", "NoCredentials",
+                               "Unable to locate credentials", "EXPIRED_TOKEN", "ExpiredToken")):
+        return ("the object store rejected the credentials (or found none); set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the instance/pod role")
+    if any(k in text for k in ("ACCESS_DENIED", "AccessDenied", "Forbidden", "403")):
+        return ("access denied; the credentials (from the environment, config files or the instance/pod role; "
+                "with none found, requests go unsigned and are denied too) must be allowed to read/list it")
+    return f"object store error: {text[:200]}"
+
+
+def preflight(uris: dict[str, str | None]) -> None:
+    """One quick request per bucket of the s3:// URIs in `uris` (flag -> URI; others are skipped),
+    with few attempts and the SDK's connect timeout: UserError (one line naming the flag) for an
+    unreachable endpoint, rejected or missing credentials, access denied or a missing bucket,
+    within seconds. Drivers call it before anything that would retry for a minute."""
+    seen = set()
+    for flag, uri in uris.items():
+        if not uri or _scheme(uri) != "s3":
+            continue
+        bucket = filesystem(uri)[1].split("/", 1)[0]
+        if bucket in seen:
+            continue
+        seen.add(bucket)
+        try:
+            info = _cached_fs("s3", S3_PREFLIGHT_ATTEMPTS).get_file_info(bucket)
+        except OSError as e:
+            raise UserError(f"{flag} {uri}: {s3_error_reason(e) or e}") from None
+        if info.type == pafs.FileType.NotFound:
+            raise UserError(f"{flag} {uri}: bucket {bucket} does not exist; check the bucket name "
+                            f"(and AWS_REGION, AWS_ENDPOINT_URL_S3)")
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -281,7 +338,8 @@ def _s3fs(version_aware: bool):
 
     return s3fs.S3FileSystem(
         client_kwargs={"endpoint_url": _s3_endpoint(), "region_name": _s3_region()},
-        config_kwargs={"retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}},
+        config_kwargs={"retries": {"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+                       "connect_timeout": S3_CONNECT_TIMEOUT_S, "read_timeout": S3_REQUEST_TIMEOUT_S},
         version_aware=version_aware, use_listings_cache=False, skip_instance_cache=True)
 
 

@@ -47,16 +47,18 @@ def task_cpus(args: argparse.Namespace, categories: int, nodes: list[dict[str, f
 class CategoryTasks:
     """The per-category tasks: memory, evidence (with training; each on its category's memory) and
     calibration (after training), memories and calibrations checkpointed in the run folder as they
-    arrive; `cpus`: what each reserves (task_cpus), which is also its torch threads (rounded
+    arrive; `heads`: the categories calibrated with the trained head (the others have no head
+    rows and no head in their fusion); `cpus`: what each reserves (task_cpus), which is also its torch threads (rounded
     down, at least one)."""
 
     def __init__(self, args: argparse.Namespace, model_cfg: dict[str, Any], feats: stages.FeatureSet | None,
                  ok: dict[str, list[int]], paths: dict[int, str], run_dir: str, done: runs.Done,
-                 clock: dict[str, float], cpus: float):
+                 clock: dict[str, float], cpus: float, heads: list[str]):
         self.model_cfg, self.feats, self.ok, self.paths, self.run_dir, self.done, self.clock = \
             model_cfg, feats, ok, paths, run_dir, done, clock
         self.seed, self.was_trained, self.views = args.seed, args.epochs > 0, TrainConfig.views
         self.gpus, self.cpus = args.gpus_per_worker, cpus
+        self.heads = set(heads)  # the categories whose rows train the head (pipeline.head_categories)
         self.device = stages.device_for(args.gpus_per_worker)
         self.memory_refs: dict[str, tuple[Any, Any]] = {}  # built in this run: (memory, report)
         self.pending: dict[Any, tuple[str, str, Any]] = {}  # result ref -> (kind, category, report ref)
@@ -151,7 +153,8 @@ class CategoryTasks:
         need = [c for c in sorted(done.memory.keys() | self.memory_refs.keys()) if c not in done.calibration]
         for c in need:
             scales = done.head_scales[c] if self.was_trained else []
-            cal, report = task.remote(self.model_cfg, trained, self.was_trained, scales, c, self._memory(c),
+            with_head = self.was_trained and c in self.heads
+            cal, report = task.remote(self.model_cfg, trained, with_head, scales, c, self._memory(c),
                                       self.device, threads, [self.paths[i] for i in self.ok[c]], *self._rows(c))
             self.pending[cal] = ("calibration", c, report)
         if need:

@@ -62,7 +62,7 @@ from promptad.data.datasets import Sample, load_samples
 from promptad.errors import UserError
 from promptad.fit import runs, stages
 from promptad.fit.categories import PAUSE_ENV, CategoryTasks, task_cpus  # noqa: F401 - PAUSE_ENV: tests
-from promptad.fit.pipeline import evidence_shard
+from promptad.fit.pipeline import evidence_shard, head_categories
 from promptad.fit.runs import default_storage
 from promptad.fit.train import (  # noqa: F401 - documented names
     CHECKPOINTS_KEPT,
@@ -78,8 +78,8 @@ from promptad.fit.train import (  # noqa: F401 - documented names
     train,
 )
 from promptad.learning.evidence import Evidence
-from promptad.learning.training import TrainConfig
-from promptad.models.artifact import save_artifact
+from promptad.learning.training import TrainConfig, check_trained
+from promptad.models.artifact import check_out_folder, save_artifact
 from promptad.models.model import Calibration, ModelConfig, PromptAD
 
 
@@ -161,8 +161,11 @@ def run(args: argparse.Namespace) -> FitSummary:
 
     t_start = time.time()
     clock: dict[str, float] = {}
+    storage.preflight({"--data": args.data, "--out": args.out, "--storage": args.storage})
+    check_out_folder(args.out)
     categories = sorted(set(args.category))
     by_cat = _training_samples(args, categories)
+    head_categories({c: len(v) for c, v in by_cat.items()}, args.epochs)  # no category can train: one line now
     torch.manual_seed(args.seed)
     model = PromptAD(ModelConfig(backbone=args.backbone, categories=categories, input_size=args.input_size,
                                  coreset_draws=args.coreset_draws))
@@ -204,9 +207,13 @@ def run(args: argparse.Namespace) -> FitSummary:
     feats, ok = _features(args, model.cfg.to_dict(), rows, run_dir, done, clock) if rows else (None, {})
     clock["features"] = time.time() - t
 
+    # every category is done when no rows are left: then nothing below asks which train the head
+    heads, warnings = head_categories(done.rows["images"], args.epochs) if rows else ([], [])
+    for w in warnings:
+        print(f"fit: warning: {w}", flush=True)
     cpus = task_cpus(args, len(categories), node_resources())
     stage = CategoryTasks(args, model.cfg.to_dict(), feats, ok, {r["idx"]: r["path"] for r in rows}, run_dir, done,
-                          clock, cpus)
+                          clock, cpus, heads)
     if args.tolerate:
         print(f"fit: tolerating {', '.join(args.tolerate)}: each image's views under them join the memory banks "
               f"and the global branch ({len(args.tolerate)} extra backbone pass(es) per image)", flush=True)
@@ -215,11 +222,12 @@ def run(args: argparse.Namespace) -> FitSummary:
     if args.epochs == 0:
         print("fit: no training (--epochs 0): memory banks and global branch only", flush=True)
     elif done.trained is None:
-        evidence, tokens = stage.evidence(categories)  # waits for the memories it is made against
+        evidence, tokens = stage.evidence(heads)  # waits for the memories it is made against
         t = time.time()
-        _train(args, model, evidence, tokens, storage_uri, run_name)
+        _train(args, model, heads, evidence, tokens, storage_uri, run_name)
         del evidence, tokens  # the last refs to the rows' CLIP tokens: their objects go before calibration
         final = read_state(run_dir, args.epochs)
+        check_trained(final["ema"]["state"])
         done.trained, done.metrics = final["ema"]["state"], dict(final.get("metrics") or {})
         done.head_scales = dict(final["head_scales"])
     clock["training"] = time.time() - t
@@ -278,16 +286,17 @@ def _features(args: argparse.Namespace, model_cfg: dict[str, Any], rows: list[di
     return feats, ok
 
 
-def _train(args: argparse.Namespace, model: PromptAD, evidence: list[Evidence], tokens: list, storage_uri: str,
-           run_name: str) -> None:
-    """Ray Train over every category's evidence rows (`evidence` and their `tokens` refs in sorted
-    category order), from the newest checkpoint of the run if any. The fit's shard
+def _train(args: argparse.Namespace, model: PromptAD, heads: list[str], evidence: list[Evidence], tokens: list,
+           storage_uri: str, run_name: str) -> None:
+    """Ray Train over the evidence rows of the categories that train the head (`heads`, sorted;
+    `evidence` and their `tokens` refs in that order: pipeline.head_categories), from the newest
+    checkpoint of the run if any. The fit's shard
     (pipeline.evidence_shard, as in-process: the head's standardization and input scales set on
     `model`, the pixel loss's pos_weight), built without tokens, is dealt to the workers."""
     import ray
 
     categories = model.categories
-    shard = evidence_shard(model, dict(zip(categories, evidence)))
+    shard = evidence_shard(model, dict(zip(heads, evidence)))
     n = len(shard)
     if n < args.workers:
         raise UserError(f"--workers {args.workers} is more than the {n} training rows; lower --workers")
@@ -305,7 +314,7 @@ def _train(args: argparse.Namespace, model: PromptAD, evidence: list[Evidence], 
               "tokens": [stages.Selection(tokens, token_picks([len(e) for e in evidence], r["positions"]))
                          for r in ranks] if model.backbone.has_text else None}
     del ranks
-    print(f"fit: training on {n} evidence rows of {console.counted(len(categories), 'category', 'categories')}, "
+    print(f"fit: training on {n} evidence rows of {console.counted(len(heads), 'category', 'categories')}, "
           f"{console.counted(args.workers, 'worker')}, {console.counted(args.epochs, 'epoch')}", flush=True)
     train(config, workers=args.workers, cpus=args.cpus_per_worker, gpus=args.gpus_per_worker,
           storage_uri=storage_uri, run_name=run_name)

@@ -16,6 +16,7 @@ evidence head's rows depend on memory, so memory comes first. (A features head, 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Callable, Sequence
 
 import numpy as np
@@ -25,8 +26,9 @@ from promptad.data import storage
 from promptad.data.datasets import Sample
 from promptad.data.images import decode_image, resize
 from promptad.data.shifts import tolerated_views
+from promptad.errors import UserError
 from promptad.fit.calibrate import calibrate_category
-from promptad.learning.evidence import Evidence, category_evidence
+from promptad.learning.evidence import MIN_IMAGES, Evidence, category_evidence
 from promptad.learning.training import (
     Shard,
     TrainConfig,
@@ -39,8 +41,42 @@ from promptad.memory.bank import Bank, build_bank
 from promptad.memory.gaussian import fit_gaussian
 from promptad.models.backbones import Features
 from promptad.models.features import group_views
-from promptad.models.model import CategoryMemory, ModelConfig, PromptAD
+from promptad.models.model import Calibration, CategoryMemory, ModelConfig, PromptAD
+from promptad.numerics import non_finite
 from promptad.predict import extract
+
+# The evidence head's input scales of a category that gives it no training rows (head_categories):
+# its fusion gives the head no weight, but a scoring batch that mixes it with trained categories
+# still runs the head on every row.
+NO_HEAD_SCALES = [1.0, 1.0]
+
+
+def head_categories(images: dict[str, int], epochs: int) -> tuple[list[str], list[str]]:
+    """(categories whose images train the evidence head, warnings for the others), from the
+    readable images per category. The head's rows are measured leave-one-out, so a category of
+    fewer than MIN_IMAGES images has none: it keeps its memory and calibration, gives the shared
+    head no rows and its own maps no head (fusion as without training), so it can change no other
+    category's model. With training asked for and no category able to train, the fit is refused."""
+    if not epochs:
+        return [], []
+    ok = sorted(c for c, n in images.items() if n >= MIN_IMAGES)
+    if not ok:
+        raise UserError(f"--epochs {epochs} trains the localization head on leave-one-out evidence, which needs "
+                        f"at least {MIN_IMAGES} readable normal images in a category, and every category has fewer; "
+                        "add normal images or pass --epochs 0")
+    warnings = [f"{c}: only {images[c]} readable normal image(s): too few for the localization head's "
+                f"leave-one-out training rows (at least {MIN_IMAGES}); it is left out of training and its maps "
+                "are the memory's alone" for c in sorted(images) if c not in ok]
+    return ok, warnings
+
+
+def check_calibration(category: str, calibration: Calibration) -> Calibration:
+    """`calibration`, refused (ValueError naming the category and the values) if any number in it
+    is not finite: a NaN threshold would reach the artifact and turn every image into an error row."""
+    bad = non_finite(asdict(calibration))
+    if bad:
+        raise ValueError(f"category {category!r}: calibration has non-finite values ({', '.join(bad[:5])})")
+    return calibration
 
 
 def read_images(paths: Sequence[str], size: int) -> np.ndarray:
@@ -92,6 +128,9 @@ def build_memory(model: PromptAD, feats: Features, seed: int = 0, tolerated: Fea
     they would have alone; a view adds an entry only where it looks like none of the images'
     patches (memory.bank.build_bank's `plain`), so the bank grows only as much as the drift needs."""
     n = len(feats)
+    bad = non_finite({"features": feats.layers, "tolerated": None if tolerated is None else tolerated.layers})
+    if bad:  # the Ray feature stage skips such images; here they are refused
+        raise ValueError(f"non-finite backbone features ({', '.join(bad)}); refusing to build memory on them")
     local, regional = model.local_features(feats), model.regional_features(feats)
     source = torch.arange(n)
     extra = None
@@ -118,10 +157,11 @@ def training_shard(model: PromptAD, feats: dict[str, Features]) -> Shard:
 
 def evidence_shard(model: PromptAD, evidence: dict[str, Evidence]) -> Shard:
     """Every category's evidence rows as one training shard; sets each category's head input
-    scales and the head's standardization (over all rows) on the model."""
+    scales (NO_HEAD_SCALES for a category without rows: head_categories) and the head's
+    standardization (over all rows) on the model."""
     cats = sorted(evidence)
-    for c in cats:
-        model.calibration[c].head_scales = list(evidence[c].scales)
+    for c in model.categories:
+        model.calibration[c].head_scales = list(evidence[c].scales) if c in evidence else list(NO_HEAD_SCALES)
     rows = [evidence[c] for c in cats]
     shard = shard_from_evidence(rows, cats, pixel_pos_weight(torch.cat([r.masks for r in rows])))
     set_standardization(model.trainable, shard.local)
@@ -148,9 +188,13 @@ def fit_in_process(images: dict[str, np.ndarray], model_cfg: ModelConfig, train_
                     for c in model.categories}
     clock["memory"] = time.perf_counter() - t
     t = time.perf_counter()
+    heads, warnings = head_categories({c: len(v) for c, v in images.items()}, train_cfg.epochs) \
+        if model.cfg.head_input == "evidence" else (model.categories, [])
+    for w in warnings if log else []:
+        log(f"warning: {w}")
     if model.cfg.head_input == "evidence":
         evidence = {}
-        for c in model.categories if train_cfg.epochs else []:
+        for c in heads:
             cached = feats[c]
             evidence[c] = category_evidence(model, c, len(images[c]), images[c].__getitem__,
                                             lambda idx: cached.select(torch.from_numpy(idx)),
@@ -166,6 +210,7 @@ def fit_in_process(images: dict[str, np.ndarray], model_cfg: ModelConfig, train_
     clock["training"] = time.perf_counter() - t
     t = time.perf_counter()
     for c in model.categories:
-        calibrate_category(model, c, feats[c], trained=train_cfg.epochs > 0, tolerated=extra.get(c))
+        trained = train_cfg.epochs > 0 and c in heads
+        check_calibration(c, calibrate_category(model, c, feats[c], trained=trained, tolerated=extra.get(c)))
     clock["calibration"] = time.perf_counter() - t
     return model

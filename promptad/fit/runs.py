@@ -2,7 +2,7 @@
 checks before it continues one. Plain storage, no Ray.
 
     fit-<UTC time>-<id>/
-      promptad-fit.json              the run's flags (RESUME_KEYS must match on --resume)
+      promptad-fit.json              the run's flags (MODEL_FLAGS, which must match on --resume)
       epoch_NNNN/state.pt            Ray Train checkpoints (fit/train.py), the newest CHECKPOINTS_KEPT,
                                      with the evidence head's input scales per category
       rows.json                      readable images per category, skipped files
@@ -36,11 +36,29 @@ from promptad.models.model import Calibration, CategoryMemory
 RUN_PREFIX = "fit-"
 RUN_FILE = "promptad-fit.json"
 ROWS_FILE = "rows.json"
-# Flags that change the trained weights or the memory: a resumed run must use the same ones.
-RESUME_KEYS = ("data", "categories", "backbone", "input_size", "epochs", "batch_size", "seed", "workers",
-               "precision", "coreset_draws")
-# what a run folder written before a key existed did, as that key's value
-BEFORE_KEY = {"coreset_draws": 1, "head": "features"}
+# Every flag of `promptad fit` (its argparse dest) is in exactly one of the two lists below, so a
+# new flag cannot be forgotten (tests/test_fit.py checks them against the parser).
+# MODEL_FLAGS shape the model (trained weights, memory or calibration): run_config records them in
+# the run's flags and a resumed run must repeat them all, or it would mix two models' parts.
+MODEL_FLAGS = ("data", "category", "backbone", "input_size", "epochs", "batch_size", "seed", "workers",
+               "gpus_per_worker", "precision", "tolerate", "coreset_draws")
+# ... and those that do not, with why.
+OTHER_FLAGS = {
+    "out": "where the artifact is written, not what it holds",
+    "storage": "where the run folder is; --resume looks there",
+    "resume": "whether to continue a run",
+    "cpus_per_worker": "CPUs Ray reserves for a worker (the work and its seeds do not depend on them)",
+    "cpus_per_category": "CPUs Ray reserves for a per-category task (likewise)",
+    "address": "which Ray runs the work",
+    "verbose": "console output only",
+    "debug": "console output only",
+}
+# the run file's name of a flag whose value it keeps under another name
+RUN_KEY = {"category": "categories"}
+RESUME_KEYS = tuple(RUN_KEY.get(f, f) for f in MODEL_FLAGS)
+# what a run folder written before a key existed did, as that key's value (a key missing here and
+# there is not known, and such a run is not resumed)
+BEFORE_KEY = {"coreset_draws": 1, "head": "features", "tolerate": []}
 HEAD = "evidence"  # the head `promptad fit` trains (ModelConfig.head_input); in the run's flags
 
 
@@ -68,10 +86,15 @@ def check_writable(uri: str, flag: str) -> None:
 
 
 def run_config(args: argparse.Namespace) -> dict[str, Any]:
-    return {"data": args.data, "categories": sorted(set(args.category)), "backbone": args.backbone,
-            "input_size": args.input_size, "epochs": args.epochs, "batch_size": args.batch_size,
-            "seed": args.seed, "workers": args.workers, "precision": args.precision,
-            "tolerate": list(args.tolerate), "coreset_draws": args.coreset_draws, "head": HEAD}
+    """The run's flags: every MODEL_FLAGS value (categories sorted and unique, lists as lists),
+    and the head it trains."""
+    def value(flag: str) -> Any:
+        v = getattr(args, flag)
+        if flag == "category":
+            return sorted(set(v))
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    return {RUN_KEY.get(f, f): value(f) for f in MODEL_FLAGS} | {"head": HEAD}
 
 
 def new_run(storage_uri: str, config: dict[str, Any]) -> str:
@@ -122,9 +145,18 @@ def resume_run(storage_uri: str, config: dict[str, Any]) -> str:
     if config["epochs"] and head != config["head"]:
         raise UserError(f"cannot resume run {name}: it trains a {head} head and this promptad fit trains the "
                         f"{config['head']} head; {hint}")
-    changed = [k for k in RESUME_KEYS if saved.get(k, BEFORE_KEY.get(k)) != config[k]]
+    flag = {RUN_KEY.get(f, f): f for f in MODEL_FLAGS}
+    missing = object()
+    was = {k: saved.get(k, BEFORE_KEY.get(k, missing)) for k in RESUME_KEYS}
+    changed = [k for k in RESUME_KEYS if was[k] != config[k]]
     if changed:
-        diffs = ", ".join(f"--{k.replace('_', '-')} {config[k]} (run has {saved.get(k, BEFORE_KEY.get(k))})" for k in changed)
+        def shown(v: Any) -> str:
+            if v is missing:
+                return "not recorded"
+            return (",".join(map(str, v)) or "none") if isinstance(v, list) else str(v)
+
+        diffs = ", ".join(f"--{flag[k].replace('_', '-')} {shown(config[k])} (run has {shown(was[k])})"
+                          for k in changed)
         raise UserError(f"cannot resume run {name}: {diffs}; resume with the flags it was started with")
     return name
 

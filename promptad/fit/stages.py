@@ -111,7 +111,8 @@ class FeatureExtractor:
         views = batch.pop("tolerated", None)
         feats = extract(self.model, batch.pop("image"))
         n = len(batch["idx"])
-        out = {"idx": batch["idx"], "error": batch["error"], "decode_s": batch["decode_s"]}
+        out = {"idx": batch["idx"], "error": _non_finite_errors(batch["error"], feats.layers),
+               "decode_s": batch["decode_s"]}
         for i, t in enumerate(feats.layers):
             out[f"layer_{i}"] = t.cpu().numpy()
         if feats.tokens is not None:
@@ -123,6 +124,18 @@ class FeatureExtractor:
                 out[f"tolerated_layer_{i}"] = layer.cpu().view(t, n, *layer.shape[1:]).transpose(0, 1).numpy()
         out["extract_s"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
         return out
+
+
+def _non_finite_errors(errors: np.ndarray, layers: Sequence[torch.Tensor]) -> np.ndarray:
+    """The block's errors, with a decoded image whose features hold NaN or inf marked as one:
+    the fit then skips it like an unreadable image, and it never reaches a bank, a Gaussian or
+    the head's standardization (where one NaN spreads to every category)."""
+    finite = torch.stack([torch.isfinite(t.flatten(1)).all(1).cpu() for t in layers]).all(0)
+    out = errors.copy()
+    for i in np.flatnonzero(~finite.numpy()):
+        if not out[i]:
+            out[i] = "features: the backbone returned non-finite values (NaN or inf) for this image"
+    return out
 
 
 def feature_blocks(rows: list[dict[str, Any]], model_cfg: dict[str, Any], actors: int, cpus: float,
@@ -316,6 +329,7 @@ def category_calibration(model_cfg: dict[str, Any], trained: dict[str, torch.Ten
     scales it was trained with (none without training), its memory and its rows in the order the
     memory was built from (`names`: their paths, for its warnings); (Calibration, _report)."""
     from promptad.fit.calibrate import calibrate_category
+    from promptad.fit.pipeline import check_calibration
 
     t0 = time.perf_counter()
     model = stage_model(model_cfg, device, threads)
@@ -325,7 +339,7 @@ def category_calibration(model_cfg: dict[str, Any], trained: dict[str, torch.Ten
     rows = take_rows(picks, *tables)
     calibration = calibrate_category(model, category, as_features(rows), trained=was_trained,
                                      tolerated=as_tolerated(rows), names=names)
-    return calibration, _report(t0)
+    return check_calibration(category, calibration), _report(t0)
 
 
 @functools.lru_cache(maxsize=None)

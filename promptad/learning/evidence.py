@@ -38,6 +38,9 @@ from promptad.predict import components_of, extract
 COVERED = 0.25  # a grid cell is a defect when a synthetic mask covers at least this much of it
 VIEWS_PER_IMAGE = 2
 IGNORED = -1.0  # grid_masks: a cell a defect touches but covers less: neither defect nor normal
+# A row is measured without its own image's bank entries: with one image nothing is left, every
+# distance is inf, and one inf in the head's standardization made every category's maps NaN.
+MIN_IMAGES = 2
 
 
 @dataclass
@@ -96,7 +99,11 @@ def category_evidence(model: PromptAD, category: str, n: int, load: Callable[[np
     features (the fit has them: only the views need a backbone pass). The input scales come from
     the chosen images' own clean leave-one-out distances (calibrate.distance_scale)."""
     from promptad.fit.calibrate import distance_scale  # fit imports this module
+    from promptad.numerics import non_finite
 
+    if n < MIN_IMAGES:
+        raise ValueError(f"category {category!r} has {n} training image(s): the evidence head's rows are measured "
+                         f"leave-one-out and need at least {MIN_IMAGES}")
     chosen, sources = view_plan(n, views, seed)
     images = load(chosen)
     position = {int(c): k for k, c in enumerate(chosen)}
@@ -122,5 +129,9 @@ def category_evidence(model: PromptAD, category: str, n: int, load: Callable[[np
     scales = [distance_scale(memory[:k]), distance_scale(regional[:k])]
     grid = tuple(memory.shape[-2:])
     labels = torch.cat([torch.zeros(k, *grid), grid_masks(masks, grid)])
-    return Evidence(inputs=head_evidence(memory, regional, scales), masks=labels,
-                    tokens=torch.cat(tokens) if tokens else None, scales=scales)
+    out = Evidence(inputs=head_evidence(memory, regional, scales), masks=labels,
+                   tokens=torch.cat(tokens) if tokens else None, scales=scales)
+    bad = non_finite({"inputs": out.inputs, "scales": out.scales, "tokens": out.tokens})
+    if bad:  # a NaN feature or bank entry: refused here, before it reaches the shared head
+        raise ValueError(f"category {category!r}: non-finite evidence rows ({', '.join(bad)})")
+    return out

@@ -123,8 +123,12 @@ def make_ema(trainable: torch.nn.Module, cfg: TrainConfig) -> WeightAverage:
 
 def set_standardization(trainable: torch.nn.Module, local: torch.Tensor) -> None:
     """Per-channel mean and std of the training images' local features (N, C, h, w): the head's
-    input scale, and the unit of the feature-space noise."""
+    input scale, and the unit of the feature-space noise. Non-finite rows are refused: they would
+    make the standardization, then the shared head and every category's maps, NaN."""
     x = local.float().transpose(0, 1).reshape(local.shape[1], -1)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"the head's training rows hold {int((~torch.isfinite(x)).sum())} non-finite values; "
+                         "refusing to standardize (and train) on them")
     trainable.feat_mean.copy_(x.mean(1))
     trainable.feat_std.copy_(x.std(1).clamp(min=1e-6))
 
@@ -301,5 +305,17 @@ def train_in_process(model, shard: Shard, cfg: TrainConfig, device: torch.device
         history.append(stats)
         if log:
             log(f"epoch {epoch + 1}/{cfg.epochs} loss {stats['loss']:.4f}")
+    check_trained(ema.state)
     trainable.load_state_dict(ema.state)
     return history
+
+
+def check_trained(state: dict[str, torch.Tensor]) -> None:
+    """Refuse a trained state with a NaN or inf in it (ValueError): it would be calibrated and
+    saved, and every category's maps would be NaN."""
+    from promptad.numerics import non_finite
+
+    bad = non_finite(state)
+    if bad:
+        raise ValueError(f"training ended with non-finite weights ({', '.join(bad[:5])}); nothing is calibrated "
+                         "or saved from them")

@@ -74,8 +74,21 @@ def memory_from_tensors(t: dict):
                           gaussian=Gaussian.from_tensors(t))
 
 
-def save_artifact(model: PromptAD, uri: str, training: dict | None = None) -> str:
-    """Write the artifact to `uri`; returns the model id."""
+def non_finite_parts(model: PromptAD) -> list[str]:
+    """Where the model's weights, memories or calibrations hold NaN or inf (numerics.non_finite):
+    JSON stores such a threshold as null, read back as inf, and a NaN weight or bank entry makes
+    every map NaN: each image of the category (of every category, for the weights) an error row."""
+    from promptad.numerics import non_finite
+
+    return (non_finite(dict(model.trainable.state_dict()), "weights")
+            + [b for c in model.categories for b in non_finite(memory_tensors(model.memory[c]), f"memory[{c}]")]
+            + [b for c in model.categories for b in non_finite(asdict(model.calibration[c]), f"calibration[{c}]")])
+
+
+def save_artifact(model: PromptAD, uri: str, training: dict | None = None, finite: bool = True) -> str:
+    """Write the artifact to `uri`; returns the model id. With `finite` (what fit writes), a model
+    with a non-finite number anywhere is refused (ValueError naming where) and nothing is written;
+    tests write broken models on purpose with finite=False."""
     from safetensors.torch import save as st_save
 
     from promptad.models import prompts
@@ -83,6 +96,10 @@ def save_artifact(model: PromptAD, uri: str, training: dict | None = None) -> st
     missing = [c for c in model.categories if c not in model.memory]
     if missing:
         raise ValueError(f"no memory for {missing}; build memory banks before saving")
+    bad = non_finite_parts(model) if finite else []
+    if bad:
+        raise ValueError(f"refusing to write a model artifact with non-finite values: {', '.join(bad[:5])}"
+                         + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
     state = {k: v.detach().cpu().contiguous() for k, v in model.trainable.state_dict().items()}
     weights = st_save(state)
     banks = {c: st_save(memory_tensors(model.memory[c])) for c in model.categories}
@@ -109,6 +126,28 @@ def save_artifact(model: PromptAD, uri: str, training: dict | None = None) -> st
     # The manifest goes last: a directory with a manifest is a complete artifact.
     storage.write_bytes(storage.join(uri, MANIFEST), json.dumps(manifest, indent=2).encode())
     return manifest["model_id"]
+
+
+def is_own_file(relative: str) -> bool:
+    """Whether a file at `relative` (below an artifact folder) is one save_artifact writes, or the
+    write probe fit leaves if killed mid-check."""
+    return relative in (MANIFEST, WEIGHTS) or relative.startswith(".promptad-write-test-") or (
+        relative.startswith("memory/") and relative.endswith(".safetensors") and relative.count("/") == 1)
+
+
+def check_out_folder(uri: str) -> None:
+    """`fit --out`: new, empty, or a model artifact (which the fit replaces). Anything else is
+    refused (UserError) before any work: writing into a scores folder mixed an artifact into a
+    Parquet dataset, and into another tool's folder it would leave a half-model among its files."""
+    if not storage.exists(uri):
+        return
+    if not storage.is_dir(uri):
+        raise UserError(f"--out {uri} is a file; pass a new or empty folder (or the --out of an earlier fit)")
+    foreign = [f for f in (storage.relative(p, uri) for p in storage.list_files(uri)) if not is_own_file(f)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"--out {uri} holds files that are not a promptad model ({shown}); pass a new or empty "
+                        "folder (or the --out of an earlier fit, whose model is replaced)")
 
 
 def read_manifest(uri: str) -> dict:

@@ -130,20 +130,42 @@ def read_and_decode(batch: pa.Table, size: int, categories: list[str]) -> dict[s
 MODEL_ERROR = "model: "  # prefix of the error of a row the model returned a non-finite score or map for
 
 
+class RowCounter:
+    """Rows the model stage has scored, for the driver's progress line (a Ray actor of no CPU; the
+    actors tell it after each batch, without waiting for an answer)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+
+    def get(self) -> int:
+        return self.rows
+
+
 class Predictor:
     """The model stage: one artifact load per actor (and per restart), then predict() per batch.
     A row whose model output is not finite becomes a `model: ...` error row (results null), never
-    an exception: the rest of its batch is written as usual."""
+    an exception: the rest of its batch is written as usual. `counter` (a RowCounter actor) hears
+    of every batch scored; `delay_s` slows each batch down (tests of a slow stage only)."""
 
-    def __init__(self, model_uri: str, device: str, threads: int):
+    def __init__(self, model_uri: str, device: str, threads: int, counter=None, delay_s: float = 0.0):
         from promptad.predict import load_for_worker
 
         self.model = load_for_worker(model_uri, device, threads)
+        self.counter, self.delay_s = counter, delay_s
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from promptad.predict import predict_rows
 
+        if self.delay_s:
+            import time
+
+            time.sleep(self.delay_s)
         pred = predict_rows(self.model, batch.pop("image"), batch["category"], batch["error"])
+        if self.counter is not None:
+            self.counter.add.remote(len(batch["image_id"]))
         batch["score"], batch["map"] = pred.scores, pred.maps
         batch["error"] = np.asarray([str(e) or (MODEL_ERROR + why if why else "")
                                      for e, why in zip(batch["error"], pred.errors)], dtype=object)
@@ -151,8 +173,10 @@ class Predictor:
 
 
 def postprocess_and_commit(batch: dict[str, np.ndarray], output_uri: str, calibration: dict[str, Calibration],
-                           model_id: str, run_id: str, nonce: str = "") -> pa.Table:
+                           model_id: str, run_id: str, nonce: str = "", run_seq: int = 1) -> pa.Table:
     """Output rows of one bundle -> one atomically committed Parquet file; returns its summary row.
+    `run_seq`: the run's sequence number from the driver's plan (output.next_run_seq), what decides
+    which row of an image is current; `scored_at` is this worker's clock, for people only.
 
     The file name hashes this invocation's `nonce` with the bundle's image_ids: a retried task
     rewrites its own file, and no file another run left is ever overwritten (output.py)."""
@@ -180,14 +204,17 @@ def postprocess_and_commit(batch: dict[str, np.ndarray], output_uri: str, calibr
         "model_id": [model_id] * n,
         "run_id": [run_id] * n,
         "scored_at": [datetime.now(timezone.utc)] * n,
+        "run_seq": [run_seq] * n,
     })
     table = pa.table([pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array) else cols[f.name]
                       for f in OUTPUT_SCHEMA], schema=OUTPUT_SCHEMA)
     key = nonce + "\n" + "\n".join(sorted(table["image_id"].to_pylist()))
     name = "part-" + hashlib.sha256(key.encode()).hexdigest()[:24]
     uri = commit_file(output_uri, f"{name}.parquet", table)
+    failed = [i for i in range(n) if batch["error"][i]]
     return pa.table({"file": [uri], "rows": [n],
-                     "errors": pa.array([[e for e in batch["error"] if e]], pa.list_(pa.string()))})
+                     "errors": pa.array([[batch["error"][i] for i in failed]], pa.list_(pa.string())),
+                     "failed": pa.array([[batch["path"][i] for i in failed]], pa.list_(pa.string()))})
 
 
 def _plan_source(todo: pa.Table):
@@ -236,6 +263,7 @@ def plan(model_uri: str, input_uri: str, output_uri: str) -> tuple[Plan, dict]:
     No Ray: every mistake in --model, --input and --output surfaces here, in seconds."""
     from promptad.score.plan import check_output_location
 
+    storage.preflight({"--model": model_uri, "--input": input_uri, "--output": output_uri})
     check_output_location(output_uri)
     manifest, _, _ = artifact.read_verified(model_uri)
     return make_plan(input_uri, output_uri, manifest["model_id"], list(manifest["categories"])), manifest
@@ -254,14 +282,16 @@ def score(model_uri: str, input_uri: str, output_uri: str, *, actors: int = 1, g
 
 def execute(the_plan: Plan, model_uri: str, manifest: dict, *, actors: int = 1, gpus_per_actor: float = 0.0,
             cpus_per_actor: float = 0.5, batch_size: int = 16, run_id: str | None = None,
-            local_ray: bool = True, address: str | None = None) -> Summary:
-    """Run the plan: the pipeline over its todo rows, then drop superseded rows and count."""
+            local_ray: bool = True, address: str | None = None, stage_delay_s: float = 0.0) -> Summary:
+    """Run the plan: the pipeline over its todo rows, then drop superseded rows and count.
+    `stage_delay_s`: seconds added to each model batch (tests of the progress line only)."""
     output_uri = the_plan.output_uri
     run_id = run_id or f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
     todo = the_plan.todo
     summary = Summary(output=output_uri, run_id=run_id, model_id=the_plan.model_id,
                       inputs=the_plan.inputs.num_rows, already_done=the_plan.done, new=the_plan.new,
-                      changed=the_plan.changed, retried=the_plan.retry, plan_seconds=round(the_plan.seconds, 2))
+                      changed=the_plan.changed, retried=the_plan.retry, plan_seconds=round(the_plan.seconds, 2),
+                      run_seq=the_plan.run_seq)
     print(f"score: {summary.inputs:,} inputs: {summary.already_done:,} already in {output_uri}, {the_plan.new:,} new, "
           f"{the_plan.changed:,} changed, {the_plan.retry:,} to retry; scoring {todo.num_rows:,} with model "
           f"{the_plan.model_id} (run {run_id}; planned in {the_plan.seconds:.1f} s)", file=sys.stderr, flush=True)
@@ -278,7 +308,8 @@ def execute(the_plan: Plan, model_uri: str, manifest: dict, *, actors: int = 1, 
         clean_staging(output_uri)
         storage.makedirs(output_uri)
         _run_pipeline(todo, summary, model_uri, output_uri, manifest, actors=actors, gpus_per_actor=gpus_per_actor,
-                      cpus_per_actor=cpus_per_actor, batch_size=batch_size)
+                      cpus_per_actor=cpus_per_actor, batch_size=batch_size, run_seq=the_plan.run_seq,
+                      stage_delay_s=stage_delay_s)
     checked = verify(the_plan.inputs, output_uri)
     summary.superseded_dropped = checked.superseded_dropped
     storage.write_bytes(storage.join(output_uri, RUNS_DIR, f"{run_id}.json"),
@@ -287,8 +318,11 @@ def execute(the_plan: Plan, model_uri: str, manifest: dict, *, actors: int = 1, 
 
 
 def _run_pipeline(todo: pa.Table, summary: Summary, model_uri: str, output_uri: str, manifest: dict, *,
-                  actors: int, gpus_per_actor: float, cpus_per_actor: float, batch_size: int) -> None:
+                  actors: int, gpus_per_actor: float, cpus_per_actor: float, batch_size: int, run_seq: int,
+                  stage_delay_s: float = 0.0) -> None:
     import ray
+
+    counter = ray.remote(num_cpus=0)(RowCounter).remote()
 
     size = int(manifest["model"]["input_size"])
     categories = list(manifest["categories"])
@@ -316,7 +350,8 @@ def _run_pipeline(todo: pa.Table, summary: Summary, model_uri: str, output_uri: 
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = ds.map_batches(Predictor, batch_format="numpy", batch_size=batch_size,
                             fn_constructor_kwargs={"model_uri": model_uri, "device": device,
-                                                   "threads": threads_for(cpus_per_actor)},
+                                                   "threads": threads_for(cpus_per_actor), "counter": counter,
+                                                   "delay_s": stage_delay_s},
                             compute=ray.data.ActorPoolStrategy(size=actors),  # --actors N means N: all start, one per slot
                             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
                             max_restarts=-1, max_task_retries=-1)
@@ -324,17 +359,22 @@ def _run_pipeline(todo: pa.Table, summary: Summary, model_uri: str, output_uri: 
                         num_cpus=COMMIT_CPUS,
                         fn_kwargs={"output_uri": output_uri, "calibration": artifact.read_calibration(manifest),
                                    "model_id": summary.model_id, "run_id": summary.run_id,
-                                   "nonce": uuid.uuid4().hex})
-    with Progress(summary, todo.num_rows) as progress:
+                                   "nonce": uuid.uuid4().hex, "run_seq": run_seq})
+    def through() -> int:
+        return ray.get(counter.get.remote(), timeout=5)
+
+    with Progress(summary, todo.num_rows, through=through) as progress:
         for row in ds.iter_rows():
-            progress.add(int(row["rows"]), list(row["errors"]))
+            progress.add(int(row["rows"]), list(row["errors"]), list(row["failed"]))
 
 
 def run(args: argparse.Namespace) -> Summary | Plan:
     """`promptad score` (and jobs/score.py): plan without Ray; then --dry-run prints the plan, a
     real run joins Ray (only if there is something to score) and runs it."""
-    from promptad.raycluster import is_local
+    from promptad.raycluster import check_address, is_local
 
+    if not getattr(args, "dry_run", False):
+        check_address(args.address)  # before the plan line: a wrong address is the only line
     the_plan, manifest = plan(args.model, args.input, args.output)
     if getattr(args, "dry_run", False):
         for line in the_plan.lines():

@@ -12,8 +12,10 @@ How rows are committed, superseded and counted:
   the older rows dropped, by rewriting each file that holds one without it (an atomic replace, or
   a delete when nothing is left). So at every moment, including after a kill at any point, every
   input that had a row still has at least one. Between the commit and the rewrite an input can
-  have two rows; the newest `scored_at` is the current one (`newest_rows`), for the next run's
-  plan as for any reader who looks during a run.
+  have two rows; the one of the latest run is the current one (`newest_rows`), for the next run's
+  plan as for any reader who looks during a run. "Latest" is the run's sequence number in the
+  output (`run_seq`), which the driver sets from the rows it planned against, never a worker's
+  clock: with skew between nodes, a re-scored image's new row could carry an older `scored_at`.
 - **Count.** After the rewrite, `verify` reads the output again and checks that every input has
   exactly one row and that it was scored from the version the plan saw.
 """
@@ -52,7 +54,11 @@ OUTPUT_SCHEMA = pa.schema([
     ("model_id", pa.string()),
     ("run_id", pa.string()),
     ("scored_at", pa.timestamp("us", tz="UTC")),
+    # which run wrote the row, in the order of runs into this output (next_run_seq); decides which
+    # row of an image is current. Null in files written before it existed: they count as run 0.
+    ("run_seq", pa.int64()),
 ])
+ORDER_COLUMNS = ["run_seq", "scored_at"]  # what newest_rows orders by; read them with image_id
 TMP_DIR = "_tmp"  # local commits are staged here; '_' folders are skipped by pyarrow, pandas and Spark
 RUNS_DIR = "_runs"  # one JSON summary per run
 FILE = "__filename"  # pyarrow's scan column: the file a row came from
@@ -108,13 +114,27 @@ def read_rows(output_uri: str, columns: list[str]) -> pa.Table:
     return pa.concat_tables(parts).combine_chunks()
 
 
+def next_run_seq(rows: pa.Table) -> int:
+    """The sequence number of a run planned against `rows` (with run_seq): one more than any run's
+    that left a row; 1 for an empty output or one written before run_seq existed."""
+    if "run_seq" not in rows.column_names or rows.num_rows == 0:
+        return 1
+    return int(pc.max(pc.fill_null(rows["run_seq"], 0)).as_py() or 0) + 1
+
+
 def newest_rows(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(current, superseded): the newest row of each image_id by scored_at (ties: the larger file
-    name), and every older one. Sorts only when some image_id has more than one row."""
+    """(current, superseded): the row of each image_id of the latest run (highest run_seq, a row
+    without one counting as run 0; then the latest scored_at, which orders rows written before
+    run_seq existed; then the larger file name), and every older one. Sorts only when some
+    image_id has more than one row."""
     if rows.num_rows == 0 or pc.count_distinct(rows["image_id"]).as_py() == rows.num_rows:
         return rows, rows.slice(0, 0)
-    order = pc.sort_indices(rows, sort_keys=[("image_id", "ascending"), ("scored_at", "descending"),
-                                             (FILE, "descending")])
+    seq = pc.fill_null(rows["run_seq"], 0) if "run_seq" in rows.column_names else pa.nulls(rows.num_rows, pa.int64())
+    keyed = rows.append_column("_seq", seq)
+    keys = [("image_id", "ascending"), ("_seq", "descending")]
+    if "scored_at" in rows.column_names:
+        keys.append(("scored_at", "descending"))
+    order = pc.sort_indices(keyed, sort_keys=keys + [(FILE, "descending")])
     rows = rows.take(order)
     ids = rows["image_id"].combine_chunks()
     first = pa.concat_arrays([pa.array([True]), pc.not_equal(ids[1:], ids[:-1])])
@@ -194,11 +214,11 @@ class Verified:
 def verify(inputs: pa.Table, output_uri: str) -> Verified:
     """Drop superseded rows, then check exactly once: every input has one row, from the version
     the plan saw. Counted, not assumed: a mismatch fails the run."""
-    rows = read_rows(output_uri, ["image_id", "source_version", "scored_at"])
+    rows = read_rows(output_uri, ["image_id", "source_version", *ORDER_COLUMNS])
     _, superseded = newest_rows(rows)
     dropped = drop_superseded(output_uri, superseded)
     if dropped:
-        rows = read_rows(output_uri, ["image_id", "source_version", "scored_at"])
+        rows = read_rows(output_uri, ["image_id", "source_version", *ORDER_COLUMNS])
     mine = rows.filter(pc.is_in(rows["image_id"], value_set=inputs["image_id"]))
     distinct = pc.count_distinct(mine["image_id"]).as_py()
     if mine.num_rows != distinct:

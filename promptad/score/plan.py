@@ -3,7 +3,7 @@
 The unit of exactly-once is (image_id, content version). Inputs come with the version their
 listing gives for free (storage.list_versions: local size + mtime_ns; S3 ETag, plus the version id
 in a versioned bucket) or, for a manifest, its optional `version` column. Each input's current row
-in the output (the newest by scored_at, output.newest_rows) then decides:
+in the output (the one of the latest run, output.newest_rows) then decides:
 
     no row                                   -> new       (scored)
     row of another category                  -> changed   (scored again)
@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from promptad.data import storage
 from promptad.data.datasets import MANIFEST_EXTENSIONS, manifest_table
 from promptad.errors import UserError
-from promptad.score.output import check_same_model, newest_rows, read_rows
+from promptad.score.output import ORDER_COLUMNS, check_same_model, newest_rows, next_run_seq, read_rows
 
 INPUT_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("category", pa.string()),
                           ("source_version", pa.string()), ("size", pa.int64())])
@@ -100,6 +100,7 @@ class Plan:
     versioned: bool  # every input carries a content version
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    run_seq: int = 1  # the run's sequence number in the output (output.next_run_seq): its rows' run_seq
 
     @property
     def todo_bytes(self) -> int | None:
@@ -147,7 +148,7 @@ def make_plan(input_uri: str, output_uri: str, model_id: str, categories: list[s
     Raises UserError for a bad --input or --output before anything is written."""
     t0 = time.monotonic()
     check_output_location(output_uri)
-    rows = read_rows(output_uri, ["image_id", "category", "error", "source_version", "model_id", "scored_at"])
+    rows = read_rows(output_uri, ["image_id", "category", "error", "source_version", "model_id", *ORDER_COLUMNS])
     check_same_model(rows, model_id, output_uri)  # before listing: a wrong --output fails fast
     inputs = list_inputs(input_uri, categories)
     if inputs.num_rows == 0:
@@ -178,4 +179,5 @@ def make_plan(input_uri: str, output_uri: str, model_id: str, categories: list[s
     return Plan(input_uri=input_uri, output_uri=output_uri, model_id=model_id, inputs=inputs, todo=todo,
                 done=inputs.num_rows - todo.num_rows, new=_count(new), changed=_count(changed),
                 retry=_count(retry), superseded=superseded.num_rows,
-                versioned=inputs["source_version"].null_count == 0, seconds=time.monotonic() - t0)
+                versioned=inputs["source_version"].null_count == 0, seconds=time.monotonic() - t0,
+                run_seq=next_run_seq(rows))
