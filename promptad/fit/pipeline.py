@@ -93,12 +93,12 @@ def build_memory(model: PromptAD, feats: Features, seed: int = 0, tolerated: Fea
     patches (memory.bank.build_bank's `plain`), so the bank grows only as much as the drift needs."""
     n = len(feats)
     local, regional = model.local_features(feats), model.regional_features(feats)
-    source = torch.arange(n)
+    source = torch.arange(n, device=local.device)
     extra = None
     if tolerated is not None:
         local = torch.cat([local, model.local_features(tolerated).to(local.device)])
         regional = torch.cat([regional, model.regional_features(tolerated).to(regional.device)])
-        source = torch.cat([source, torch.arange(n).repeat_interleave(len(tolerated) // n)])
+        source = torch.cat([source, source.repeat_interleave(len(tolerated) // n)])
         extra = group_views(model.pooled_features(tolerated), n)
 
     def bank(x: torch.Tensor) -> Bank:
