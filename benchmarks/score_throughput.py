@@ -33,9 +33,10 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from promptad.actors import ModelActors  # noqa: E402
 from promptad.data import storage  # noqa: E402
-from promptad.models import artifact
-from promptad.score import command as score
+from promptad.models import artifact  # noqa: E402
+from promptad.score import command as score  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"
 
@@ -76,12 +77,13 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {cpus} CPUs, {mem:.0f} GiB RAM"
 
 
-def plain_loop(model_uri: str, paths: list[str], out: str, batch_size: int, device: str, threads: int) -> float:
-    """Seconds for the in-process loop (model load excluded, as the Ray figure's steady state excludes it)."""
+def plain_loop(model_uri: str, paths: list[str], out: str, batch_size: int, pool: ModelActors) -> float:
+    """Seconds for the in-process loop (model load excluded, as the Ray figure's steady state excludes it),
+    its model built as the pool's actors build theirs (device, threads, precision)."""
     manifest = artifact.read_manifest(model_uri)
     size, cats = int(manifest["model"]["input_size"]), list(manifest["categories"])
     cal = artifact.read_calibration(manifest)
-    predictor = score.Predictor(model_uri, device, threads)
+    predictor = score.Predictor(model_uri, **pool.constructor_args())
     table = pa.table({"image_id": paths, "path": paths, "category": [cats[0]] * len(paths)})
     per_file = score.rows_per_file(batch_size)
     start = time.perf_counter()
@@ -117,12 +119,12 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     model_uri = args.model or fit_model(workdir)
     paths = dataset_images(args.images)
-    device = "cuda" if args.gpus_per_actor > 0 else "cpu"
+    pool = ModelActors(args.actors, args.cpus_per_actor, args.gpus_per_actor)  # the actors', on both sides
+    device, threads = pool.device, pool.threads
     n = len(paths)
 
     load0 = os.getloadavg()[0]
-    threads = max(1, int(args.cpus_per_actor))  # the actor's torch threads: the same on both sides
-    plain_before = plain_loop(model_uri, paths, str(workdir / "plain-before"), args.batch_size, device, threads)
+    plain_before = plain_loop(model_uri, paths, str(workdir / "plain-before"), args.batch_size, pool)
     load1 = os.getloadavg()[0]
 
     import ray
@@ -136,7 +138,7 @@ def main() -> None:
     ray_s = time.perf_counter() - start
     load2 = os.getloadavg()[0]
     ray.shutdown()
-    plain_after = plain_loop(model_uri, paths, str(workdir / "plain-after"), args.batch_size, device, threads)
+    plain_after = plain_loop(model_uri, paths, str(workdir / "plain-after"), args.batch_size, pool)
     load3 = os.getloadavg()[0]
     plain_s = (plain_before + plain_after) / 2
     assert summary.scored == n and summary.errors == 0, summary

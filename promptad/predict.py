@@ -73,21 +73,18 @@ def predict(model: PromptAD, images, categories: Sequence[str], precision: str =
 
 
 def load_for_worker(model_uri: str, device: str, threads: int) -> PromptAD:
-    """The artifact, loaded once by a score/audit actor.
-
-    On CPU, torch gets as many threads as whole CPUs Ray gave the actor (at least 1): more would
-    fight the read and commit tasks for cores, and OpenMP threads slow down badly when preempted
-    (on the 2-CPU test machine, 2 threads next to other work ran 1.5-4x slower than 1).
-    """
+    """The artifact, loaded once by a score/audit actor (actors.start_actor first: torch gets as
+    many threads as whole CPUs Ray gave the actor, at least 1; more would fight the read and commit
+    tasks for cores, and OpenMP threads slow down badly when preempted: on the 2-CPU test machine,
+    2 threads next to other work ran 1.5-4x slower than 1)."""
+    from promptad.actors import start_actor
     from promptad.models.artifact import load_artifact
 
-    if device == "cpu":
-        torch.set_num_threads(max(1, threads))
-    return load_artifact(model_uri, device)
+    return load_artifact(model_uri, start_actor(device, threads))
 
 
 def predict_rows(model: PromptAD, images: np.ndarray, categories: Sequence[str],
-                 errors: Sequence[str]) -> Prediction:
+                 errors: Sequence[str], precision: str = "auto") -> Prediction:
     """predict() over the rows of a batch that loaded; rows with an error get a NaN score and a
     zero map, so every input keeps its row.
 
@@ -101,7 +98,7 @@ def predict_rows(model: PromptAD, images: np.ndarray, categories: Sequence[str],
                      errors=[""] * n)
     ok = np.array([not e for e in errors], dtype=bool)
     if ok.any():
-        pred = predict(model, images[ok], [str(c) for c in np.asarray(categories)[ok]])
+        pred = predict(model, images[ok], [str(c) for c in np.asarray(categories)[ok]], precision)
         out.scores[ok], out.maps[ok] = pred.scores, pred.maps
         for i in np.flatnonzero(ok):
             out.errors[i] = output_problem(out.scores[i], out.maps[i])

@@ -198,3 +198,52 @@ def test_fit_in_process_on_device():
     assert asdict(model.calibration["tile"]) == asdict(want.calibration["tile"])
     expected = predict(want, _images(3, 7), ["tile"] * 3)  # with the trained head
     assert np.array_equal(probe.scores, expected.scores) and np.array_equal(probe.maps, expected.maps)
+
+
+def test_score_audit_and_fit_actors_are_one_definition():
+    """score's predictors, audit's scorers and the fit's feature actors are built from one
+    ModelActors: the same flags give the same device, threads, precision, resources and restarts."""
+    from promptad.actors import ModelActors
+    from promptad.audit import stages as audit_stages
+    from promptad.cli import build_parser
+
+    flags = ["--actors", "3", "--cpus-per-actor", "2.5", "--gpus-per-actor", "0.5"]
+    s = build_parser().parse_args(["score", "--model", "m", "--input", "i", "--output", "o", *flags])
+    a = build_parser().parse_args(["audit", "--model", "m", "--data", "d", "--report", "r", *flags])
+    pool = audit_stages.model_actors(a)
+    assert pool == ModelActors(s.actors, s.cpus_per_actor, s.gpus_per_actor)
+    assert pool.constructor_args() == {"device": "cuda", "threads": 2, "precision": "auto"}
+    args = pool.pool_args()
+    assert (args["num_cpus"], args["num_gpus"], args["max_restarts"], args["max_task_retries"]) == (2.5, 0.5, -1, -1)
+    assert (args["compute"].min_size, args["compute"].max_size) == (3, 3)
+    cpu = audit_stages.model_actors(build_parser().parse_args(["audit", "--model", "m", "--data", "d", "--report", "r"]))
+    assert cpu.constructor_args() == {"device": "cpu", "threads": 1, "precision": "auto"}
+
+
+def test_score_audit_and_fit_actors_on_device(fitted, tmp_path):
+    """The three actor classes, built with ModelActors' arguments and a device: the CPU's output."""
+    from promptad.actors import ModelActors
+    from promptad.audit.stages import _Scorer
+    from promptad.fit.stages import FeatureExtractor
+    from promptad.score.command import Predictor
+
+    uri = str(tmp_path / "model")
+    artifact.save_artifact(fitted, uri)
+    n, images = 3, _images(3, 4)
+    common = {"category": np.asarray(["tile"] * n, object), "error": np.asarray([""] * n, object)}
+    scored = dict(common, image=images)
+    audited = dict(common, image_id=np.asarray(list("abc"), object), input=images,
+                   height=np.full(n, 32, np.int32), width=np.full(n, 48, np.int32))
+    extracted = {"idx": np.arange(n), "image": images, "error": common["error"], "decode_s": np.zeros(n)}
+    cpu = ModelActors(1, torch.get_num_threads(), 0).constructor_args()
+
+    def run(args: dict) -> list[np.ndarray]:
+        p, s = Predictor(uri, **args)(dict(scored)), _Scorer(uri, **args)(dict(audited))
+        f = FeatureExtractor(fitted.cfg.to_dict(), **args)(dict(extracted))
+        return [p["score"], p["map"], s["score"], np.stack([np.frombuffer(m, np.float32) for m in s["map"]]),
+                f["layer_0"], f["layer_1"]]
+
+    want = run(cpu)
+    with on_device() as dev:
+        got = run({**cpu, "device": dev.type})
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
