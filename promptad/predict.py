@@ -2,6 +2,7 @@
 score never depends on which command produced it."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -11,6 +12,7 @@ import torch
 from promptad.learning.training import autocast, resolve_precision
 from promptad.models.backbones import Features
 from promptad.models.model import PromptAD
+from promptad.numerics import exact_fp32
 
 
 @dataclass
@@ -34,11 +36,13 @@ def as_input(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.T
 
 @torch.no_grad()
 def extract(model: PromptAD, images, precision: str = "auto") -> Features:
-    """The frozen backbone pass: what a fit caches per image and what every prediction starts from."""
+    """The frozen backbone pass: what a fit caches per image (in actors.FIT_PRECISION) and what
+    every prediction starts from. "fp32" is fp32 on GPUs too (TF32 off: numerics.exact_fp32)."""
     model.eval()
     device = model.device
     x = as_input(images, device)
-    with autocast(resolve_precision(precision, device), device):
+    precision = resolve_precision(precision, device)
+    with autocast(precision, device), exact_fp32() if precision == "fp32" else contextlib.nullcontext():
         return model.backbone(x)
 
 
@@ -48,7 +52,8 @@ def components_of(model: PromptAD, feats: Features, categories: Sequence[str], p
     """Raw evidence from backbone features (calibration passes `exclude` for leave-one-out)."""
     model.eval()
     device = model.device
-    with autocast(resolve_precision(precision, device), device):
+    precision = resolve_precision(precision, device)
+    with autocast(precision, device), exact_fp32() if precision == "fp32" else contextlib.nullcontext():
         return model.components(feats.to(device), list(categories), exclude=exclude)
 
 

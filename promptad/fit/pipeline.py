@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from promptad.actors import FIT_PRECISION
 from promptad.data import storage
 from promptad.data.datasets import Sample
 from promptad.data.images import decode_image, resize
@@ -78,8 +79,9 @@ def tolerated_features(model: PromptAD, views: np.ndarray, batch_size: int = 16)
 
 
 def extract_all(model: PromptAD, images: np.ndarray, batch_size: int = 16) -> Features:
-    """Backbone features of (N, S, S, 3) uint8 images, on the CPU."""
-    return Features.cat([extract(model, images[s:s + batch_size]).to("cpu", torch.float32)
+    """Backbone features of (N, S, S, 3) uint8 images in FIT_PRECISION (as the fit's feature
+    actors extract them), on the CPU."""
+    return Features.cat([extract(model, images[s:s + batch_size], FIT_PRECISION).to("cpu", torch.float32)
                          for s in range(0, len(images), batch_size)])
 
 

@@ -42,7 +42,7 @@ from promptad.data import storage
 from promptad.data.images import ImageDecodeError, decode_image, resize
 from promptad.data.shifts import tolerated_views
 from promptad.models.backbones import Features
-from promptad.actors import INFERENCE_PRECISION, ModelActors, device_for, start_actor  # noqa: F401 - device_for: API
+from promptad.actors import FIT_PRECISION, INFERENCE_PRECISION, ModelActors, device_for, start_actor  # noqa: F401
 
 FEATURE_BATCH_CPU = 16  # images per block and extraction batch on CPU actors
 FEATURE_BATCH_GPU = 64  # ... and on GPU actors
@@ -123,6 +123,12 @@ class FeatureExtractor:
         return out
 
 
+def feature_actors(actors: int, cpus: float, gpus: float) -> ModelActors:
+    """The feature stage's actors: the workers' resources, and FIT_PRECISION (fp32 on GPUs too),
+    since the memory, evidence rows and calibration are built from these features."""
+    return ModelActors(actors, cpus, gpus, precision=FIT_PRECISION)
+
+
 def feature_blocks(rows: list[dict[str, Any]], model_cfg: dict[str, Any], actors: int, cpus: float,
                    gpus: float, tolerate: Sequence[str] = ()) -> list:
     """Decode and extract `rows` (with the views of the `tolerate` conditions) with Ray Data; the
@@ -133,7 +139,7 @@ def feature_blocks(rows: list[dict[str, Any]], model_cfg: dict[str, Any], actors
     import ray
 
     batch = FEATURE_BATCH_GPU if gpus > 0 else FEATURE_BATCH_CPU
-    pool = ModelActors(actors, cpus, gpus)
+    pool = feature_actors(actors, cpus, gpus)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch)))
     ds.context.enable_progress_bars = False  # fit prints its own lines
     ds = ds.map_batches(decode_block, batch_size=None, batch_format="numpy", num_cpus=DECODE_CPUS,
