@@ -9,6 +9,7 @@ machine) weighs on both sides alike; the load averages are printed with the figu
 
     .venv/bin/python benchmarks/score_throughput.py [--images 500] [--batch-size 16]
         [--model ARTIFACT] [--gpus-per-actor 1]      # GPU: plain loop on cuda too, fp16 both ways
+        [--json PATH]                                # the figures as JSON too (benchmarks/gpu_check.py)
 
 Without --model, an effnet-lite0 model is fitted (1 epoch, 32 images) into --workdir first.
 Images are read in place from ../shared/datasets/magnetic_tile.
@@ -16,6 +17,7 @@ Images are read in place from ../shared/datasets/magnetic_tile.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -114,6 +116,7 @@ def main() -> None:
     p.add_argument("--cpus-per-actor", type=float, default=0.5)
     p.add_argument("--model", default=None)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="score-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -158,6 +161,11 @@ def main() -> None:
     print(f"- ratio Ray/plain: end to end {ray_rate / plain_rate:.2f}, steady state {steady / plain_rate:.2f}"
           " (target >= 0.85)")
     print(f"- output: {out_bytes / n / 1024:.1f} KiB per image ({out_bytes / 2**20:.1f} MiB for {n} rows)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "device": device, "images": n, "batch_size": args.batch_size, "actors": args.actors, "threads": threads,
+            "plain_img_s": plain_rate, "ray_img_s": ray_rate, "steady_img_s": steady,
+            "ratio": ray_rate / plain_rate, "steady_ratio": steady / plain_rate}, indent=1))
 
 
 if __name__ == "__main__":
