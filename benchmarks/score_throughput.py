@@ -9,6 +9,7 @@ machine) weighs on both sides alike; the load averages are printed with the figu
 
     .venv/bin/python benchmarks/score_throughput.py [--images 500] [--batch-size 16]
         [--model ARTIFACT] [--gpus-per-actor 1]      # GPU: plain loop on cuda too, fp16 both ways
+        [--json PATH]                                # the figures as JSON too (benchmarks/gpu_check.py)
 
 Without --model, an effnet-lite0 model is fitted (1 epoch, 32 images) into --workdir first.
 Images are read in place from ../shared/datasets/magnetic_tile.
@@ -16,6 +17,7 @@ Images are read in place from ../shared/datasets/magnetic_tile.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -33,9 +35,10 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from promptad.actors import ModelActors  # noqa: E402
 from promptad.data import storage  # noqa: E402
-from promptad.models import artifact
-from promptad.score import command as score
+from promptad.models import artifact  # noqa: E402
+from promptad.score import command as score  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "magnetic_tile"
 
@@ -76,12 +79,13 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {cpus} CPUs, {mem:.0f} GiB RAM"
 
 
-def plain_loop(model_uri: str, paths: list[str], out: str, batch_size: int, device: str, threads: int) -> float:
-    """Seconds for the in-process loop (model load excluded, as the Ray figure's steady state excludes it)."""
+def plain_loop(model_uri: str, paths: list[str], out: str, batch_size: int, pool: ModelActors) -> float:
+    """Seconds for the in-process loop (model load excluded, as the Ray figure's steady state excludes it),
+    its model built as the pool's actors build theirs (device, threads, precision)."""
     manifest = artifact.read_manifest(model_uri)
     size, cats = int(manifest["model"]["input_size"]), list(manifest["categories"])
     cal = artifact.read_calibration(manifest)
-    predictor = score.Predictor(model_uri, device, threads)
+    predictor = score.Predictor(model_uri, **pool.constructor_args())
     table = pa.table({"image_id": paths, "path": paths, "category": [cats[0]] * len(paths)})
     per_file = score.rows_per_file(batch_size)
     start = time.perf_counter()
@@ -112,17 +116,18 @@ def main() -> None:
     p.add_argument("--cpus-per-actor", type=float, default=0.5)
     p.add_argument("--model", default=None)
     p.add_argument("--workdir", default=None)
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="score-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     model_uri = args.model or fit_model(workdir)
     paths = dataset_images(args.images)
-    device = "cuda" if args.gpus_per_actor > 0 else "cpu"
+    pool = ModelActors(args.actors, args.cpus_per_actor, args.gpus_per_actor)  # the actors', on both sides
+    device, threads = pool.device, pool.threads
     n = len(paths)
 
     load0 = os.getloadavg()[0]
-    threads = max(1, int(args.cpus_per_actor))  # the actor's torch threads: the same on both sides
-    plain_before = plain_loop(model_uri, paths, str(workdir / "plain-before"), args.batch_size, device, threads)
+    plain_before = plain_loop(model_uri, paths, str(workdir / "plain-before"), args.batch_size, pool)
     load1 = os.getloadavg()[0]
 
     import ray
@@ -136,7 +141,7 @@ def main() -> None:
     ray_s = time.perf_counter() - start
     load2 = os.getloadavg()[0]
     ray.shutdown()
-    plain_after = plain_loop(model_uri, paths, str(workdir / "plain-after"), args.batch_size, device, threads)
+    plain_after = plain_loop(model_uri, paths, str(workdir / "plain-after"), args.batch_size, pool)
     load3 = os.getloadavg()[0]
     plain_s = (plain_before + plain_after) / 2
     assert summary.scored == n and summary.errors == 0, summary
@@ -156,6 +161,11 @@ def main() -> None:
     print(f"- ratio Ray/plain: end to end {ray_rate / plain_rate:.2f}, steady state {steady / plain_rate:.2f}"
           " (target >= 0.85)")
     print(f"- output: {out_bytes / n / 1024:.1f} KiB per image ({out_bytes / 2**20:.1f} MiB for {n} rows)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "device": device, "images": n, "batch_size": args.batch_size, "actors": args.actors, "threads": threads,
+            "plain_img_s": plain_rate, "ray_img_s": ray_rate, "steady_img_s": steady,
+            "ratio": ray_rate / plain_rate, "steady_ratio": steady / plain_rate}, indent=1))
 
 
 if __name__ == "__main__":

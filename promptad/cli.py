@@ -124,11 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of an error, keeping its exit code (default: off)")
 
     def model_actors(sp: argparse.ArgumentParser, actors_help: str) -> None:
-        """The model stage's actors, shared by score and audit."""
+        """The model stage's actors, shared by score and audit (one definition: actors.ModelActors)."""
         sp.add_argument("--actors", type=_positive_int, default=1, metavar="N",
                         help=actors_help + " (default: %(default)s)")
         sp.add_argument("--gpus-per-actor", type=_non_negative_float, default=0.0, metavar="G",
                         help="GPUs per actor (default: %(default)g, CPU)")
+        sp.add_argument("--cpus-per-actor", type=_non_negative_float, default=0.5, metavar="C",
+                        help="CPUs Ray reserves per actor; whole CPUs become torch threads (default: %(default)g)")
         sp.add_argument("--batch-size", type=_positive_int, default=16, metavar="B",
                         help="images per model batch (default: %(default)s)")
 
@@ -202,8 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the plan (inputs, already done, changed, to retry, to score, files and bytes) "
                         "and stop: nothing is read, scored or written, Ray does not start (default: off)")
     model_actors(s, "model actors scoring in parallel")
-    s.add_argument("--cpus-per-actor", type=_non_negative_float, default=0.5, metavar="C",
-                   help="CPUs Ray reserves per actor; whole CPUs become torch threads (default: %(default)g)")
     s.add_argument("--run-id", default=None, metavar="ID",
                    help="id written in every row of this run, e.g. the scheduler's job id (default: "
                         "generated from the time)")

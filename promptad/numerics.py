@@ -6,7 +6,8 @@ distance is a small difference of large squared norms (|a|^2 - 2ab + |b|^2), whi
 and bf16's 7-bit mantissas cannot hold, and the blur's convolution and the interpolations would
 round the very map whose maximum is the score. Functions decorated with `float32_math` run with
 autocast off and their half-precision tensor arguments in float32, whatever autocast the caller
-has on.
+has on, and with TF32 off (exact_fp32): on Ampere and later GPUs cuDNN convolutions (the blur)
+run in TF32, a 10-bit mantissa, unless told not to.
 """
 from __future__ import annotations
 
@@ -33,6 +34,23 @@ def no_autocast() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """fp32 math that is fp32 on GPUs too: TF32 off for cuDNN convolutions (on by default) and
+    CUDA matmuls, the caller's settings back on exit. No effect on CPU math. The legacy flags, as
+    torch refuses reads of them once the newer fp32_precision settings were mixed in."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    if saved == (False, False):
+        yield
+        return
+    cudnn.allow_tf32, matmul.allow_tf32 = False, False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
 def as_float32(obj: Any) -> Any:
     """fp16/bf16 tensors as float32, also inside dicts, lists and tuples; anything else as is
     (float64 stays float64: only precision that autocast took away is given back)."""
@@ -46,11 +64,11 @@ def as_float32(obj: Any) -> Any:
 
 
 def float32_math(fn: F) -> F:
-    """Decorator: `fn` runs with autocast off and its half-precision tensor arguments as float32.
-    The undecorated function stays reachable as `fn.__wrapped__` (tests compare against it)."""
+    """Decorator: `fn` runs with autocast and TF32 off and its half-precision tensor arguments as
+    float32. The undecorated function stays reachable as `fn.__wrapped__` (tests compare against it)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with no_autocast():
+        with no_autocast(), exact_fp32():
             return fn(*as_float32(args), **as_float32(kwargs))
 
     return wrapper  # type: ignore[return-value]

@@ -2,6 +2,7 @@
 score never depends on which command produced it."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -11,6 +12,7 @@ import torch
 from promptad.learning.training import autocast, resolve_precision
 from promptad.models.backbones import Features
 from promptad.models.model import PromptAD
+from promptad.numerics import exact_fp32
 
 
 @dataclass
@@ -34,11 +36,13 @@ def as_input(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.T
 
 @torch.no_grad()
 def extract(model: PromptAD, images, precision: str = "auto") -> Features:
-    """The frozen backbone pass: what a fit caches per image and what every prediction starts from."""
+    """The frozen backbone pass: what a fit caches per image (in actors.FIT_PRECISION) and what
+    every prediction starts from. "fp32" is fp32 on GPUs too (TF32 off: numerics.exact_fp32)."""
     model.eval()
     device = model.device
     x = as_input(images, device)
-    with autocast(resolve_precision(precision, device), device):
+    precision = resolve_precision(precision, device)
+    with autocast(precision, device), exact_fp32() if precision == "fp32" else contextlib.nullcontext():
         return model.backbone(x)
 
 
@@ -48,7 +52,8 @@ def components_of(model: PromptAD, feats: Features, categories: Sequence[str], p
     """Raw evidence from backbone features (calibration passes `exclude` for leave-one-out)."""
     model.eval()
     device = model.device
-    with autocast(resolve_precision(precision, device), device):
+    precision = resolve_precision(precision, device)
+    with autocast(precision, device), exact_fp32() if precision == "fp32" else contextlib.nullcontext():
         return model.components(feats.to(device), list(categories), exclude=exclude)
 
 
@@ -73,21 +78,18 @@ def predict(model: PromptAD, images, categories: Sequence[str], precision: str =
 
 
 def load_for_worker(model_uri: str, device: str, threads: int) -> PromptAD:
-    """The artifact, loaded once by a score/audit actor.
-
-    On CPU, torch gets as many threads as whole CPUs Ray gave the actor (at least 1): more would
-    fight the read and commit tasks for cores, and OpenMP threads slow down badly when preempted
-    (on the 2-CPU test machine, 2 threads next to other work ran 1.5-4x slower than 1).
-    """
+    """The artifact, loaded once by a score/audit actor (actors.start_actor first: torch gets as
+    many threads as whole CPUs Ray gave the actor, at least 1; more would fight the read and commit
+    tasks for cores, and OpenMP threads slow down badly when preempted: on the 2-CPU test machine,
+    2 threads next to other work ran 1.5-4x slower than 1)."""
+    from promptad.actors import start_actor
     from promptad.models.artifact import load_artifact
 
-    if device == "cpu":
-        torch.set_num_threads(max(1, threads))
-    return load_artifact(model_uri, device)
+    return load_artifact(model_uri, start_actor(device, threads))
 
 
 def predict_rows(model: PromptAD, images: np.ndarray, categories: Sequence[str],
-                 errors: Sequence[str]) -> Prediction:
+                 errors: Sequence[str], precision: str = "auto") -> Prediction:
     """predict() over the rows of a batch that loaded; rows with an error get a NaN score and a
     zero map, so every input keeps its row.
 
@@ -101,7 +103,7 @@ def predict_rows(model: PromptAD, images: np.ndarray, categories: Sequence[str],
                      errors=[""] * n)
     ok = np.array([not e for e in errors], dtype=bool)
     if ok.any():
-        pred = predict(model, images[ok], [str(c) for c in np.asarray(categories)[ok]])
+        pred = predict(model, images[ok], [str(c) for c in np.asarray(categories)[ok]], precision)
         out.scores[ok], out.maps[ok] = pred.scores, pred.maps
         for i in np.flatnonzero(ok):
             out.errors[i] = output_problem(out.scores[i], out.maps[i])

@@ -478,6 +478,17 @@ def test_s3_input(tiny, audited, s3_bucket, tmp_path):
     assert (tmp_path / "r" / "visualization_results" / "weave" / "scratch" / "002.png").is_file()
 
 
+def test_an_actor_the_cluster_cannot_place_is_a_user_error(tiny, ray_local, tmp_path, capsys):
+    """audit checks its scoring actor as score does (actors.ModelActors.check): a GPU or more CPUs
+    than this Ray has is one line, not a pool that waits forever."""
+    base = ["audit", "--model", tiny["model"], "--data", tiny["data"], "--report", str(tmp_path / "r")]
+    assert main([*base, "--gpus-per-actor", "1"]) == 2
+    assert main([*base, "--cpus-per-actor", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "cannot run one audit actor" in err[0] and "--gpus-per-actor 1 needs 1 GPUs" in err[0]
+    assert "--cpus-per-actor 64 plus 0.5 for reads and visualizations needs 64.5 CPUs" in err[1]
+
+
 def test_user_errors_are_one_line(tiny, tmp_path, capsys):
     base = ["audit", "--model", tiny["model"], "--data", tiny["data"]]
     assert main([*base, "--report", "s3://bucket/report"]) == 2
@@ -557,7 +568,7 @@ def test_unusable_predictions_become_error_entries(tmp_path, bad):
 def test_scorer_turns_non_finite_predictions_into_error_rows(monkeypatch):
     n, size = 3, 8
 
-    def fake_predict_rows(model, images, categories, errors):
+    def fake_predict_rows(model, images, categories, errors, precision="auto"):
         maps = np.ones((n, size, size), np.float32)
         maps[2, 0, 0] = np.nan
         return Prediction(scores=np.array([0.5, np.nan, 0.7], np.float32), maps=maps)

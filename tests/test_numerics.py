@@ -177,7 +177,7 @@ def test_audit_scorer_uses_the_errors_predict_rows_names(monkeypatch, untrained)
 
     n = 3
 
-    def fake_predict_rows(model, images, categories, errors):
+    def fake_predict_rows(model, images, categories, errors, precision="auto"):
         return Prediction(scores=np.full(n, 0.5, np.float32), maps=np.ones((n, 8, 8), np.float32),
                           errors=["", "named by predict_rows", ""])
 

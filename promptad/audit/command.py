@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from promptad.audit.results import CSV_COLUMNS, CategoryResults, ConditionResults, build_report, fold
-from promptad.audit.stages import CLEAN, dataset
+from promptad.audit.stages import CLEAN, LOAD_CPUS, RENDER_CPUS, dataset, model_actors
 from promptad.audit.verdict import NO_GO, Targets
 from promptad.data import storage
 from promptad.data.datasets import NORMAL_DEFECT, Sample, load_samples
@@ -151,9 +151,12 @@ def run(args: argparse.Namespace) -> int:
     categories = sorted({s.category for s in samples})
     vis = visualization_paths(samples)
 
-    from promptad.raycluster import connect
+    from promptad.raycluster import connect, is_local
 
     connect(args.address)
+    model_actors(args).check("one audit actor", "lower the per-actor resources or pass --address of a bigger cluster",
+                             is_local(args.address), "--cpus-per-actor", "--gpus-per-actor",
+                             LOAD_CPUS + RENDER_CPUS, "for reads and visualizations")
     report_dir.mkdir(parents=True, exist_ok=True)
     accs = {(c, k): ConditionResults() for c in categories for k in conditions}
     cats = {c: CategoryResults() for c in categories}

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 
 import numpy as np
 
+from promptad.actors import INFERENCE_PRECISION, ModelActors
 from promptad.data import storage
 from promptad.data.datasets import NORMAL_DEFECT, Sample
 from promptad.data.images import ImageDecodeError, decode_image, decode_mask, encode_png, map_shape, resize, resize_mask
@@ -28,6 +30,13 @@ from promptad.report.plots import visualization
 
 CLEAN = "clean"
 LOAD_BATCH = 4  # images per read task; each becomes 1 + len(shifts) rows
+LOAD_CPUS = 0.25  # per read task
+RENDER_CPUS = 0.25  # per render task
+
+
+def model_actors(args: argparse.Namespace) -> ModelActors:
+    """The audit's scoring actors: score's (actors.ModelActors) with the audit's flags."""
+    return ModelActors(args.actors, args.cpus_per_actor, args.gpus_per_actor)
 
 
 
@@ -109,13 +118,17 @@ def _objects(values: list) -> np.ndarray:
 class _Scorer:
     """One model per actor, loaded once; rows that failed to load pass through unscored, and
     a row the model could not score (an error from predict_rows, a non-finite score, an
-    empty or non-finite map) becomes an error row, never an exception."""
+    empty or non-finite map) becomes an error row, never an exception. Built from
+    actors.ModelActors, as score's predictors are."""
 
-    def __init__(self, model_uri: str, device: str, threads: int):
+    precision = INFERENCE_PRECISION
+
+    def __init__(self, model_uri: str, device: str, threads: int, precision: str = INFERENCE_PRECISION):
         self.model = load_for_worker(model_uri, device, threads)
+        self.precision = precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pred = predict_rows(self.model, batch["input"], batch["category"], batch["error"])
+        pred = predict_rows(self.model, batch["input"], batch["category"], batch["error"], self.precision)
         n = len(batch["image_id"])
         maps, errors = _objects([b""] * n), _objects([str(e) for e in batch["error"]])
         pred_errors = getattr(pred, "errors", None)  # a newer predict_rows may name them
@@ -196,14 +209,16 @@ def dataset(samples: list[Sample], vis: dict[str, str], args: argparse.Namespace
               "defect": s.defect, "mask_path": s.mask_path or "", "vis": vis[s.image_id]}
              for s in samples]
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / LOAD_BATCH)))
-    # Reads take a different CPU share than the actors: equal remote args would let Ray Data
-    # fuse them into the actor, which would then decode and shift while the model waits.
-    ds = ds.map_batches(_load_rows, batch_size=LOAD_BATCH, num_cpus=0.25, batch_format="numpy",
+    # The actors' remote args (ModelActors.pool_args) keep Ray Data from fusing the reads into
+    # the actor, which would then decode and shift while the model waits.
+    ds = ds.map_batches(_load_rows, batch_size=LOAD_BATCH, num_cpus=LOAD_CPUS, batch_format="numpy",
                         fn_kwargs={"input_size": input_size, "conditions": conditions})
-    ds = ds.map_batches(_Scorer, batch_size=args.batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=args.actors), num_cpus=0.5,
-                        num_gpus=args.gpus_per_actor,
-                        fn_constructor_kwargs={"model_uri": model_uri, "threads": 1,  # 0.5 CPU each
-                                               "device": "cuda" if args.gpus_per_actor else "cpu"})
-    return ds.map_batches(_render, batch_size=args.batch_size, num_cpus=0.25,
+    pool = model_actors(args)
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates the restarts as keyword remote args but has no named form yet.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(_Scorer, batch_size=args.batch_size, batch_format="numpy",
+                            fn_constructor_kwargs={"model_uri": model_uri, **pool.constructor_args()},
+                            **pool.pool_args())
+    return ds.map_batches(_render, batch_size=args.batch_size, num_cpus=RENDER_CPUS,
                           batch_format="numpy", fn_kwargs={"calibration": calibration})

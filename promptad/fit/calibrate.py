@@ -41,6 +41,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from promptad.actors import FIT_PRECISION
 from promptad.memory.gaussian import held_out_scores
 from promptad.models.backbones import Features
 from promptad.models.features import group_views
@@ -111,7 +112,7 @@ def _left_out(model: PromptAD, category: str, feats: Features, owners: torch.Ten
     parts: dict[str, list[torch.Tensor]] = {}
     for s in range(0, len(feats), batch_size):
         rows = slice(s, min(len(feats), s + batch_size))
-        comps = components_of(model, feats.select(rows), [category] * (rows.stop - s),
+        comps = components_of(model, feats.select(rows), [category] * (rows.stop - s), FIT_PRECISION,
                               exclude=None if owners is None else owners[rows])
         for k, v in comps.items():
             parts.setdefault(k, []).append(v.float().cpu())

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from promptad.actors import FIT_PRECISION
 from promptad.data import storage
 from promptad.data.datasets import Sample
 from promptad.data.images import decode_image, resize
@@ -114,8 +115,9 @@ def tolerated_features(model: PromptAD, views: np.ndarray, batch_size: int = 16)
 
 
 def extract_all(model: PromptAD, images: np.ndarray, batch_size: int = 16) -> Features:
-    """Backbone features of (N, S, S, 3) uint8 images, on the CPU."""
-    return Features.cat([extract(model, images[s:s + batch_size]).to("cpu", torch.float32)
+    """Backbone features of (N, S, S, 3) uint8 images in FIT_PRECISION (as the fit's feature
+    actors extract them), on the CPU."""
+    return Features.cat([extract(model, images[s:s + batch_size], FIT_PRECISION).to("cpu", torch.float32)
                          for s in range(0, len(images), batch_size)])
 
 
@@ -132,12 +134,12 @@ def build_memory(model: PromptAD, feats: Features, seed: int = 0, tolerated: Fea
     if bad:  # the Ray feature stage skips such images; here they are refused
         raise ValueError(f"non-finite backbone features ({', '.join(bad)}); refusing to build memory on them")
     local, regional = model.local_features(feats), model.regional_features(feats)
-    source = torch.arange(n)
+    source = torch.arange(n, device=local.device)
     extra = None
     if tolerated is not None:
         local = torch.cat([local, model.local_features(tolerated).to(local.device)])
         regional = torch.cat([regional, model.regional_features(tolerated).to(regional.device)])
-        source = torch.cat([source, torch.arange(n).repeat_interleave(len(tolerated) // n)])
+        source = torch.cat([source, source.repeat_interleave(len(tolerated) // n)])
         extra = group_views(model.pooled_features(tolerated), n)
 
     def bank(x: torch.Tensor) -> Bank:

@@ -42,7 +42,7 @@ from promptad.data import storage
 from promptad.data.images import ImageDecodeError, decode_image, resize
 from promptad.data.shifts import tolerated_views
 from promptad.models.backbones import Features
-from promptad.raycluster import threads_for
+from promptad.actors import FIT_PRECISION, INFERENCE_PRECISION, ModelActors, device_for, start_actor  # noqa: F401
 
 FEATURE_BATCH_CPU = 16  # images per block and extraction batch on CPU actors
 FEATURE_BATCH_GPU = 64  # ... and on GPU actors
@@ -63,14 +63,10 @@ def stage_model(model_cfg: dict[str, Any], device: str, threads: int):
     reuses processes across tasks), the rest is cheap to build."""
     from promptad.models.model import ModelConfig, PromptAD
 
-    torch.set_num_threads(max(1, threads))
+    start_actor(device, threads)
     cfg = ModelConfig(**model_cfg)
     backbone = _backbone(cfg.backbone, tuple(cfg.layers), int(cfg.input_size), device)
     return PromptAD(cfg, backbone=backbone).to(device)
-
-
-def device_for(gpus: float) -> str:
-    return "cuda" if gpus > 0 else "cpu"
 
 
 # --------------------------------------------------------------------------- decode and extract
@@ -99,17 +95,19 @@ def decode_block(batch: dict[str, np.ndarray], size: int, tolerate: Sequence[str
 
 
 class FeatureExtractor:
-    """The feature stage: one model per actor, then predict.extract per block."""
+    """The feature stage: one model per actor (actors.ModelActors, as score's and audit's), then
+    predict.extract per block in the pool's precision."""
 
-    def __init__(self, model_cfg: dict[str, Any], device: str, threads: int):
+    def __init__(self, model_cfg: dict[str, Any], device: str, threads: int, precision: str = INFERENCE_PRECISION):
         self.model = stage_model(model_cfg, device, threads)
+        self.precision = precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from promptad.predict import extract
 
         t0 = time.perf_counter()
         views = batch.pop("tolerated", None)
-        feats = extract(self.model, batch.pop("image"))
+        feats = extract(self.model, batch.pop("image"), self.precision)
         n = len(batch["idx"])
         out = {"idx": batch["idx"], "error": _non_finite_errors(batch["error"], feats.layers),
                "decode_s": batch["decode_s"]}
@@ -119,7 +117,7 @@ class FeatureExtractor:
             out["tokens"] = feats.tokens.cpu().numpy()
         if views is not None:  # T batches of the block's size: the shapes the images ran in
             t = views.shape[1]
-            vf = Features.cat([extract(self.model, views[:, k]) for k in range(t)])  # condition-major
+            vf = Features.cat([extract(self.model, views[:, k], self.precision) for k in range(t)])  # condition-major
             for i, layer in enumerate(vf.layers):
                 out[f"tolerated_layer_{i}"] = layer.cpu().view(t, n, *layer.shape[1:]).transpose(0, 1).numpy()
         out["extract_s"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
@@ -138,6 +136,12 @@ def _non_finite_errors(errors: np.ndarray, layers: Sequence[torch.Tensor]) -> np
     return out
 
 
+def feature_actors(actors: int, cpus: float, gpus: float) -> ModelActors:
+    """The feature stage's actors: the workers' resources, and FIT_PRECISION (fp32 on GPUs too),
+    since the memory, evidence rows and calibration are built from these features."""
+    return ModelActors(actors, cpus, gpus, precision=FIT_PRECISION)
+
+
 def feature_blocks(rows: list[dict[str, Any]], model_cfg: dict[str, Any], actors: int, cpus: float,
                    gpus: float, tolerate: Sequence[str] = ()) -> list:
     """Decode and extract `rows` (with the views of the `tolerate` conditions) with Ray Data; the
@@ -148,20 +152,19 @@ def feature_blocks(rows: list[dict[str, Any]], model_cfg: dict[str, Any], actors
     import ray
 
     batch = FEATURE_BATCH_GPU if gpus > 0 else FEATURE_BATCH_CPU
+    pool = feature_actors(actors, cpus, gpus)
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / batch)))
     ds.context.enable_progress_bars = False  # fit prints its own lines
     ds = ds.map_batches(decode_block, batch_size=None, batch_format="numpy", num_cpus=DECODE_CPUS,
                         fn_kwargs={"size": int(model_cfg["input_size"]), "tolerate": list(tolerate)})
     with warnings.catch_warnings():
-        # Ray 2.60 deprecates these keyword remote args but has no named form yet. They pin the
-        # contract (a killed actor restarts and its block is redone) and keep Ray from fusing the
-        # decode tasks into the actors when --cpus-per-worker equals DECODE_CPUS.
+        # Ray 2.60 deprecates the restarts as keyword remote args (ModelActors.pool_args) but has
+        # no named form yet; they also keep Ray from fusing the decode tasks into the actors when
+        # --cpus-per-worker equals DECODE_CPUS.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = ds.map_batches(FeatureExtractor, batch_size=None, batch_format="numpy",
-                            fn_constructor_kwargs={"model_cfg": model_cfg, "device": device_for(gpus),
-                                                   "threads": threads_for(cpus)},
-                            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus, num_gpus=gpus,
-                            max_restarts=-1, max_task_retries=-1)
+                            fn_constructor_kwargs={"model_cfg": model_cfg, **pool.constructor_args()},
+                            **pool.pool_args())
     return ds.materialize().to_arrow_refs()
 
 

@@ -181,8 +181,8 @@ def train_worker(config: dict[str, Any]) -> None:
     cfg = replace(cfg, precision=precision)
     torch.manual_seed(cfg.seed)  # as pipeline.fit_in_process: the head's initialization
     model = PromptAD(ModelConfig(**config["model"])).to(device)
-    model.trainable.feat_mean.copy_(torch.tensor(config["feat_mean"], dtype=torch.float32))
-    model.trainable.feat_std.copy_(torch.tensor(config["feat_std"], dtype=torch.float32))
+    model.trainable.feat_mean.copy_(torch.tensor(config["feat_mean"], dtype=torch.float32, device=device))
+    model.trainable.feat_std.copy_(torch.tensor(config["feat_std"], dtype=torch.float32, device=device))
     if model.backbone.has_text:
         for cat in model.categories:  # hand-written prompt features, computed in fp32 before any halving
             model.handcrafted(cat)

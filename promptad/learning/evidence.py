@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from promptad.actors import FIT_PRECISION
 from promptad.data.synthesis import synthesize_anomaly
 from promptad.models.backbones import Features
 from promptad.models.model import PromptAD, head_evidence
@@ -112,7 +113,7 @@ def category_evidence(model: PromptAD, category: str, n: int, load: Callable[[np
     mem, reg, tokens = [], [], []
 
     def measure(feats: Features, owners: np.ndarray) -> None:
-        comps = components_of(model, feats, [category] * len(feats),
+        comps = components_of(model, feats, [category] * len(feats), FIT_PRECISION,
                               exclude=torch.from_numpy(owners).long().to(model.device))
         mem.append(comps["memory"].float().cpu())
         reg.append(comps["regional"].float().cpu())
@@ -123,7 +124,7 @@ def category_evidence(model: PromptAD, category: str, n: int, load: Callable[[np
     for s in range(0, len(chosen), batch_size):
         measure(known.select(slice(s, s + batch_size)), chosen[s:s + batch_size])
     for s in range(0, len(sources), batch_size):
-        measure(extract(model, synthetic[s:s + batch_size]), sources[s:s + batch_size])
+        measure(extract(model, synthetic[s:s + batch_size], FIT_PRECISION), sources[s:s + batch_size])
     memory, regional = torch.cat(mem), torch.cat(reg)
     k = len(chosen)
     scales = [distance_scale(memory[:k]), distance_scale(regional[:k])]

@@ -40,12 +40,12 @@ def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, batch
     """
     n = features.shape[0]
     if size >= n:
-        return torch.arange(n)
-    gen = torch.Generator().manual_seed(seed)
+        return torch.arange(n, device=features.device)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: every device draws the same projection
     x = features.float()
     if x.shape[1] > proj_dim:
         proj = torch.randn(x.shape[1], proj_dim, generator=gen) / math.sqrt(proj_dim)
-        x = x @ proj
+        x = x @ proj.to(x.device)
     sq = (x * x).sum(1)
     rows, picks = first if first is not None else (n, size)
     rows, picks = min(rows, n), min(picks, rows, size)
@@ -59,7 +59,7 @@ def greedy_coreset(features: torch.Tensor, size: int, proj_dim: int = 128, batch
         radius_sq = float(min_d[:rows].max())
         _greedy(x, sq, min_d, chosen, size, batch or max(16, (size - picks) // 100), slack, rows=n,
                 floor=radius_sq)
-    return torch.tensor(chosen[:size])
+    return torch.tensor(chosen[:size], device=x.device)
 
 
 def _greedy(x: torch.Tensor, sq: torch.Tensor, min_d: torch.Tensor, chosen: list[int], size: int,
@@ -84,7 +84,7 @@ def _greedy(x: torch.Tensor, sq: torch.Tensor, min_d: torch.Tensor, chosen: list
             cd = torch.minimum(cd, d)
         if not picked:
             break
-        idx = torch.tensor(picked)
+        idx = torch.tensor(picked, device=x.device)
         # min_j |x - c_j|^2 = |x|^2 + min_j (|c_j|^2 - 2 x.c_j): one (N, b) product-and-add, no
         # further (N, b) temporaries (they, not the product, bounded the pass on CPU)
         d = torch.addmm(sq[idx][None, :], x, x[idx].T, alpha=-2).min(1).values.add_(sq).clamp_(min=0)
@@ -127,7 +127,7 @@ def build_bank(feats: torch.Tensor, source: torch.Tensor | None = None, ratio: f
     beyond the images' covering radius (greedy_coreset's `first`)."""
     n, c, h, w = feats.shape
     flat = feats.float().permute(0, 2, 3, 1).reshape(-1, c)
-    src = (torch.arange(n) if source is None else torch.as_tensor(source)).long().repeat_interleave(h * w)
+    src = (torch.arange(n) if source is None else torch.as_tensor(source)).to(flat.device).long().repeat_interleave(h * w)
     if draws < 1:
         raise ValueError(f"draws must be at least 1, not {draws}")
 

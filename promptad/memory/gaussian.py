@@ -74,7 +74,7 @@ class Gaussian:
             d = self.distances([x[s:s + chunk] for x in pooled], images * (1 + views))
             own = torch.arange(s, s + d.shape[0], device=d.device) if exclude_self else None
             out.append(nearest_versions(d, images, views, k, own))
-        return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long)
+        return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long, device=self.precisions[0].device)
 
     def to(self, device: torch.device | str) -> "Gaussian":
         return Gaussian([t.to(device) for t in self.precisions], [t.to(device) for t in self.normals])
@@ -138,7 +138,7 @@ def fit_gaussian(pooled: list[torch.Tensor], extra: list[torch.Tensor] | None = 
         x = x.double()
         cov = ledoit_wolf(x)
         eps = 1e-9 * float(torch.trace(cov)) / cov.shape[0] + 1e-12  # a single image has cov = 0
-        cov = cov + eps * torch.eye(cov.shape[0], dtype=cov.dtype)
+        cov = cov + eps * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
         precisions.append(torch.linalg.inv(cov))
     return Gaussian(precisions, [x.double() for x in pooled])
 
@@ -156,8 +156,8 @@ def held_out_scores(pooled: list[torch.Tensor], folds: int = 10,
     new normal image scores."""
     n = int(pooled[0].shape[0])
     k = min(n, folds)
-    fold = torch.arange(n) % k
-    out = torch.empty(n)
+    fold = torch.arange(n, device=pooled[0].device) % k
+    out = torch.empty(n, device=pooled[0].device)
     for f in range(k):
         held = fold == f
         rest = None if extra is None else [e[~held] for e in extra]

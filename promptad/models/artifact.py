@@ -1,12 +1,19 @@
 """The model artifact: a directory (local or s3://) that holds everything `score` and `audit` need.
 
     promptad.json                  format version, model config, backbone (+ weight sha256),
-                                   categories, prompts, calibration, training metadata, model_id
+                                   feature_precision, categories, prompts, calibration, training
+                                   metadata, model_id
     weights.safetensors            trainable parameters and buffers (prompts, head)
     memory/<category>.safetensors  memory per category: local and regional coreset banks (with the
                                    training image of each entry) and the global Gaussian
 
 Nothing is unpickled on load; the model id is a content hash that load verifies.
+
+`feature_precision` is the precision of the backbone passes the memory banks, the Gaussian and the
+calibration were built from: "fp32" (actors.FIT_PRECISION) since issue 37, on CPUs and GPUs
+alike. Artifacts written before have no such field (a GPU fit's banks then came from fp16
+features); they load as before, with `model.feature_precision` None, and a re-save leaves the
+field out again (so their model id stays the same).
 """
 from __future__ import annotations
 
@@ -93,6 +100,8 @@ def save_artifact(model: PromptAD, uri: str, training: dict | None = None, finit
 
     from promptad.models import prompts
 
+    from promptad.actors import FIT_PRECISION
+
     missing = [c for c in model.categories if c not in model.memory]
     if missing:
         raise ValueError(f"no memory for {missing}; build memory banks before saving")
@@ -100,6 +109,9 @@ def save_artifact(model: PromptAD, uri: str, training: dict | None = None, finit
     if bad:
         raise ValueError(f"refusing to write a model artifact with non-finite values: {', '.join(bad[:5])}"
                          + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+    # a model fitted by this promptad (fit/pipeline.py, fit/stages.py) was built in FIT_PRECISION;
+    # a loaded one keeps what its artifact said (None: not recorded)
+    precision = getattr(model, "feature_precision", FIT_PRECISION)
     state = {k: v.detach().cpu().contiguous() for k, v in model.trainable.state_dict().items()}
     weights = st_save(state)
     banks = {c: st_save(memory_tensors(model.memory[c])) for c in model.categories}
@@ -109,6 +121,7 @@ def save_artifact(model: PromptAD, uri: str, training: dict | None = None, finit
         "backbone": {"spec": model.backbone.spec, "sha256": model.backbone.weight_sha256,
                      "input_size": model.backbone.input_size, "layers": list(model.backbone.layers),
                      "has_text": model.backbone.has_text},
+        **({"feature_precision": precision} if precision is not None else {}),
         "categories": list(model.categories),
         "prompts": {"templates": prompts.TEMPLATES, "normal_states": prompts.NORMAL_STATES,
                     "anomaly_states": prompts.ANOMALY_STATES,
@@ -196,10 +209,15 @@ def load_artifact(uri: str, device: str | torch.device = "cpu") -> PromptAD:
     """Rebuild the model from an artifact; raises UserError if it is missing, corrupt or altered."""
     from safetensors.torch import load as st_load
 
+    from promptad.actors import FIT_PRECISION
     from promptad.models.backbones import create_backbone
     from promptad.models.model import ModelConfig, PromptAD
 
     manifest, weights, banks = read_verified(uri)
+    precision = manifest.get("feature_precision")
+    if precision not in (None, FIT_PRECISION):
+        raise UserError(f"model artifact at {uri} was built from {precision} features; this promptad builds and "
+                        f"reads {FIT_PRECISION} ones" + _REFIT)
     # an artifact written before local_norm existed holds banks of un-normalized features
     # ... and one written before head_input existed has a head on the local features
     cfg = ModelConfig(**{"local_norm": "none", "coreset_draws": 1, "head_input": "features", **manifest["model"]})
@@ -216,4 +234,5 @@ def load_artifact(uri: str, device: str | torch.device = "cpu") -> PromptAD:
     model.calibration.update(read_calibration(manifest))
     model.model_id = manifest["model_id"]
     model.manifest = manifest
+    model.feature_precision = precision
     return model.to(device).eval()

@@ -299,6 +299,8 @@ class PromptAD(nn.Module):
         glob = torch.zeros(n, device=local.device)
         reference = torch.ones(n, device=local.device)
         pooled = self.pooled_features(feats)
+        if exclude is not None:  # indexed with device indices below (calibration makes it on the CPU)
+            exclude = torch.as_tensor(exclude, device=local.device)
         for cat, idx in by_category(list(categories), local.device).items():
             m = self.memory.get(cat)
             if m is None:

@@ -33,9 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from promptad.actors import INFERENCE_PRECISION, ModelActors
 from promptad.data import storage
 from promptad.models import artifact
-from promptad.raycluster import threads_for
 from promptad.score.output import OUTPUT_SCHEMA, RUNS_DIR, TMP_DIR, clean_staging, commit_file, committed_files, verify  # noqa: F401 (API)
 from promptad.score.plan import Plan, make_plan
 from promptad.score.progress import Progress, Summary
@@ -147,13 +147,18 @@ class RowCounter:
 class Predictor:
     """The model stage: one artifact load per actor (and per restart), then predict() per batch.
     A row whose model output is not finite becomes a `model: ...` error row (results null), never
-    an exception: the rest of its batch is written as usual. `counter` (a RowCounter actor) hears
-    of every batch scored; `delay_s` slows each batch down (tests of a slow stage only)."""
+    an exception: the rest of its batch is written as usual. Built from actors.ModelActors, as
+    audit's scorers are. `counter` (a RowCounter actor) hears of every batch scored; `delay_s`
+    slows each batch down (tests of a slow stage only)."""
 
-    def __init__(self, model_uri: str, device: str, threads: int, counter=None, delay_s: float = 0.0):
+    precision = INFERENCE_PRECISION
+
+    def __init__(self, model_uri: str, device: str, threads: int, precision: str = INFERENCE_PRECISION,
+                 counter=None, delay_s: float = 0.0):
         from promptad.predict import load_for_worker
 
         self.model = load_for_worker(model_uri, device, threads)
+        self.precision = precision
         self.counter, self.delay_s = counter, delay_s
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -163,7 +168,7 @@ class Predictor:
             import time
 
             time.sleep(self.delay_s)
-        pred = predict_rows(self.model, batch.pop("image"), batch["category"], batch["error"])
+        pred = predict_rows(self.model, batch.pop("image"), batch["category"], batch["error"], self.precision)
         if self.counter is not None:
             self.counter.add.remote(len(batch["image_id"]))
         batch["score"], batch["map"] = pred.scores, pred.maps
@@ -296,14 +301,12 @@ def execute(the_plan: Plan, model_uri: str, manifest: dict, *, actors: int = 1, 
           f"{the_plan.changed:,} changed, {the_plan.retry:,} to retry; scoring {todo.num_rows:,} with model "
           f"{the_plan.model_id} (run {run_id}; planned in {the_plan.seconds:.1f} s)", file=sys.stderr, flush=True)
     if todo.num_rows:
-        from promptad.raycluster import check_fits, connect
+        from promptad.raycluster import connect
 
         connect(address)
-        check_fits({"CPU": (cpus_per_actor + READ_CPUS + COMMIT_CPUS,
-                            f"--cpus-per-actor {cpus_per_actor:g} plus {READ_CPUS + COMMIT_CPUS:g} for reads and writes"),
-                    "GPU": (gpus_per_actor, f"--gpus-per-actor {gpus_per_actor:g}")},
-                   "one scoring actor", "lower the per-actor resources or pass --address of a bigger cluster",
-                   local_ray)
+        ModelActors(actors, cpus_per_actor, gpus_per_actor).check(
+            "one scoring actor", "lower the per-actor resources or pass --address of a bigger cluster", local_ray,
+            "--cpus-per-actor", "--gpus-per-actor", READ_CPUS + COMMIT_CPUS, "for reads and writes")
         _warn_if_local_output_on_many_nodes(output_uri)
         clean_staging(output_uri)
         storage.makedirs(output_uri)
@@ -339,22 +342,17 @@ def _run_pipeline(todo: pa.Table, summary: Summary, model_uri: str, output_uri: 
     # One read batch of decoded images per block, as when each block held one batch: read tasks
     # over long plan slices then hand the model its images as they decode, not 128 MiB at a time.
     ctx.target_max_block_size = max(1 << 20, step * size * size * 3)
-    device = "cuda" if gpus_per_actor > 0 else "cpu"
+    pool = ModelActors(actors, cpus_per_actor, gpus_per_actor)
     ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=step, num_cpus=READ_CPUS,
                         fn_kwargs={"size": size, "categories": categories})
     with warnings.catch_warnings():
-        # Ray 2.60 deprecates passing these as keyword remote args but has no named form yet.
-        # They are Ray Data's defaults for actor pools; stating them pins the contract (a killed
-        # actor is restarted, loading the artifact again, and its batch is redone) and keeps Ray
-        # from fusing the read/decode tasks into the actor when --cpus-per-actor equals READ_CPUS.
+        # Ray 2.60 deprecates the restarts as keyword remote args (ModelActors.pool_args) but has
+        # no named form yet. --actors N means N: all start, one per slot.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = ds.map_batches(Predictor, batch_format="numpy", batch_size=batch_size,
-                            fn_constructor_kwargs={"model_uri": model_uri, "device": device,
-                                                   "threads": threads_for(cpus_per_actor), "counter": counter,
-                                                   "delay_s": stage_delay_s},
-                            compute=ray.data.ActorPoolStrategy(size=actors),  # --actors N means N: all start, one per slot
-                            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
-                            max_restarts=-1, max_task_retries=-1)
+                            fn_constructor_kwargs={"model_uri": model_uri, **pool.constructor_args(),
+                                                   "counter": counter, "delay_s": stage_delay_s},
+                            **pool.pool_args())
     ds = ds.map_batches(postprocess_and_commit, batch_format="numpy", batch_size=rows_per_file(batch_size),
                         num_cpus=COMMIT_CPUS,
                         fn_kwargs={"output_uri": output_uri, "calibration": artifact.read_calibration(manifest),
