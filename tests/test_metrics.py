@@ -294,9 +294,9 @@ def test_wilson_interval_hand_computed():
     assert wilson_interval(1, 3) == (pytest.approx(0.06149, abs=1e-5),
                                      pytest.approx(0.79235, abs=1e-5))
     assert wilson_interval(0, 0) == (0.0, 1.0)  # nothing measured, nothing known
-    lo, hi = wilson_interval(3, 7)
-    assert (1 - hi, 1 - lo) == (pytest.approx(wilson_interval(4, 7)[0]),
-                                pytest.approx(wilson_interval(4, 7)[1]))
+    # scipy.stats.binomtest(k, 7).proportion_ci(method="wilson"): k = 3 and k = 4 mirror each other
+    assert wilson_interval(3, 7) == (pytest.approx(0.15822, abs=1e-5), pytest.approx(0.74954, abs=1e-5))
+    assert wilson_interval(4, 7) == (pytest.approx(0.25046, abs=1e-5), pytest.approx(0.84178, abs=1e-5))
     with pytest.raises(ValueError):
         wilson_interval(11, 10)
 
