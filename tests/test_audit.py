@@ -428,12 +428,26 @@ def test_rates_intervals_targets_and_verdict(tiny, audited):
     assert pooled["fp"] == sum(report["categories"][c]["rates"]["fp"] for c in CATEGORIES)
 
 
-def test_met_targets_exit_0(tiny, ray_local, tmp_path, capsys):
-    # bounds always lie in [0, 1]: these targets are met whatever the model does
-    report = run_audit(tiny, tmp_path / "r", "--category", "weave", "--max-false-alarm", "1",
-                       "--min-recall", "0", expect=0)
+def test_met_targets_exit_0(tiny, audited, tmp_path, capsys):
+    """Targets just beyond weave's 95 % Wilson bounds (scipy's, from its clean scores and image
+    threshold in the first audit's scores.csv) are met: go, exit 0. Met by 1e-4 only, so a bound
+    on the wrong side, of the wrong rate or from wrong counts fails it (targets of 1 and 0 could not)."""
+    rows = [r for r in audited["rows"] if r["category"] == "weave" and r["condition"] == "clean" and not r["error"]]
+    thr = audited["report"]["categories"]["weave"]["thresholds"]["image"]
+    flagged = np.array([float(r["score"]) for r in rows]) >= thr
+    anomalous = np.array([int(r["label"]) for r in rows]) == 1
+    tp, fn = int(flagged[anomalous].sum()), int((~flagged[anomalous]).sum())
+    fp, tn = int(flagged[~anomalous].sum()), int((~flagged[~anomalous]).sum())
+    false_alarm_bound, recall_bound = wilson(fp, fp + tn)[1], wilson(tp, tp + fn)[0]
+    assert 1e-3 < recall_bound and false_alarm_bound < 1 - 1e-3, (tp, fn, fp, tn)  # both targets bind
+    report = run_audit(tiny, tmp_path / "r", "--category", "weave",
+                       "--max-false-alarm", str(float(false_alarm_bound) + 1e-4),
+                       "--min-recall", str(float(recall_bound) - 1e-4), expect=0)
     assert report["verdict"]["decision"] == "go" and report["verdict"]["failed"] == []
-    assert [c["passed"] for c in report["categories"]["weave"]["verdict"]["checks"]] == [True, True]
+    checks = report["categories"]["weave"]["verdict"]["checks"]
+    assert [c["target"] for c in checks] == ["max_false_alarm", "min_recall"]
+    assert [c["passed"] for c in checks] == [True, True]
+    assert [c["bound"] for c in checks] == pytest.approx([false_alarm_bound, recall_bound], abs=1e-9)
     assert "verdict: GO" in capsys.readouterr().out
 
 

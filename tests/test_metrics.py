@@ -201,17 +201,27 @@ def test_pixel_metrics_edge_cases():
 # --------------------------------------------------------------------------- AUPRO
 
 
-def test_label_regions_equals_scipy_8_connectivity():
-    rng = np.random.default_rng(6)
-    for _ in range(200):
-        h, w = rng.integers(1, 30, 2)
-        mask = rng.random((h, w)) < rng.random()
-        labels, n = label_regions(mask)
-        expected, n_expected = ndimage.label(mask, EIGHT)
-        assert n == n_expected
-        np.testing.assert_array_equal(labels, expected)
-    diagonal = np.eye(5, dtype=bool)
-    assert label_regions(diagonal)[1] == 1
+def test_label_regions_by_hand():
+    """8-connected components labelled by hand: diagonal neighbours join, a U joins at its
+    bottom row, labels count up in raster order of each region's first pixel."""
+    mask = np.array([[1, 0, 0, 1, 0, 1],
+                     [0, 1, 0, 1, 0, 1],
+                     [0, 0, 0, 1, 1, 1],
+                     [1, 1, 0, 0, 0, 0],
+                     [0, 0, 0, 0, 0, 1]], dtype=bool)
+    expected = np.array([[1, 0, 0, 2, 0, 2],
+                         [0, 1, 0, 2, 0, 2],
+                         [0, 0, 0, 2, 2, 2],
+                         [3, 3, 0, 0, 0, 0],
+                         [0, 0, 0, 0, 0, 4]], dtype=np.int32)
+    labels, n = label_regions(mask)
+    assert n == 4 and labels.dtype == np.int32
+    np.testing.assert_array_equal(labels, expected)
+    assert label_regions(np.eye(5, dtype=bool)[::-1])[1] == 1  # the anti-diagonal: one region
+    assert label_regions(np.zeros((3, 4), bool))[1] == 0
+    assert label_regions(np.ones((3, 4), bool))[1] == 1
+    checker = (np.arange(4)[:, None] + np.arange(4)) % 2 == 0  # touching only at corners
+    assert label_regions(checker)[1] == 1 and label_regions(~checker)[1] == 1
 
 
 def aupro_reference(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:
@@ -284,9 +294,9 @@ def test_wilson_interval_hand_computed():
     assert wilson_interval(1, 3) == (pytest.approx(0.06149, abs=1e-5),
                                      pytest.approx(0.79235, abs=1e-5))
     assert wilson_interval(0, 0) == (0.0, 1.0)  # nothing measured, nothing known
-    lo, hi = wilson_interval(3, 7)
-    assert (1 - hi, 1 - lo) == (pytest.approx(wilson_interval(4, 7)[0]),
-                                pytest.approx(wilson_interval(4, 7)[1]))
+    # scipy.stats.binomtest(k, 7).proportion_ci(method="wilson"): k = 3 and k = 4 mirror each other
+    assert wilson_interval(3, 7) == (pytest.approx(0.15822, abs=1e-5), pytest.approx(0.74954, abs=1e-5))
+    assert wilson_interval(4, 7) == (pytest.approx(0.25046, abs=1e-5), pytest.approx(0.84178, abs=1e-5))
     with pytest.raises(ValueError):
         wilson_interval(11, 10)
 

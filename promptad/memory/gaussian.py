@@ -115,7 +115,8 @@ def nearest_versions(d: torch.Tensor, images: int, views: int, k: int,
 
 
 def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
-    """Shrunk covariance of (n, p) samples: (1 - s) S + s mu I, with the Ledoit-Wolf (2004) s."""
+    """Shrunk covariance of (n, p) samples: (1 - s) S + s mu I, with the Ledoit-Wolf (2004) s.
+    sklearn.covariance's shrinkage gives the same s (to 3e-16) but 3x slower, CPU numpy only."""
     x = x.double()
     n, p = x.shape
     xc = x - x.mean(0)
