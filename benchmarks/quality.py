@@ -11,6 +11,9 @@ the same subset) and prints one table:
 
     model        the full model at its defaults
     memory-only  the same fit, fusion {memory: 1, regional: 1, head: 0, text: 0, global: 0}
+    regional-1   the same fit with the regional bank at full weight (the fixed recipe before the
+                 per-category choice of learning/mixing.py) ...
+    regional-0   ... and without it (the local bank alone), the other fixed recipe
     reference    ref_patchcore.py (it reports no AUPRO)
 
 Pixel metrics are computed at the model's input size over every test pixel (exact, sorted), as the
@@ -41,6 +44,7 @@ from promptad.data.datasets import load_samples  # noqa: E402
 from promptad.data.images import decode_mask, resize_mask  # noqa: E402
 from promptad.data.shifts import WHOLE_IMAGE_DEFECTS  # noqa: E402
 from promptad.fit.pipeline import fit_in_process, load_images  # noqa: E402
+from promptad.learning.mixing import choice_line  # noqa: E402
 from promptad.learning.training import TrainConfig  # noqa: E402
 from promptad.metrics.image import f1_max, image_auroc  # noqa: E402
 from promptad.metrics.pixel import AUPRO  # noqa: E402
@@ -152,9 +156,13 @@ def main() -> None:
     labels = np.array([s.label for s in test], dtype=np.int64)
     cats = [args.category]
     variants = {"model": None, "memory-only": {args.category: MEMORY_ONLY},
-                "model-no-global": {args.category: {**cal.fusion, "global": 0.0}}}
+                "model-no-global": {args.category: {**cal.fusion, "global": 0.0}},
+                # the two fixed recipes the per-category choice is between (learning/mixing.py)
+                "regional-1": {args.category: {**cal.fusion, "regional": 1.0}},
+                "regional-0": {args.category: {**cal.fusion, "regional": 0.0}}}
+    mapped = ("model", "memory-only", "regional-1", "regional-0")
     scores = {k: [] for k in variants}
-    maps = {k: [] for k in ("model", "memory-only")}
+    maps = {k: [] for k in mapped}
     has_masks = any(s.mask_path for s in test)
     masks, normals = [], []
     for start in range(0, len(test), 16):
@@ -173,7 +181,7 @@ def main() -> None:
     test_s = time.perf_counter() - t0
     masks_arr = np.stack(masks) if has_masks else None
     result: dict = {}
-    for name in ("model", "memory-only"):
+    for name in mapped:
         r = evaluate(np.concatenate(scores[name]), labels,
                      np.concatenate(maps[name]) if has_masks else None, masks_arr)
         result[name.replace("-", "_")] = {**r, "fit_s": round(fit_s, 1), "test_s": round(test_s, 1)}
@@ -207,7 +215,7 @@ def main() -> None:
     result["settings"] = {"data": args.data, "category": args.category, "backbone": args.backbone,
                           "epochs": args.epochs, "views": args.views, "seed": args.seed, "coreset_draws": args.coreset_draws,
                           "local_norm": args.local_norm, "train_images": len(train),
-                          "test_images": len(test), "calibration": cal.stats,
+                          "test_images": len(test), "calibration": cal.stats, "map_choice": cal.map_choice,
                           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                           "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
 
@@ -216,11 +224,12 @@ def main() -> None:
 
     print(f"{args.category} ({len(train)} train, {len(test)} test, {args.backbone}, {args.epochs} epochs)")
     print(f"{'':12s} {'I-AUROC':>8s} {'P-AUROC':>8s} {'AUPRO':>8s} {'F1-max':>8s} {'fit s':>8s}")
-    for name in ("model", "memory_only", "reference"):
+    for name in ("model", "memory_only", "regional_1", "regional_0", "reference"):
         r = result.get(name)
         if r:
             print(f"{name:12s} {cell(r['image_auroc']):>8s} {cell(r['pixel_auroc']):>8s} {cell(r['aupro']):>8s} "
                   f"{cell(r['image_f1_max']):>8s} {r['fit_s']:8.1f}")
+    print(choice_line(cal.map_choice))
     fa = result["false_alarms"]
     print(f"false alarms on {fa['normals']} test normals: {fa['flagged']} ({fa['rate']:.3f}; target {fa['target']}, "
           f"95 % range {fa['expected_range'][0]:.3f}-{fa['expected_range'][1]:.3f})")

@@ -470,6 +470,7 @@ def test_trained_artifact_holds_every_category_evidence_head_scales(baseline, th
     distance_scale's fallback of 1; the ones the training checkpoint recorded; and gives the head
     weight; the summary times the evidence step."""
     from promptad.fit.train import read_state
+    from promptad.learning.mixing import CANDIDATES
     from promptad.models.artifact import load_artifact
     from promptad.predict import components_of, extract
 
@@ -489,6 +490,11 @@ def test_trained_artifact_holds_every_category_evidence_head_scales(baseline, th
         assert cal.head_scales == pytest.approx(expected, rel=1e-5), (cal.head_scales, expected)
         assert cal.head_scales == recorded[c]
         assert cal.fusion["head"] > 0
+        # The map's regional weight chosen on the category's views (learning/mixing.py): the one
+        # the training checkpoint recorded, measured for every candidate, and the one fused.
+        choice = read_state(summary.run_dir, int(EPOCHS))["map_choice"][c]
+        assert cal.map_choice == choice and set(choice["auroc"]) == {f"{w:g}" for w in CANDIDATES}
+        assert cal.fusion["regional"] == choice["regional"] in CANDIDATES and min(choice["cells"]) > 0
     t = summary.timings
     assert t["evidence"] >= t["memory_wait"] > 0 and t["evidence_task_s"] > 0 and t["training"] > 0
     assert set(summary.tasks) == {"memory", "evidence", "calibration"}
@@ -639,6 +645,10 @@ def test_one_worker_fit_on_s3_is_the_in_process_fit(ray_local, aligned, s3_bucke
         # it). The old features head differed by 3e-2 in image threshold (2026-12-03, AVX2 CPU).
         assert ca.image_threshold == pytest.approx(cb.image_threshold, rel=1e-4)
         assert ca.pixel_threshold == pytest.approx(cb.pixel_threshold, rel=1e-6)
+        assert ca.map_choice["regional"] == cb.map_choice["regional"] == ca.fusion["regional"]
+        assert ca.map_choice["auroc"] == pytest.approx(cb.map_choice["auroc"], abs=2e-5)
+        assert re.search(rf"^fit: {c}: map: local 1, regional {ca.map_choice['regional']:g} \(synthetic pixel "
+                         r"AUROC by regional weight 0: 0\.\d{4}, 0\.5: ", out, re.M), out
     sa, sb = model.trainable.state_dict(), ref.trainable.state_dict()
     torch.testing.assert_close(sa["feat_mean"], sb["feat_mean"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sa["feat_std"], sb["feat_std"], rtol=1e-5, atol=0)

@@ -176,7 +176,11 @@ def calibrate_category(model: PromptAD, category: str, feats: Features, trained:
     if n == 0:
         raise ValueError(f"no normal images to calibrate category {category!r}")
     # The fusion first: it decides which components the held-out pass computes.
-    base = replace(model.calibration[category], fusion=model.default_fusion(trained))
+    fusion = model.default_fusion(trained)
+    choice = model.calibration[category].map_choice
+    if choice:
+        fusion["regional"] = float(choice["regional"])
+    base = replace(model.calibration[category], fusion=fusion)
     model.calibration[category] = base
     comps = held_out_components(model, category, feats, batch_size, tolerated)
     cal = replace(base, memory_scale=distance_scale(comps["memory"]), regional_scale=distance_scale(comps["regional"]),

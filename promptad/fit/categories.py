@@ -154,7 +154,8 @@ class CategoryTasks:
         for c in need:
             scales = done.head_scales[c] if self.was_trained else []
             with_head = self.was_trained and c in self.heads
-            cal, report = task.remote(self.model_cfg, trained, with_head, scales, c, self._memory(c),
+            choice = done.map_choice.get(c, {}) if with_head else {}
+            cal, report = task.remote(self.model_cfg, trained, with_head, scales, choice, c, self._memory(c),
                                       self.device, threads, [self.paths[i] for i in self.ok[c]], *self._rows(c))
             self.pending[cal] = ("calibration", c, report)
         if need:

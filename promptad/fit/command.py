@@ -63,6 +63,7 @@ from promptad.errors import UserError
 from promptad.fit import runs, stages
 from promptad.fit.categories import PAUSE_ENV, CategoryTasks, task_cpus  # noqa: F401 - PAUSE_ENV: tests
 from promptad.fit.pipeline import evidence_shard, head_categories
+from promptad.learning.mixing import choice_line
 from promptad.fit.runs import default_storage
 from promptad.fit.train import (  # noqa: F401 - documented names
     CHECKPOINTS_KEPT,
@@ -230,6 +231,7 @@ def run(args: argparse.Namespace) -> FitSummary:
         check_trained(final["ema"]["state"])
         done.trained, done.metrics = final["ema"]["state"], dict(final.get("metrics") or {})
         done.head_scales = dict(final["head_scales"])
+        done.map_choice = dict(final.get("map_choice") or {})
     clock["training"] = time.time() - t
     stage.finish()
 
@@ -251,6 +253,7 @@ def run(args: argparse.Namespace) -> FitSummary:
     print(f"fit: wrote {args.out} (model {model_id})", flush=True)
     for c in categories:
         print(calibration_line(c, model.calibration[c]), flush=True)
+        print(f"fit: {c}: {choice_line(model.calibration[c].map_choice)}", flush=True)
         for w in model.calibration[c].stats.get("warnings", []):
             print(f"fit: warning: {c}: {w}", flush=True)
     return FitSummary(artifact=args.out, model_id=model_id, run_dir=run_dir, metrics=done.metrics,
@@ -307,6 +310,7 @@ def _train(args: argparse.Namespace, model: PromptAD, heads: list[str], evidence
               "feat_mean": model.trainable.feat_mean.tolist(), "feat_std": model.trainable.feat_std.tolist(),
               "pos_weight": shard.pos_weight,
               "head_scales": {c: list(model.calibration[c].head_scales) for c in categories},
+              "map_choice": {c: dict(model.calibration[c].map_choice) for c in categories},
               "train": TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                                    precision=args.precision).to_dict(),
               "rows_refs": [ray.put(r) for r in ranks],

@@ -30,6 +30,7 @@ from promptad.data.shifts import tolerated_views
 from promptad.errors import UserError
 from promptad.fit.calibrate import calibrate_category
 from promptad.learning.evidence import MIN_IMAGES, Evidence, category_evidence
+from promptad.learning.mixing import choose_map
 from promptad.learning.training import (
     Shard,
     TrainConfig,
@@ -159,11 +160,12 @@ def training_shard(model: PromptAD, feats: dict[str, Features]) -> Shard:
 
 def evidence_shard(model: PromptAD, evidence: dict[str, Evidence]) -> Shard:
     """Every category's evidence rows as one training shard; sets each category's head input
-    scales (NO_HEAD_SCALES for a category without rows: head_categories) and the head's
-    standardization (over all rows) on the model."""
+    scales (NO_HEAD_SCALES for a category without rows: head_categories), its map's regional weight
+    (learning/mixing.py) and the head's standardization (over all rows) on the model."""
     cats = sorted(evidence)
     for c in model.categories:
         model.calibration[c].head_scales = list(evidence[c].scales) if c in evidence else list(NO_HEAD_SCALES)
+        model.calibration[c].map_choice = choose_map(evidence[c].inputs, evidence[c].masks) if c in evidence else {}
     rows = [evidence[c] for c in cats]
     shard = shard_from_evidence(rows, cats, pixel_pos_weight(torch.cat([r.masks for r in rows])))
     set_standardization(model.trainable, shard.local)

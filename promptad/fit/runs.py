@@ -22,7 +22,7 @@ import argparse
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -171,6 +171,8 @@ class Done:
     calibration: dict[str, Calibration]  # only those computed with `trained`
     head_scales: dict[str, list[float]]  # per category, the evidence head's input scales `trained` was trained with
     rows: dict[str, Any]  # ROWS_FILE: readable images per category, skipped files
+    # per category, the map's regional weight chosen on the views `trained` was trained on (mixing.py)
+    map_choice: dict[str, dict] = field(default_factory=dict)
 
 
 def read_done(run_dir: str, epochs: int, categories: list[str], initial: dict[str, torch.Tensor]) -> Done:
@@ -192,7 +194,7 @@ def read_done(run_dir: str, epochs: int, categories: list[str], initial: dict[st
     rows_uri = storage.join(run_dir, ROWS_FILE)
     rows = json.loads(storage.read_bytes(rows_uri)) if storage.exists(rows_uri) else {"images": {}, "skipped": {}}
     return Done(trained, dict((final or {}).get("metrics") or {}), memory, calibration,
-                dict((final or {}).get("head_scales") or {}), rows)
+                dict((final or {}).get("head_scales") or {}), rows, dict((final or {}).get("map_choice") or {}))
 
 
 def save_memory(run_dir: str, category: str, memory: CategoryMemory) -> None:

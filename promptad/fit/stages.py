@@ -325,11 +325,12 @@ def category_evidence_rows(model_cfg: dict[str, Any], seed: int, views: int, dev
 
 
 def category_calibration(model_cfg: dict[str, Any], trained: dict[str, torch.Tensor], was_trained: bool,
-                         head_scales: Sequence[float], category: str, memory, device: str, threads: int,
+                         head_scales: Sequence[float], map_choice: dict, category: str, memory, device: str, threads: int,
                          names: list[str], picks: list[tuple[int, int]], *tables):
     """Ray task: one category's calibration (calibrate.calibrate_category) with the trainable
     weights (`was_trained` False: the untrained ones of --epochs 0), the evidence head's input
-    scales it was trained with (none without training), its memory and its rows in the order the
+    scales it was trained with and the map's regional weight chosen on its views (none without
+    training), its memory and its rows in the order the
     memory was built from (`names`: their paths, for its warnings); (Calibration, _report)."""
     from promptad.fit.calibrate import calibrate_category
     from promptad.fit.pipeline import check_calibration
@@ -338,7 +339,8 @@ def category_calibration(model_cfg: dict[str, Any], trained: dict[str, torch.Ten
     model = stage_model(model_cfg, device, threads)
     model.trainable.load_state_dict(trained)
     model.memory = {category: memory.to(model.device)}
-    model.calibration[category] = replace(model.calibration[category], head_scales=list(head_scales))
+    model.calibration[category] = replace(model.calibration[category], head_scales=list(head_scales),
+                                            map_choice=dict(map_choice))
     rows = take_rows(picks, *tables)
     calibration = calibrate_category(model, category, as_features(rows), trained=was_trained,
                                      tolerated=as_tolerated(rows), names=names)

@@ -228,7 +228,8 @@ def train_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             state = {"epoch": epoch + 1, "trainable": model.trainable.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-                     "ema": ema.state_dict(), "metrics": metrics, "head_scales": config["head_scales"]}
+                     "ema": ema.state_dict(), "metrics": metrics, "head_scales": config["head_scales"],
+                     "map_choice": config["map_choice"]}
             with tempfile.TemporaryDirectory() as d:
                 torch.save(state, os.path.join(d, STATE_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),

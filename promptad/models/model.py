@@ -146,6 +146,9 @@ class Calibration:
     # distances of the normal images its training views came from; set before training, so a
     # fit without training (or a features head) has none
     head_scales: list[float] = field(default_factory=list)
+    # the regional bank's weight in the map, chosen on the head's synthetic views with the figures
+    # behind it (learning/mixing.choose_map); empty: no views (no training), the fixed weights
+    map_choice: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)  # what calibration measured and warns about
 
     def normalize_score(self, score):
