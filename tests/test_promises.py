@@ -98,6 +98,7 @@ def test_score_job_survives_s3_faults_with_every_row(ray_local, model, s3_bucket
     for n, f in faults.items():  # every fault was met: none was skipped or hidden by a cache
         assert {(n, x) for x in f} <= fired, (n, s3_faults.fired)
     assert any(m == "PUT" and p.startswith(_key(out) + "/") for m, p, _ in s3_faults.fired)
+    assert any(p == _key(s3_bucket) for _, p, _ in s3_faults.fired)
     assert (summary.inputs, summary.scored, summary.errors) == (6, 6, 1), summary
     rows = {r["path"].rsplit("/", 1)[-1]: r for r in pq.read_table(
         storage.filesystem(out)[1], filesystem=storage.filesystem(out)[0]).to_pylist()}
