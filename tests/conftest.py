@@ -40,6 +40,7 @@ def s3_server():
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    _MOTO["server"] = server
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     with pytest.MonkeyPatch.context() as mp:
@@ -56,6 +57,93 @@ def s3_server():
             yield endpoint
         finally:
             server.stop()
+
+
+_MOTO: dict = {}  # the session's moto server, for s3_faults
+
+
+class S3Faults:
+    """WSGI middleware in front of the session's moto server (in this process, so it sees the
+    requests of Ray workers too): records every request and answers chosen ones with a fault.
+
+    inject(path, *faults) queues faults for requests whose path is `path` ("/bucket/key"), or
+    starts with it when prefix=True, of any method or only `method`; each such request takes the
+    next one until they run out, after which moto answers. A fault is "503" (SlowDown), "500"
+    (InternalError), "403" (AccessDenied), "reset" (the connection is dropped with no response) or
+    a float (seconds to wait before moto answers: a slow object). forever=FAULT answers every
+    matching request with FAULT once the queue is empty (a permanent failure).
+    """
+
+    BODIES = {"503": ("503 Slow Down", "SlowDown", "Please reduce your request rate."),
+              "500": ("500 Internal Server Error", "InternalError", "We encountered an internal error."),
+              "403": ("403 Forbidden", "AccessDenied", "Access Denied")}
+
+    def __init__(self, app):
+        import threading
+
+        self.app = app
+        self.lock = threading.Lock()
+        self.rules: list[dict] = []
+        self.fired: list[tuple[str, str, object]] = []  # (method, path, fault)
+        self.requests: list[tuple[str, str, str]] = []  # (method, path, Range header)
+
+    def inject(self, path: str, *faults, forever: str | None = None, prefix: bool = False,
+               method: str | None = None) -> None:
+        with self.lock:
+            self.rules.append({"path": path, "prefix": prefix, "method": method, "queue": list(faults),
+                               "forever": forever})
+
+    def _fault(self, method: str, path: str):
+        for rule in self.rules:
+            if rule["method"] not in (None, method):
+                continue
+            if not (path.startswith(rule["path"]) if rule["prefix"] else path == rule["path"]):
+                continue
+            if rule["queue"]:
+                return rule["queue"].pop(0)
+            if rule["forever"] is not None:
+                return rule["forever"]
+        return None
+
+    def __call__(self, environ, start_response):
+        import socket
+        import struct
+        import time
+
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+        with self.lock:
+            self.requests.append((method, path, environ.get("HTTP_RANGE", "")))
+            fault = self._fault(method, path)
+            if fault is not None:
+                self.fired.append((method, path, fault))
+        if isinstance(fault, float):
+            time.sleep(fault)
+        elif fault == "reset":
+            # No response: the connection is shut at once (the client reads EOF where the status
+            # line should be) and, with linger 0, the handler's close then resets it. Without the
+            # shutdown werkzeug keeps the connection alive and the client waits out its 60 s timeout.
+            sock = environ["werkzeug.socket"]
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.shutdown(socket.SHUT_RDWR)
+            raise ConnectionResetError("injected connection reset")  # werkzeug: connection dropped, no response
+        elif fault is not None:
+            status, code, message = self.BODIES[fault]
+            body = f"<Error><Code>{code}</Code><Message>{message}</Message></Error>".encode()
+            start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+            return [] if method == "HEAD" else [body]
+        return self.app(environ, start_response)
+
+
+@pytest.fixture
+def s3_faults(s3_server):
+    """An S3Faults in front of the moto server for one test; moto alone again afterwards."""
+    wsgi = _MOTO["server"]._server  # werkzeug's server looks its app up per request
+    faults = S3Faults(wsgi.app)
+    wsgi.app = faults
+    try:
+        yield faults
+    finally:
+        wsgi.app = faults.app
 
 
 @pytest.fixture

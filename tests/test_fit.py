@@ -818,3 +818,56 @@ def test_a_one_image_category_cannot_poison_the_ray_fit(ray_local, tmp_path, cap
                        + sorted((root / "wood" / "train" / "good").glob("*.png"))])
     scored = predict(model, images, ["tile", "tile", "wood"])
     assert np.isfinite(scored.scores).all() and np.isfinite(scored.maps).all()
+
+
+def _alive_train_workers() -> list[dict]:
+    """Ray Train's worker actors alive on the session's Ray (GCS actor table: no dashboard needed)."""
+    import ray._private.state
+
+    return [a for a in ray._private.state.actors(actor_state_name="ALIVE").values()
+            if a["ActorClassName"] == "RayTrainWorker"]
+
+
+@pytest.mark.slow
+def test_a_killed_train_worker_restarts_from_the_last_checkpoint_to_the_same_model(ray_local, baseline, three,
+                                                                                  tmp_path):
+    """README: "A worker lost to preemption is restarted from the last epoch checkpoint within the
+    job". One of the 2 Train workers is SIGKILLed as soon as the first epoch checkpoint is
+    written (while the next epochs train): the same fit call finishes, its last worker group began
+    from a checkpoint (not from scratch, not from nothing), the model_id is the uninterrupted
+    run's, and only the newest two epoch checkpoints are left."""
+    import threading
+
+    storage_dir = tmp_path / "ckpt"
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def kill_a_worker() -> None:
+        # The workers' pids are looked up while they load their rows (the actor table can take a
+        # while to answer on a busy machine), so that the kill follows the checkpoint at once.
+        started_ms = time.time() * 1000
+        pids: list[int] = []
+        while not stop.wait(0.02):
+            if not pids:
+                pids = [a["Pid"] for a in _alive_train_workers() if a["StartTime"] >= started_ms]
+            elif list(storage_dir.glob(f"fit-*/epoch_*/{fit.STATE_FILE}")):
+                killed.append(pids[-1])
+                os.kill(killed[-1], signal.SIGKILL)
+                return
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    try:
+        summary = fit.run(fit_args(str(three), str(tmp_path / "model"), "--workers", "2", "--epochs", EPOCHS,
+                                   "--storage", str(storage_dir), categories=CATEGORIES))
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no Train worker was killed"
+    # The worker group that finished loaded a checkpoint: its starting weights are not the fresh ones.
+    assert summary.metrics["initial_digest"] != baseline["summary"].metrics["initial_digest"], \
+        "no worker group started from a checkpoint (the kill landed after training, or restarted from scratch)"
+    assert summary.metrics["epoch"] == int(EPOCHS) and summary.metrics["world"] == 2
+    assert summary.model_id == baseline["summary"].model_id
+    assert sorted(p.name for p in Path(summary.run_dir).glob("epoch_*")) == [
+        f"epoch_{int(EPOCHS) - 1:04d}", f"epoch_{int(EPOCHS):04d}"]

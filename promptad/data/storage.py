@@ -5,6 +5,7 @@ on a laptop folder and on an S3 archive, and S3 retries and endpoint settings li
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import posixpath
@@ -389,7 +390,9 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
     `cache_dir` (for libraries that only open local files, e.g. weight files).
 
     The cache key includes the object's size and mtime, so an overwritten object is fetched again;
-    the download goes to a temp file and is renamed, so concurrent workers never see a partial file.
+    the download goes to a temp file and is renamed, so concurrent workers never see a partial file,
+    and it holds a lock file beside it, so workers of one node that start together download it once
+    (the others wait for it) rather than each its own copy of a gigabyte.
     """
     fs, path = filesystem(uri)
     if not isinstance(fs, pafs.S3FileSystem):
@@ -405,14 +408,18 @@ def local_copy(uri: str, cache_dir: str | None = None) -> str:
     if dest.is_file() and dest.stat().st_size == info.size:
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with fs.open_input_stream(path) as src, open(tmp, "wb") as out:
-            while chunk := src.read(1 << 22):
-                out.write(chunk)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with open(dest.parent / ".lock", "wb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if dest.is_file() and dest.stat().st_size == info.size:
+            return str(dest)  # another worker downloaded it while this one waited
+        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            with fs.open_input_stream(path) as src, open(tmp, "wb") as out:
+                while chunk := src.read(1 << 22):
+                    out.write(chunk)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
     return str(dest)
 
 

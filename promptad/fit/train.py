@@ -201,8 +201,14 @@ def train_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-    if config.get("resume_epoch") and (state is None or int(state["epoch"]) < config["resume_epoch"]):
-        state = read_state(config["run_dir"], int(config["resume_epoch"]))  # --resume: the driver's pick
+    # The newest checkpoint in the run folder wins over Ray Train's: Ray Train hands a restarted
+    # group the checkpoint its controller registered last, and a worker killed after rank 0 had
+    # uploaded the next one but before the controller registered it restarted the group from
+    # scratch (tested: a Train worker SIGKILLed right after the first epoch's upload). This also
+    # covers --resume (the driver's pick, resume_epoch, is the newest when the run started).
+    newest = newest_state(config["run_dir"])
+    if newest is not None and (state is None or int(state["epoch"]) < newest[0]):
+        state = newest[1]
     if state is not None:
         model.trainable.load_state_dict(state["trainable"])
         opt.load_state_dict(state["optimizer"])
