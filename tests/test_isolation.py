@@ -123,3 +123,16 @@ def test_non_finite_inputs_are_refused_where_they_enter():
         set_standardization(model.trainable, rows)
     errors = _non_finite_errors(np.asarray(["", "read: gone", ""], dtype=object), layers)
     assert errors[0] == "" and errors[1] == "read: gone" and errors[2].startswith("features: ")
+
+
+def test_a_category_of_identical_images_is_warned_about_and_leaves_the_other_unchanged(fits):
+    """Constant images: every held-out score is the same, so the threshold promises nothing; the
+    calibration says so (a warning the fit prints), stays finite, and tile is as when alone."""
+    blank = np.full((4, SIZE, SIZE, 3), 128, np.uint8)
+    lines: list[str] = []
+    model = _fit({"tile": _images(8, 1), "blank": blank}, lines.append)
+    cal = model.calibration["blank"]
+    assert non_finite(asdict(cal)) == []
+    assert any("score the same held out" in w for w in cal.stats["warnings"]), cal.stats["warnings"]
+    assert not any("score the same" in w for w in model.calibration["tile"].stats["warnings"])
+    assert asdict(model.calibration["tile"])["image_threshold"] == fits["alone"].calibration["tile"].image_threshold

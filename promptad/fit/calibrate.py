@@ -212,6 +212,10 @@ def calibrate_category(model: PromptAD, category: str, feats: Features, trained:
     if n < 2:
         warnings.append(f"only {n} normal image: it is in its own memory bank, so its score is ~0 and the "
                         "threshold flags almost everything; fit on more normal images")
+    if n >= 2 and float(np.ptp(scores)) <= 1e-6 * max(1.0, abs(float(scores[0]))):
+        warnings.append(f"all {n} normal images score the same held out ({float(scores[0]):.2f}): they are "
+                        "identical or blank, so nothing tells normal variation from a defect and the threshold "
+                        "flags almost any image that differs; fit on real, varied normal images")
     if promised > image_fpr + 1e-12:
         need = math.ceil(1 / image_fpr) - 1
         warnings.append(f"{n} normal images cannot support a {image_fpr:.1%} false-alarm target: the threshold "
