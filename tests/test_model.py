@@ -221,7 +221,7 @@ def test_evidence_head_shapes_the_map_not_the_image_score(effnet_model):
     assert not torch.equal(with_head.maps, without.maps)
     cal = model.calibration["tile"]
     local = comps["memory"] / cal.memory_scale
-    regional = _up(comps["regional"], local.shape[-2:]) / cal.regional_scale
+    regional = _up(comps["regional"], local.shape[-2:]) * cal.fusion["regional"] / cal.regional_scale
     want = model.fuse({**comps, "memory": torch.maximum(local, regional) * cal.memory_scale * (1 + comps["head"] ** 2),
                        "regional": torch.zeros_like(comps["regional"])}, cats,
                       {"tile": {**cal.fusion, "head": 0.0}}).maps
