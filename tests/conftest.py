@@ -174,3 +174,22 @@ def ray_local(s3_server):
                  runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                            if k.startswith(("AWS_", "HF_HUB_OFFLINE", "RAY_AUTH_MODE"))}})
     yield ray
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory) -> str:
+    """A real, untrained 64 px effnet-lite0 artifact of one category ("tile", 4 random images):
+    for tests of what a command does with a model before and around scoring."""
+    import numpy as np
+
+    from promptad.fit.pipeline import fit_in_process
+    from promptad.learning.training import TrainConfig
+    from promptad.models.artifact import save_artifact
+    from promptad.models.model import ModelConfig
+
+    rng = np.random.default_rng(0)
+    fitted = fit_in_process({"tile": rng.integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)},
+                            ModelConfig(backbone="effnet-lite0", input_size=64), TrainConfig(epochs=0), log=None)
+    uri = str(tmp_path_factory.mktemp("model") / "m")
+    save_artifact(fitted, uri)
+    return uri

@@ -22,18 +22,8 @@ def _one_line(argv: list[str], capsys) -> str:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
-    from promptad.fit.pipeline import fit_in_process
-    from promptad.learning.training import TrainConfig
-    from promptad.models.artifact import save_artifact
-    from promptad.models.model import ModelConfig
-
-    rng = np.random.default_rng(0)
-    fitted = fit_in_process({"tile": rng.integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)},
-                            ModelConfig(backbone="effnet-lite0", input_size=64), TrainConfig(epochs=0), log=None)
-    uri = str(tmp_path_factory.mktemp("model") / "m")
-    save_artifact(fitted, uri)
-    return uri
+def model(tiny_artifact) -> str:
+    return tiny_artifact
 
 
 def test_version(capsys):

@@ -71,21 +71,8 @@ def denying_server():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> str:
-    """A real (untrained, 64 px) artifact: the user's case got past the model to the S3 input."""
-    import numpy as np
-
-    from promptad.fit.pipeline import fit_in_process
-    from promptad.learning.training import TrainConfig
-    from promptad.models.artifact import save_artifact
-    from promptad.models.model import ModelConfig
-
-    rng = np.random.default_rng(0)
-    model = fit_in_process({"tile": rng.integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)},
-                           ModelConfig(backbone="effnet-lite0", input_size=64), TrainConfig(epochs=0), log=None)
-    uri = str(tmp_path_factory.mktemp("model") / "m")
-    save_artifact(model, uri)
-    return uri
+def model(tiny_artifact) -> str:
+    return tiny_artifact
 
 
 def test_no_endpoint_is_one_line_in_seconds(s3_env, closed_port, model, tmp_path, capsys):
