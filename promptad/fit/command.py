@@ -63,7 +63,6 @@ from promptad.errors import UserError
 from promptad.fit import runs, stages
 from promptad.fit.categories import PAUSE_ENV, CategoryTasks, task_cpus  # noqa: F401 - PAUSE_ENV: tests
 from promptad.fit.pipeline import evidence_shard, head_categories
-from promptad.learning.mixing import choice_line
 from promptad.fit.runs import default_storage
 from promptad.fit.train import (  # noqa: F401 - documented names
     CHECKPOINTS_KEPT,
@@ -79,6 +78,7 @@ from promptad.fit.train import (  # noqa: F401 - documented names
     train,
 )
 from promptad.learning.evidence import Evidence
+from promptad.learning.mixing import choice_line
 from promptad.learning.training import TrainConfig, check_trained
 from promptad.models.artifact import check_out_folder, save_artifact
 from promptad.models.model import Calibration, ModelConfig, PromptAD
@@ -305,8 +305,7 @@ def _train(args: argparse.Namespace, model: PromptAD, heads: list[str], evidence
         raise UserError(f"--workers {args.workers} is more than the {n} training rows; lower --workers")
     ranks = rank_rows(shard, args.workers)
     run_dir = storage.join(storage_uri, run_name)
-    newest = newest_state(run_dir)
-    config = {"model": model.cfg.to_dict(), "rows": n, "run_dir": run_dir, "resume_epoch": newest[0] if newest else 0,
+    config = {"model": model.cfg.to_dict(), "rows": n, "run_dir": run_dir,
               "feat_mean": model.trainable.feat_mean.tolist(), "feat_std": model.trainable.feat_std.tolist(),
               "pos_weight": shard.pos_weight,
               "head_scales": {c: list(model.calibration[c].head_scales) for c in categories},

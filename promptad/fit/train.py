@@ -205,7 +205,7 @@ def train_worker(config: dict[str, Any]) -> None:
     # group the checkpoint its controller registered last, and a worker killed after rank 0 had
     # uploaded the next one but before the controller registered it restarted the group from
     # scratch (tested: a Train worker SIGKILLed right after the first epoch's upload). This also
-    # covers --resume (the driver's pick, resume_epoch, is the newest when the run started).
+    # covers --resume: the newest checkpoint of the run folder is where a resumed run goes on.
     newest = newest_state(config["run_dir"])
     if newest is not None and (state is None or int(state["epoch"]) < newest[0]):
         state = newest[1]
