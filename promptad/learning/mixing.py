@@ -3,9 +3,9 @@
 The map is max(local, w * regional) of the two banks' distances, each divided by its normal
 scale (models/model.py). The wide window of the regional bank (half the image) finds large
 low-contrast regions that no single patch shows (magnetic_tile's uneven surfaces: pixel AUROC
-0.78 -> 0.84), but around a small defect it raises a halo of normal pixels, and on an object whose
-parts differ from place to place its normal distances are noisy (tire, an MVTec AD object and a
-metal plate: 0.985 -> 0.94 with it). No fixed weight serves both kinds of line
+0.820 -> 0.870 with it), but around a small defect it raises a halo of normal pixels, and on an
+object whose parts differ from place to place its normal distances are noisy (tire: 0.985 -> 0.943
+with it at full weight; an MVTec AD object and a metal plate lost about 0.05 the same way). No fixed weight serves both kinds of line
 (benchmarks/RESULTS.md), and a line has no real defects to tell them apart when it is fitted.
 
 What it has: the head's synthetic views (learning/evidence.py), normal training images with a
@@ -13,9 +13,9 @@ defect painted in, measured against the banks without their own image's entries,
 images clean. Each candidate weight's map is scored on them by its error, 1 - pixel AUROC over
 the grid cells (cells a defect only grazes left out, as the head's loss leaves them out). The
 views are small, sharp defects, the kind the local bank sees best, so they favour it everywhere:
-on magnetic_tile, where the regional bank lifts real pixel AUROC from 0.78 to 0.84, the views
-still err 3.1x more with it than without; on tire, where it costs real pixel AUROC 0.985 -> 0.94,
-they err 7.7x more (cookie: 1.3x, where it makes no difference). So a weight is not judged
+on magnetic_tile, where the regional bank lifts real pixel AUROC from 0.820 to 0.870, the views
+still err 2.97x more with it than without; on tire, where it costs real pixel AUROC 0.985 -> 0.943,
+they err 8.6x more (cookie: 1.27x, where it makes no difference). So a weight is not judged
 against the views' bias but against a cost beyond it: the category keeps the largest weight whose
 error is at most MAX_ERROR_RATIO times the best candidate's, the regional bank's wide window is
 cut back only where it multiplies the views' errors, the sign that it is noisy on this category's

@@ -98,9 +98,8 @@ def save_artifact(model: PromptAD, uri: str, training: dict | None = None, finit
     tests write broken models on purpose with finite=False."""
     from safetensors.torch import save as st_save
 
-    from promptad.models import prompts
-
     from promptad.actors import FIT_PRECISION
+    from promptad.models import prompts
 
     missing = [c for c in model.categories if c not in model.memory]
     if missing:

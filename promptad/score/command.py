@@ -151,8 +151,6 @@ class Predictor:
     audit's scorers are. `counter` (a RowCounter actor) hears of every batch scored; `delay_s`
     slows each batch down (tests of a slow stage only)."""
 
-    precision = INFERENCE_PRECISION
-
     def __init__(self, model_uri: str, device: str, threads: int, precision: str = INFERENCE_PRECISION,
                  counter=None, delay_s: float = 0.0):
         from promptad.predict import load_for_worker
