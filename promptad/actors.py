@@ -24,10 +24,12 @@ Ray is imported only in `pool_args` and `check`, which run on the driver where R
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from promptad.raycluster import threads_for
+
+if TYPE_CHECKING:
+    import torch
 
 FIT_PRECISION = "fp32"
 INFERENCE_PRECISION = "auto"  # learning.training.resolve_precision: fp16 on CUDA, fp32 elsewhere
@@ -87,6 +89,9 @@ def device_for(gpus: float) -> str:
 
 def start_actor(device: str, threads: int) -> torch.device:
     """What every model actor does before loading its model: its torch threads (on a GPU too: the
-    actor's CPU work is small and its CPUs are the ones it reserved); returns the device."""
+    actor's CPU work is small and its CPUs are the ones it reserved); returns the device. (torch is
+    imported here: the driver and the CPU tasks that import this module never need it.)"""
+    import torch
+
     torch.set_num_threads(max(1, threads))
     return torch.device(device)

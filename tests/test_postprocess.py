@@ -103,3 +103,33 @@ def test_is_anomalous_agrees_with_the_stored_float32_columns(tmp_path):
         t = np.asarray(table["threshold"].to_numpy(), np.float32)
         assert table["score"].type == table["threshold"].type == pa.float32()
         assert table["is_anomalous"].to_pylist() == list(s >= t) == [False, True, True], name
+
+
+@pytest.mark.parametrize("shape", [(256, 143), (97, 256), (256, 256), (512, 300), (7, 3)])
+def test_resize_map_is_torchs_bilinear_interpolate(shape):
+    """The numpy resize (kept torch-free for the CPU tasks) gives torch's interpolate(bilinear,
+    align_corners=False) numbers, shrinking and growing, on a map with sharp and smooth parts."""
+    import torch
+    import torch.nn.functional as F
+
+    from promptad.postprocess import resize_map
+
+    rng = np.random.default_rng(0)
+    amap = rng.gamma(2.0, 1.0, (256, 256)).astype(np.float32)
+    amap[100:110, 30:200] += 40.0
+    want = F.interpolate(torch.from_numpy(amap)[None, None], size=shape, mode="bilinear",
+                         align_corners=False)[0, 0].numpy()
+    got = resize_map(amap, shape)
+    assert got.dtype == np.float32 and got.shape == shape
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+
+
+def test_cpu_stages_never_import_torch():
+    """Score's read and commit tasks, and the driver's plan, run in processes that must not import
+    torch (seconds of start-up and ~0.3 GiB per worker): only the model actor needs it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import promptad.score.command, promptad.postprocess, promptad.actors;"
+            " assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -25,10 +25,13 @@ Decisions other modules rely on:
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's default MAX_IMAGE_PIXELS (a 0.25 GiB RGB budget)
 
@@ -161,7 +164,10 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 
 def to_tensor(batch: np.ndarray) -> torch.Tensor:
-    """(N, S, S, 3) uint8 -> float32 (N, 3, S, S) in [0, 1], the model input convention."""
+    """(N, S, S, 3) uint8 -> float32 (N, 3, S, S) in [0, 1], the model input convention. (torch is
+    imported here, not above: read tasks decode images and never need it.)"""
+    import torch
+
     if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
         raise ValueError(f"expected uint8 (N, H, W, 3), got {batch.dtype} {batch.shape}")
     t = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)

@@ -181,7 +181,7 @@ def read_manifest(uri: str) -> dict:
 
 def read_calibration(manifest: dict) -> dict[str, Calibration]:
     """Per-category calibration from a manifest, without loading weights (score's CPU tasks need only this)."""
-    from promptad.models.model import Calibration
+    from promptad.models.calibration import Calibration
 
     out = {}
     for c, cal in manifest["calibration"].items():

@@ -41,7 +41,7 @@ from promptad.score.plan import Plan, make_plan
 from promptad.score.progress import Progress, Summary
 
 if TYPE_CHECKING:
-    from promptad.models.model import Calibration
+    from promptad.models.calibration import Calibration
 
 INPUT_COLUMNS = ["image_id", "path", "category", "source_version"]  # what the pipeline gets of the plan
 _RESULT_FIELDS = ("score", "score_norm", "is_anomalous", "threshold", "map_png", "map_height", "map_width",
