@@ -97,6 +97,13 @@ def test_overall_verdict_lists_the_categories_that_miss():
     assert bad["rates"]["false_alarm_ci"][1] == pytest.approx(0.50984, abs=1e-5)
     go = overall_verdict({"a": good, "b": good}, targets)
     assert go["decision"] == GO and go["failed"] == [] and go["summary"].startswith("GO:")
+    # a GO on false alarms alone still says, in the same line, what the threshold catches
+    assert "a catches 10 of 10 defective images (100.0 %), 0 false alarms of 10 normal images" in go["summary"]
+    assert go["summary"].endswith("(recall was not a target).")
+    blind = decision_summary(np.r_[np.full(10, 0.1), np.full(10, 0.3)], np.r_[np.zeros(10), np.ones(10)], 0.5,
+                             None, targets)
+    assert overall_verdict({"a": blind}, targets)["decision"] == GO
+    assert "a catches 0 of 10 defective images (0 %)" in overall_verdict({"a": blind}, targets)["summary"]
     no = overall_verdict({"a": good, "b": bad}, targets)
     assert no["decision"] == NO_GO and no["failed"] == ["b"]
     assert no["summary"].startswith("NO-GO: 1 of 2") and "b: false alarms 2/10" in no["summary"]

@@ -176,6 +176,21 @@ def decision_summary(scores: np.ndarray, labels: np.ndarray, threshold: float,
     return out
 
 
+def at_threshold(categories: dict[str, dict], targets: Targets) -> str:
+    """What the deployed threshold does, per category, in the GO line itself: a GO on a false-alarm
+    target alone once sat above a model that caught 0 of 32 cracks (cookie, one odd normal photo
+    setting the threshold), so the rate nobody targeted is said as loudly as the one that passed."""
+    parts = []
+    for name, cat in categories.items():
+        r = cat["rates"]
+        recall = (f"catches {r['tp']} of {r['anomalous']} defective images ({percent(r['recall'])})"
+                  if r["anomalous"] else "no defective images audited (recall not measured)")
+        alarms = f"{r['fp']} false alarms of {r['normal']} normal images"
+        parts.append(f"{name} {recall}, {alarms}")
+    untargeted = " (recall was not a target)" if targets.min_recall is None else ""
+    return "at the deployed threshold " + "; ".join(parts) + untargeted
+
+
 def overall_verdict(categories: dict[str, dict], targets: Targets) -> dict:
     """The go / no-go line: "go" when every category meets every target, "no-go" when any
     misses one (those are listed), "not judged" without targets."""
@@ -193,7 +208,7 @@ def overall_verdict(categories: dict[str, dict], targets: Targets) -> dict:
     wanted = " and ".join(asked) + " at 95 % confidence"
     if not failed:
         return {"decision": GO, "failed": [],
-                "summary": f"GO: every category shows {wanted}."}
+                "summary": f"GO: every category shows {wanted}; {at_threshold(categories, targets)}."}
     reasons = "; ".join(
         f"{name}: " + ", ".join(c["reason"] for c in categories[name]["verdict"]["checks"]
                                 if not c["passed"])
