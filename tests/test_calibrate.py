@@ -195,10 +195,14 @@ def test_lone_threshold_by_hand():
     assert not lone_threshold(np.array([0.0, 5.0], np.float32), 5.0), "two images: no 'rest' to compare"
 
 
-def test_calibration_names_the_normal_image_its_threshold_rests_on():
+def test_one_outlier_among_the_normals_does_not_set_the_threshold():
     """A defective image among 12 normals: held out, nothing in the bank is like it, so its score
-    is far above the others', and with 12 images it is the threshold. Calibration names it; the
-    same normals without it get no such warning."""
+    is far above the others', and with 12 images the conformal rule would make it the threshold
+    (every defect less odd than it would pass). Calibration passes it over: the threshold is the
+    next highest held-out score, promising 2/13 false alarms instead of 1/13, and the warning names
+    the outlier. The same normals without it keep the highest score and get no such warning."""
+    from promptad.fit.calibrate import _fused, calibrate_category, held_out_components
+
     images = _images(12, 0)
     images[7, 20:44, 20:44] = 0  # a large dark blotch
     names = [f"train/good/{i:03d}.png" for i in range(12)]
@@ -206,13 +210,18 @@ def test_calibration_names_the_normal_image_its_threshold_rests_on():
                            TrainConfig(epochs=0), log=None)
     # fit_in_process passes no names: the image is named by its position
     assert any("training image #7" in w for w in model.calibration["tile"].stats["warnings"])
-    from promptad.fit.calibrate import calibrate_category
-
-    cal = calibrate_category(model, "tile", extract(model, images), trained=False, names=names)
-    assert cal.stats["threshold_image"] == "train/good/007.png"
-    lone = [w for w in cal.stats["warnings"] if "rests on one normal image" in w]
-    assert len(lone) == 1 and "train/good/007.png" in lone[0] and "if it is defective remove it" in lone[0]
+    feats = extract(model, images)
+    cal = calibrate_category(model, "tile", feats, trained=False, names=names)
+    held = np.sort(_fused(model, held_out_components(model, "tile", feats), "tile")["scores"].numpy())
+    assert held[-1] > 3 * held[-2], held  # the blotch's own held-out score stands apart
+    assert cal.image_threshold == pytest.approx(float(held[-2]), rel=1e-6)
+    assert cal.stats["image_fpr_promised"] == pytest.approx(2 / 13)
+    assert cal.stats["passed_over_image"] == "train/good/007.png" and cal.stats["threshold_image"] != names[7]
+    lone = [w for w in cal.stats["warnings"] if "does not set the threshold" in w]
+    assert len(lone) == 1 and "train/good/007.png" in lone[0] and "if it is defective leave it out" in lone[0]
+    assert any("is their second highest score, which promises 15.4%" in w for w in cal.stats["warnings"])
     clean = fit_in_process({"tile": _images(12, 0)}, ModelConfig(backbone="effnet-lite0", input_size=SIZE),
                            TrainConfig(epochs=0), log=None).calibration["tile"]
-    assert not any("rests on one normal image" in w for w in clean.stats["warnings"]), clean.stats["warnings"]
+    assert not any("does not set the threshold" in w for w in clean.stats["warnings"]), clean.stats["warnings"]
+    assert clean.stats["passed_over_image"] is None and clean.stats["image_fpr_promised"] == pytest.approx(1 / 13)
     assert any("cannot support a 1.0% false-alarm target" in w for w in clean.stats["warnings"])
