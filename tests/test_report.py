@@ -270,6 +270,8 @@ def test_html_report_has_the_verdict_rates_and_the_dicts_numbers(tmp_path):
                 expected = cat["calibration"][field]
             if field == "threshold_rule":
                 assert text == "not recorded in the artifact"
+            elif expected is None:
+                assert text == "n/a", cell
             elif isinstance(expected, float) and math.isinf(expected):
                 assert text.startswith("above every normal score")
             else:

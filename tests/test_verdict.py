@@ -30,10 +30,11 @@ def ten_and_ten(flag_normals: int = 0, catch: int = 10) -> tuple[np.ndarray, np.
 def test_calibration_record_reads_old_and_new_artifacts():
     old = calibration_record({"n_normal": 5, "image_fpr_target": 0.01, "synthetic_image_auroc": 0.9})
     assert old == {"image_fpr_target": 0.01, "n_normal": 5, "image_fpr_achievable": pytest.approx(1 / 6),
-                   "threshold_rule": None, "warnings": None}
-    new = calibration_record({"n_normal": 400, "image_fpr_target": 0.01,
+                   "threshold_rule": None, "warnings": None, "image_fpr_promised": None, "passed_over_image": None}
+    new = calibration_record({"n_normal": 400, "image_fpr_target": 0.01, "image_fpr_promised": 0.00998,
                               "image_fpr_achievable": 0.0025, "threshold_rule": "order statistic",
                               "warnings": ["few normals"]})
+    assert new["image_fpr_promised"] == 0.00998
     assert new["image_fpr_achievable"] == 0.0025 and new["threshold_rule"] == "order statistic"
     assert new["warnings"] == ["few normals"]
     junk = calibration_record({"n_normal": "many", "image_fpr_target": None, "warnings": "x"})
@@ -108,6 +109,21 @@ def test_overall_verdict_lists_the_categories_that_miss():
     assert no["decision"] == NO_GO and no["failed"] == ["b"]
     assert no["summary"].startswith("NO-GO: 1 of 2") and "b: false alarms 2/10" in no["summary"]
     assert overall_verdict({"a": good}, Targets())["decision"] == NOT_JUDGED
+
+
+def test_promise_line_puts_what_the_threshold_does_beside_what_it_promised():
+    """audit prints, per category, recall and false alarms at the deployed threshold next to the
+    promise the calibration made, from 4 normals here: 20 %, never 'the 1 % target'."""
+    from promptad.audit.verdict import promise_line
+
+    cat = decision_summary(*ten_and_ten(flag_normals=1, catch=7), 0.5,
+                           {"n_normal": 4, "image_fpr_target": 0.01, "image_fpr_promised": 0.2}, Targets())
+    line = promise_line("tile", cat)
+    assert line == ("tile: at the deployed threshold it catches 7 of 10 defective images (70.0 %) and flags 1 of 10 "
+                    "normal images (10.0 %, 95 % up to 40.4 %); calibrated on 4 normal images, it promised at most "
+                    "20.0 % false alarms"), line
+    old = decision_summary(*ten_and_ten(), 0.5, None, Targets())
+    assert promise_line("tile", old).endswith("the artifact records no promise (older format)")
 
 
 def test_decision_summary_what_if_rows():

@@ -54,7 +54,7 @@ import numpy as np
 
 from promptad.audit.results import CSV_COLUMNS, CategoryResults, ConditionResults, build_report, fold
 from promptad.audit.stages import CLEAN, LOAD_CPUS, RENDER_CPUS, dataset, model_actors
-from promptad.audit.verdict import NO_GO, Targets
+from promptad.audit.verdict import NO_GO, Targets, promise_line
 from promptad.data import storage
 from promptad.data.datasets import NORMAL_DEFECT, Sample, load_samples
 from promptad.data.shifts import parse_shifts
@@ -200,5 +200,6 @@ def _print_summary(report: dict, report_dir: Path) -> None:
                  f"report: {report_dir / 'report.html'}")
     for name, cat in report["categories"].items():
         lines += [f"warning: {name}: {w}" for w in cat.get("warnings", [])]
+    lines += [f"threshold: {promise_line(name, cat)}" for name, cat in report["categories"].items()]
     lines.append(f"verdict: {report['verdict']['summary']}")
     print("\n".join(lines))

@@ -82,6 +82,9 @@ def calibration_record(stats: dict | None) -> dict:
     raw_warnings = stats.get("warnings")
     return {
         "image_fpr_target": _number(stats.get("image_fpr_target")),
+        # what the threshold promises for new normal images (conformal; None in older artifacts)
+        "image_fpr_promised": _number(stats.get("image_fpr_promised")),
+        "passed_over_image": stats.get("passed_over_image"),
         "n_normal": n,
         "image_fpr_achievable": achievable,
         "threshold_rule": str(rule) if rule else None,
@@ -174,6 +177,21 @@ def decision_summary(scores: np.ndarray, labels: np.ndarray, threshold: float,
         out["what_if"] = [{**recall_at_fpr(scores, labels, f),
                            "resolvable": rates["normal"] * f >= 1.0} for f in WHAT_IF_FPRS]
     return out
+
+
+def promise_line(name: str, cat: dict) -> str:
+    """One category's deployed threshold in one sentence: what it catches, the false alarms it
+    raised, and beside them what its calibration promised (printed by audit with or without targets)."""
+    r, cal = cat["rates"], cat.get("calibration") or {}
+    caught = (f"catches {r['tp']} of {r['anomalous']} defective images ({percent(r['recall'])})"
+              if r["anomalous"] else "no defective images audited")
+    alarms = (f"flags {r['fp']} of {r['normal']} normal images ({percent(r['false_alarm_rate'])}, 95 % up to "
+              f"{percent(r['false_alarm_ci'][1])})" if r["normal"] else "no normal images audited")
+    promised = cal.get("image_fpr_promised")
+    n = cal.get("n_normal")
+    promise = (f"; calibrated on {n} normal images, it promised at most {percent(promised)} false alarms"
+               if promised is not None and n is not None else "; the artifact records no promise (older format)")
+    return f"{name}: at the deployed threshold it {caught} and {alarms}{promise}"
 
 
 def at_threshold(categories: dict[str, dict], targets: Targets) -> str:

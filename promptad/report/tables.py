@@ -119,12 +119,14 @@ def calibration_table(report: dict) -> str:
             continue
         th = cat.get("thresholds", {})
         n = cal.get("n_normal")
+        rates = cat.get("rates") or {}
+        measured = percent(rates["false_alarm_rate"]) if rates.get("normal") else "n/a"
         cells = [fmt_threshold(th.get("image")), fmt_threshold(th.get("pixel")),
                  percent(cal.get("image_fpr_target")), "n/a" if n is None else str(n),
-                 percent(cal.get("image_fpr_achievable")),
+                 percent(cal.get("image_fpr_achievable")), percent(cal.get("image_fpr_promised")), measured,
                  esc(cal.get("threshold_rule") or "not recorded in the artifact")]
         fields = ("image_threshold", "pixel_threshold", "image_fpr_target", "n_normal",
-                  "image_fpr_achievable", "threshold_rule")
+                  "image_fpr_achievable", "image_fpr_promised", "false_alarm_rate", "threshold_rule")
         rows.append(f"<tr><td>{esc(name)}</td>" + "".join(
             f'<td data-category="{esc(name)}" data-field="{f}">{c}</td>'
             for f, c in zip(fields, cells)) + "</tr>")
@@ -133,7 +135,8 @@ def calibration_table(report: dict) -> str:
     return ('<section id="calibration"><h2>What the deployed thresholds were calibrated for'
             '</h2><table class="calibration"><tr><th>category</th><th>image threshold</th>'
             "<th>pixel threshold</th><th>target false-alarm rate</th><th>calibration normals</th>"
-            "<th>smallest supportable rate</th><th>rule</th></tr>" + "".join(rows)
+            "<th>smallest supportable rate</th><th>promised false-alarm rate</th>"
+            "<th>measured here</th><th>rule</th></tr>" + "".join(rows)
             + "</table></section>")
 
 
