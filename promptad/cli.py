@@ -20,6 +20,7 @@ from promptad.errors import UserError
 
 # learning.training.TrainConfig's defaults, restated so that `--help` needs no torch import
 # (tests/test_user_errors.py checks they agree): what quality.py measures is what fit runs
+FALSE_ALARM_RATE = 0.01  # fit's default target: calibrate.IMAGE_FPR, without importing torch here
 TRAIN_EPOCHS = 20
 TRAIN_BATCH = 16
 
@@ -42,6 +43,7 @@ _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _non_negative_float = _checked(float, lambda v: v >= 0, "a number >= 0")
 _positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a number > 0")
 _rate = _checked(float, lambda v: 0.0 <= v <= 1.0, "a rate in [0, 1] (e.g. 0.01 for 1 %)")
+_open_rate = _checked(float, lambda v: 0.0 < v < 1.0, "a rate between 0 and 1 (e.g. 0.01 for 1 %)")
 
 
 def _categories(text: str) -> list[str]:
@@ -174,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="coresets whose union makes each memory bank: more draws give distances closer to "
                         "the full bank's, at K x the coreset time and about K x the bank (slower scoring); "
                         "1 is plain PatchCore (default: %(default)s)")
+    f.add_argument("--false-alarm-rate", type=_open_rate, default=FALSE_ALARM_RATE, metavar="RATE",
+                   help="false-alarm rate on normal images the image threshold is calibrated for (held-out "
+                        "normals; with fewer than 1/RATE - 1 of them it cannot be met, and the fit says what the "
+                        "threshold promises instead) (default: %(default)s)")
     f.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of the data order, synthetic anomalies and initialization (default: %(default)s)")
     # Advanced: a smaller model input than the backbone's default (quick tests and benchmarks).

@@ -220,8 +220,25 @@ def test_one_outlier_among_the_normals_does_not_set_the_threshold():
     lone = [w for w in cal.stats["warnings"] if "does not set the threshold" in w]
     assert len(lone) == 1 and "train/good/007.png" in lone[0] and "if it is defective leave it out" in lone[0]
     assert any("is their second highest score, which promises 15.4%" in w for w in cal.stats["warnings"])
-    clean = fit_in_process({"tile": _images(12, 0)}, ModelConfig(backbone="effnet-lite0", input_size=SIZE),
-                           TrainConfig(epochs=0), log=None).calibration["tile"]
+    clean_model = fit_in_process({"tile": _images(12, 0)}, ModelConfig(backbone="effnet-lite0", input_size=SIZE),
+                                 TrainConfig(epochs=0), log=None)
+    clean = clean_model.calibration["tile"]
     assert not any("does not set the threshold" in w for w in clean.stats["warnings"]), clean.stats["warnings"]
     assert clean.stats["passed_over_image"] is None and clean.stats["image_fpr_promised"] == pytest.approx(1 / 13)
+    # another target (fit --false-alarm-rate): 12 held-out scores, k = ceil(13 x 0.75) = 10, promising 3/13
+    feats = extract(clean_model, _images(12, 0))
+    held = np.sort(_fused(clean_model, held_out_components(clean_model, "tile", feats), "tile")["scores"].numpy())
+    at_25 = calibrate_category(clean_model, "tile", feats, trained=False, image_fpr=0.25)
+    assert at_25.image_threshold == pytest.approx(float(held[9]), rel=1e-6)
+    assert at_25.stats["image_fpr_promised"] == pytest.approx(3 / 13) and at_25.stats["image_fpr_target"] == 0.25
     assert any("cannot support a 1.0% false-alarm target" in w for w in clean.stats["warnings"])
+
+
+def test_fit_flag_default_is_the_calibration_default():
+    """cli keeps its own copy of the target (it must not import torch): the two stay one number."""
+    from promptad.cli import FALSE_ALARM_RATE, build_parser
+    from promptad.fit.calibrate import IMAGE_FPR
+
+    assert FALSE_ALARM_RATE == IMAGE_FPR
+    args = build_parser().parse_args(["fit", "--data", "d", "--category", "c", "--out", "o"])
+    assert args.false_alarm_rate == IMAGE_FPR

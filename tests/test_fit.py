@@ -805,9 +805,12 @@ def test_a_one_image_category_cannot_poison_the_ray_fit(ray_local, tmp_path, cap
     make_category(root, "tile", 8, seed=1)
     make_category(root, "wood", 1, seed=2)
     summary = fit.run(fit_args(str(root), str(tmp_path / "model"), "--storage", str(tmp_path / "ckpt"),
-                               "--epochs", "2", "--workers", "1"))
+                               "--epochs", "2", "--workers", "1", "--false-alarm-rate", "0.5"))
     out = capsys.readouterr().out
     assert re.search(r"^fit: warning: wood: only 1 readable normal image.*left out of training", out, re.M), out
+    # --false-alarm-rate reaches the calibration tasks: 8 held-out normals, k = ceil(9 x 0.5) = 5, promising 4/9
+    assert re.search(r"^fit: tile: image threshold [0-9.]+ from 8 held-out normal images, promising at most "
+                     r"44\.4% false alarms \(target 50\.0%\)$", out, re.M), out
     assert out.index("fit: warning: wood: only 1") < out.index("fit: training on")
     model = load_artifact(summary.artifact)
     assert non_finite(dict(model.trainable.state_dict())) == []

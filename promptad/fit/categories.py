@@ -58,6 +58,7 @@ class CategoryTasks:
             model_cfg, feats, ok, paths, run_dir, done, clock
         self.seed, self.was_trained, self.views = args.seed, args.epochs > 0, TrainConfig.views
         self.gpus, self.cpus = args.gpus_per_worker, cpus
+        self.image_fpr = args.false_alarm_rate
         self.heads = set(heads)  # the categories whose rows train the head (pipeline.head_categories)
         self.device = stages.device_for(args.gpus_per_worker)
         self.memory_refs: dict[str, tuple[Any, Any]] = {}  # built in this run: (memory, report)
@@ -156,7 +157,8 @@ class CategoryTasks:
             with_head = self.was_trained and c in self.heads
             choice = done.map_choice.get(c, {}) if with_head else {}
             cal, report = task.remote(self.model_cfg, trained, with_head, scales, choice, c, self._memory(c),
-                                      self.device, threads, [self.paths[i] for i in self.ok[c]], *self._rows(c))
+                                      self.device, threads, [self.paths[i] for i in self.ok[c]], self.image_fpr,
+                                      *self._rows(c))
             self.pending[cal] = ("calibration", c, report)
         if need:
             self._announce("calibrating", need, threads)

@@ -28,7 +28,7 @@ from promptad.data.datasets import Sample
 from promptad.data.images import decode_image, resize
 from promptad.data.shifts import tolerated_views
 from promptad.errors import UserError
-from promptad.fit.calibrate import calibrate_category
+from promptad.fit.calibrate import IMAGE_FPR, calibrate_category
 from promptad.learning.evidence import MIN_IMAGES, Evidence, category_evidence
 from promptad.learning.mixing import choose_map
 from promptad.learning.training import (
@@ -175,10 +175,11 @@ def evidence_shard(model: PromptAD, evidence: dict[str, Evidence]) -> Shard:
 def fit_in_process(images: dict[str, np.ndarray], model_cfg: ModelConfig, train_cfg: TrainConfig,
                    device: str = "cpu", log: Callable[[str], None] | None = print,
                    timings: dict[str, float] | None = None,
-                   tolerated: dict[str, np.ndarray] | None = None) -> PromptAD:
+                   tolerated: dict[str, np.ndarray] | None = None, image_fpr: float = IMAGE_FPR) -> PromptAD:
     """Features, memory, training and calibration on normal images per category, in this process.
     `timings`, when given, receives the seconds of each step; `tolerated` per category, the
-    (N, T, S, S, 3) views of load_tolerated (`promptad fit --tolerate`)."""
+    (N, T, S, S, 3) views of load_tolerated (`promptad fit --tolerate`); `image_fpr`, the
+    false-alarm target of the image threshold (`promptad fit --false-alarm-rate`)."""
     clock = timings if timings is not None else {}
     torch.manual_seed(train_cfg.seed)
     model_cfg.categories = sorted(images)
@@ -215,6 +216,7 @@ def fit_in_process(images: dict[str, np.ndarray], model_cfg: ModelConfig, train_
     t = time.perf_counter()
     for c in model.categories:
         trained = train_cfg.epochs > 0 and c in heads
-        check_calibration(c, calibrate_category(model, c, feats[c], trained=trained, tolerated=extra.get(c)))
+        check_calibration(c, calibrate_category(model, c, feats[c], trained=trained, image_fpr=image_fpr,
+                                                tolerated=extra.get(c)))
     clock["calibration"] = time.perf_counter() - t
     return model

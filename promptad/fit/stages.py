@@ -326,12 +326,13 @@ def category_evidence_rows(model_cfg: dict[str, Any], seed: int, views: int, dev
 
 def category_calibration(model_cfg: dict[str, Any], trained: dict[str, torch.Tensor], was_trained: bool,
                          head_scales: Sequence[float], map_choice: dict, category: str, memory, device: str, threads: int,
-                         names: list[str], picks: list[tuple[int, int]], *tables):
+                         names: list[str], image_fpr: float, picks: list[tuple[int, int]], *tables):
     """Ray task: one category's calibration (calibrate.calibrate_category) with the trainable
     weights (`was_trained` False: the untrained ones of --epochs 0), the evidence head's input
     scales it was trained with and the map's regional weight chosen on its views (none without
     training), its memory and its rows in the order the
-    memory was built from (`names`: their paths, for its warnings); (Calibration, _report)."""
+    memory was built from (`names`: their paths, for its warnings), at the false-alarm target
+    `image_fpr`; (Calibration, _report)."""
     from promptad.fit.calibrate import calibrate_category
     from promptad.fit.pipeline import check_calibration
 
@@ -342,7 +343,7 @@ def category_calibration(model_cfg: dict[str, Any], trained: dict[str, torch.Ten
     model.calibration[category] = replace(model.calibration[category], head_scales=list(head_scales),
                                             map_choice=dict(map_choice))
     rows = take_rows(picks, *tables)
-    calibration = calibrate_category(model, category, as_features(rows), trained=was_trained,
+    calibration = calibrate_category(model, category, as_features(rows), trained=was_trained, image_fpr=image_fpr,
                                      tolerated=as_tolerated(rows), names=names)
     return check_calibration(category, calibration), _report(t0)
 
