@@ -53,6 +53,13 @@ def _categories(text: str) -> list[str]:
     return cats
 
 
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected one or more image names, comma-separated")
+    return names
+
+
 def _shift_names(text: str) -> list[str]:
     """Shift names or groups, comma-separated (as audit --shifts takes them)."""
     from promptad.data.shifts import parse_shifts
@@ -180,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="false-alarm rate on normal images the image threshold is calibrated for (held-out "
                         "normals; with fewer than 1/RATE - 1 of them it cannot be met, and the fit says what the "
                         "threshold promises instead) (default: %(default)s)")
+    f.add_argument("--exclude", type=_names, default=[], metavar="NAMES",
+                   help="training images to leave out of the fit, comma-separated: image_ids, paths, or the end "
+                        "of a path (e.g. cookie/train/good/030.png); a name that matches no training image is an "
+                        "error (default: none)")
     f.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of the data order, synthetic anomalies and initialization (default: %(default)s)")
     # Advanced: a smaller model input than the backbone's default (quick tests and benchmarks).

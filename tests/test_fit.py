@@ -294,6 +294,28 @@ def test_every_fit_flag_is_declared_to_shape_the_model_or_not():
     assert set(fit_runs.RESUME_KEYS) <= set(config)
 
 
+def test_exclude_leaves_named_images_out_and_refuses_names_that_match_nothing(data, tmp_path, capsys):
+    """--exclude takes image_ids, paths or a path's end; the kept images are the others, in order;
+    a name that matches no image, or one that empties a category, is a one-line error (before Ray)."""
+    from promptad.fit.command import _training_samples
+
+    args = fit_args(str(data), str(tmp_path / "m"), "--exclude", "tile/train/good/003.png,001.png")
+    by_cat = _training_samples(args, ["tile", "wood"])
+    out = capsys.readouterr().out
+    assert [Path(s.path).name for s in by_cat["tile"]] == \
+        [f"{i:03d}.png" for i in range(12) if i not in (1, 3)] + ["zz_truncated.png"]
+    assert [Path(s.path).name for s in by_cat["wood"]] == [f"{i:03d}.png" for i in range(12) if i != 1]
+    assert "fit: tile: left out 2 of 13 training images (--exclude)" in out
+    assert "fit: wood: left out 1 of 12 training images (--exclude)" in out
+    line = fails(["fit", "--data", str(data), "--category", "tile", "--out", str(tmp_path / "m2"),
+                  "--exclude", "003.png,nope.png"], capsys)
+    assert "--exclude nope.png: no training image of tile has that name" in line, line
+    every = ",".join(f"{i:03d}.png" for i in range(12)) + ",zz_truncated.png"
+    line = fails(["fit", "--data", str(data), "--category", "tile", "--out", str(tmp_path / "m3"),
+                  "--exclude", every], capsys)
+    assert "--exclude leaves category 'tile' without training images" in line, line
+
+
 @pytest.mark.parametrize("saved, given, expect", [
     ({"tolerate": ["noise"]}, [], "--tolerate none (run has noise)"),
     ({}, ["--tolerate", "jpeg"], "--tolerate jpeg (run has none)"),

@@ -112,7 +112,34 @@ def _training_samples(args: argparse.Namespace, categories: list[str]) -> dict[s
         if not found:
             raise UserError(f"category {cat!r} has no normal training images in {args.data}; "
                             "fit needs train/good images (or manifest rows with label 0)")
+    by_cat = _excluded(by_cat, getattr(args, "exclude", []))
     return {c: sorted(v, key=lambda s: s.image_id) for c, v in by_cat.items()}
+
+
+def named(sample: Sample, name: str) -> bool:
+    """Whether --exclude's `name` names this image: its image_id, its path, or the end of its path
+    after a "/" (cookie/train/good/030.png, 030.png)."""
+    return name in (sample.image_id, sample.path) or sample.path.endswith("/" + name.lstrip("/")) \
+        or sample.image_id.endswith("/" + name.lstrip("/"))
+
+
+def _excluded(by_cat: dict[str, list[Sample]], names: list[str]) -> dict[str, list[Sample]]:
+    """by_cat without the images --exclude names; a name that matches nothing is a typo, not a no-op,
+    and a category left with no image cannot be fitted: both are one-line errors."""
+    if not names:
+        return by_cat
+    unmatched = [n for n in names if not any(named(s, n) for v in by_cat.values() for s in v)]
+    if unmatched:
+        raise UserError(f"--exclude {', '.join(unmatched)}: no training image of "
+                        f"{', '.join(sorted(by_cat))} has that name (give an image_id, a path or its end)")
+    kept = {c: [s for s in v if not any(named(s, n) for n in names)] for c, v in by_cat.items()}
+    for c, v in kept.items():
+        if not v:
+            raise UserError(f"--exclude leaves category {c!r} without training images")
+        if len(v) < len(by_cat[c]):
+            print(f"fit: {c}: left out {len(by_cat[c]) - len(v)} of {len(by_cat[c])} training images (--exclude)",
+                  flush=True)
+    return kept
 
 
 def _rows(by_cat: dict[str, list[Sample]]) -> list[dict[str, Any]]:

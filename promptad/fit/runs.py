@@ -41,7 +41,8 @@ ROWS_FILE = "rows.json"
 # MODEL_FLAGS shape the model (trained weights, memory or calibration): run_config records them in
 # the run's flags and a resumed run must repeat them all, or it would mix two models' parts.
 MODEL_FLAGS = ("data", "category", "backbone", "input_size", "epochs", "batch_size", "seed", "workers",
-               "gpus_per_worker", "precision", "tolerate", "coreset_draws", "false_alarm_rate")
+               "gpus_per_worker", "precision", "tolerate", "coreset_draws", "false_alarm_rate",
+               "exclude")
 # ... and those that do not, with why.
 OTHER_FLAGS = {
     "out": "where the artifact is written, not what it holds",
@@ -58,7 +59,7 @@ RUN_KEY = {"category": "categories"}
 RESUME_KEYS = tuple(RUN_KEY.get(f, f) for f in MODEL_FLAGS)
 # what a run folder written before a key existed did, as that key's value (a key missing here and
 # there is not known, and such a run is not resumed)
-BEFORE_KEY = {"coreset_draws": 1, "head": "features", "tolerate": [], "false_alarm_rate": 0.01}
+BEFORE_KEY = {"coreset_draws": 1, "head": "features", "tolerate": [], "false_alarm_rate": 0.01, "exclude": []}
 HEAD = "evidence"  # the head `promptad fit` trains (ModelConfig.head_input); in the run's flags
 
 
