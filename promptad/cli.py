@@ -103,6 +103,10 @@ EXAMPLES = {
     "audit": """examples:
   promptad audit --model runs/bottle-effnet --data /data/mvtec_ad --category bottle --report runs/audit-bottle
   promptad audit --model runs/bottle-effnet --data /data/mvtec_ad --report runs/audit-shifts --shifts all""",
+    "recalibrate": """examples:
+  promptad recalibrate --model runs/cookie --out runs/cookie-5pct --false-alarm-rate 0.05
+  promptad recalibrate --model runs/cookie --out runs/cookie-v2 --exclude cookie/train/good/030.png \\
+      --add /data/cleared_false_alarms.parquet""",
     "demo": """examples:
   promptad demo
   promptad demo --data /data/mvtec_ad --category bottle --workdir runs/demo-bottle""",
@@ -251,6 +255,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "must be >= RATE, else exit 3 (default: no target)")
     common(a)
 
+    r = command("recalibrate", "re-draw a model's image thresholds without refitting",
+                "Apply the fit's threshold rule again to the held-out normal scores the model keeps: at another "
+                "false-alarm target, without named images, or with new normal images (scored by the model), and "
+                "write a new model (new model id) to --out. Memory banks and head are unchanged: to remove a "
+                "defective image's patches from the memory, refit with --exclude.")
+    r.add_argument("--model", required=True, type=_location, metavar="URI",
+                   help="model artifact to recalibrate, local or s3:// (required)")
+    r.add_argument("--out", required=True, type=_location, metavar="URI",
+                   help="artifact folder for the recalibrated model, local or s3:// (required)")
+    r.add_argument("--false-alarm-rate", type=_open_rate, default=None, metavar="RATE",
+                   help="new false-alarm target of the image threshold (default: the model's)")
+    r.add_argument("--exclude", type=_names, default=[], metavar="NAMES",
+                   help="normal images to leave out of the threshold, comma-separated: paths or their ends "
+                        "(default: none)")
+    r.add_argument("--add", type=_location, default=None, metavar="URI",
+                   help="MVTec AD root or manifest of more normal images (rows labelled 1 are left out), "
+                        "scored by the model and added to the threshold's sample (default: none)")
+    r.add_argument("--category", type=_categories, default=None, metavar="NAME[,NAME]",
+                   help="categories to recalibrate (default: every category of the model)")
+    r.add_argument("--verbose", action="store_true", help="also show library logs on the console (default: off)")
+    r.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error, keeping its exit code (default: off)")
+
     d = command("demo", "the whole flow on a generated dataset, locally",
                 "Generate a small seeded dataset (unless --data), then fit, score and audit it on one "
                 "Ray; ends by printing where the model, the scores and the report are.")
@@ -269,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"fit": "promptad.fit.command", "score": "promptad.score.command", "audit": "promptad.audit.command",
-            "demo": "promptad.demo"}
+            "recalibrate": "promptad.fit.recalibrate", "demo": "promptad.demo"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -217,6 +217,9 @@ def test_one_outlier_among_the_normals_does_not_set_the_threshold():
     assert cal.image_threshold == pytest.approx(float(held[-2]), rel=1e-6)
     assert cal.stats["image_fpr_promised"] == pytest.approx(2 / 13)
     assert cal.stats["passed_over_image"] == "train/good/007.png" and cal.stats["threshold_image"] != names[7]
+    # every held-out score is kept with its image (what `promptad recalibrate` works from)
+    assert cal.stats["held_out"]["images"] == names
+    assert np.allclose(np.sort(cal.stats["held_out"]["scores"]), held, rtol=1e-6)
     lone = [w for w in cal.stats["warnings"] if "does not set the threshold" in w]
     assert len(lone) == 1 and "train/good/007.png" in lone[0] and "if it is defective leave it out" in lone[0]
     assert any("is their second highest score, which promises 15.4%" in w for w in cal.stats["warnings"])

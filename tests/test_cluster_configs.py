@@ -18,7 +18,7 @@ from promptad.cli import build_parser
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 # jobs/<file>.py runs `promptad <command>` (train.py is `fit`, as DESIGN.md names the jobs).
-JOB_COMMANDS = {"train": "fit", "score": "score", "audit": "audit"}
+JOB_COMMANDS = {"train": "fit", "score": "score", "audit": "audit", "recalibrate": "recalibrate"}
 KUBERAY_KINDS = {"RayCluster", "RayJob", "RayCronJob"}
 
 

@@ -363,3 +363,10 @@ def load_samples(data_uri: str, categories: list[str] | None, split: str) -> lis
         f"{data_uri} is a file but not a manifest; pass a .parquet or .csv manifest "
         "or the root folder of an MVTec AD layout"
     )
+
+
+def path_named(path: str, name: str) -> bool:
+    """Whether `name` (from a flag such as fit --exclude) names the image at `path` (or with that
+    image_id): the whole of it, or its end after a "/" (cookie/train/good/030.png, 030.png)."""
+    name = name.strip()
+    return bool(name) and (path == name or path.endswith("/" + name.lstrip("/")))

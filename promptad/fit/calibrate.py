@@ -93,6 +93,66 @@ def lone_threshold(scores: np.ndarray, threshold: float, ratio: float = LONE_RAT
     return float(s.max()) - second > ratio * max(spread, 1e-6)
 
 
+def sample_warnings(scores: np.ndarray) -> list[str]:
+    """What the held-out normal scores as a whole say about the sample: one image, or images that
+    all score the same (identical or blank)."""
+    n = len(scores)
+    if n < 2:
+        return [f"only {n} normal image: it is in its own memory bank, so its score is ~0 and the "
+                "threshold flags almost everything; fit on more normal images"]
+    if float(np.ptp(scores)) <= 1e-6 * max(1.0, abs(float(scores[0]))):
+        return [f"all {n} normal images score the same held out ({float(scores[0]):.2f}): they are "
+                "identical or blank, so nothing tells normal variation from a defect and the threshold "
+                "flags almost any image that differs; fit on real, varied normal images"]
+    return []
+
+
+def image_threshold_of(scores: np.ndarray, image_fpr: float,
+                       names: Sequence[str] | None = None) -> tuple[float, dict, list[str]]:
+    """(threshold, stats, warnings) of the image threshold from held-out normal scores, one per image
+    named by `names` (None: "training image #i"): the conformal order statistic, a lone highest score
+    passed over from PASS_OVER_MIN images on, and what that promises. The stats keep every held-out
+    score with its image, so `promptad recalibrate` can apply the same rule to another target, or
+    to the scores without some images or with new ones, without refitting."""
+    scores = np.asarray(scores, dtype=np.float32).ravel()
+    n = scores.size
+    names = list(names) if names is not None else [f"training image #{i}" for i in range(n)]
+    image_threshold, promised = conformal_threshold(scores, image_fpr)
+    passed_over = None
+    lone = lone_threshold(scores, image_threshold)
+    if lone and n >= PASS_OVER_MIN:
+        passed_over = int(np.argmax(scores))
+        image_threshold, promised = float(np.partition(scores, -2)[-2]), 2.0 / (n + 1)
+    warnings = []
+    if promised > image_fpr + 1e-12:
+        need = math.ceil(1 / image_fpr) - 1
+        warnings.append(f"{n} normal images cannot support a {image_fpr:.1%} false-alarm target: the threshold "
+                        f"is their {'second ' if passed_over is not None else ''}highest score, which promises "
+                        f"{promised:.1%}; at least {need} are needed")
+    at = int(np.flatnonzero(scores == np.float32(image_threshold))[0])  # one of the scores
+    outlier = None
+    if passed_over is not None:
+        outlier = names[passed_over]
+        warnings.append(f"one normal image stands far above the rest and does not set the threshold: {outlier} "
+                        f"scores {scores[passed_over]:.2f} held out, the next highest {scores[at]:.2f} "
+                        f"(median {np.median(scores):.2f}); the threshold is that next score, so images like the "
+                        "outlier will be flagged; if it is defective leave it out of the fit, if it is a kind of "
+                        "normal image seen once add more like it")
+    elif lone:
+        warnings.append(f"the image threshold rests on one normal image, {names[at]}: held out it scores "
+                        f"{scores[at]:.2f}, the next highest {np.delete(scores, at).max():.2f} "
+                        f"(median {np.median(scores):.2f}); with under {PASS_OVER_MIN} images it is kept; "
+                        "if it is defective leave it out of the fit, if it is a kind of normal image seen once "
+                        "add more like it")
+    stats = {"n_normal": int(n), "threshold_image": names[at], "passed_over_image": outlier,
+             "image_fpr_target": image_fpr, "image_fpr_promised": promised, "image_fpr_achievable": 1.0 / (n + 1),
+             "held_out_fpr_at_threshold": float((scores >= image_threshold).mean()),
+             "threshold_rule": "conformal order statistic of leave-one-out normal scores"
+                               + ("; the highest, a lone outlier, passed over" if passed_over is not None else ""),
+             "held_out": {"images": names, "scores": [float(v) for v in scores]}}
+    return image_threshold, stats, warnings
+
+
 def _robust_z(values: torch.Tensor) -> tuple[float, float]:
     """(median, 1.4826 x median absolute deviation) of held-out normal values: the z() of models/model.py,
     a standard score that one outlying normal image among few cannot stretch (a 99th percentile of
@@ -212,50 +272,11 @@ def calibrate_category(model: PromptAD, category: str, feats: Features, trained:
     model.calibration[category] = cal
     fused = _fused(model, comps, category)
     scores, pixels = fused["scores"].numpy(), fused["pixels"].numpy()
-    image_threshold, promised = conformal_threshold(scores, image_fpr)
-    passed_over = None
-    lone = lone_threshold(scores, image_threshold)
-    if lone and n >= PASS_OVER_MIN:
-        passed_over = int(np.argmax(scores))
-        image_threshold, promised = float(np.partition(scores.astype(np.float32), -2)[-2]), 2.0 / (n + 1)
+    image_threshold, image_stats, image_warnings = image_threshold_of(scores, image_fpr, names)
     pixel_threshold, _ = conformal_threshold(pixels, pixel_fpr)
-    warnings = []
-    if n < 2:
-        warnings.append(f"only {n} normal image: it is in its own memory bank, so its score is ~0 and the "
-                        "threshold flags almost everything; fit on more normal images")
-    if n >= 2 and float(np.ptp(scores)) <= 1e-6 * max(1.0, abs(float(scores[0]))):
-        warnings.append(f"all {n} normal images score the same held out ({float(scores[0]):.2f}): they are "
-                        "identical or blank, so nothing tells normal variation from a defect and the threshold "
-                        "flags almost any image that differs; fit on real, varied normal images")
-    if promised > image_fpr + 1e-12:
-        need = math.ceil(1 / image_fpr) - 1
-        warnings.append(f"{n} normal images cannot support a {image_fpr:.1%} false-alarm target: the threshold "
-                        f"is their {'second ' if passed_over is not None else ''}highest score, which promises "
-                        f"{promised:.1%}; at least {need} are needed")
-    at = int(np.flatnonzero(scores.astype(np.float32) == np.float32(image_threshold))[0])  # one of the scores
-    name = names[at] if names is not None else f"training image #{at}"
-    outlier = None
-    if passed_over is not None:
-        outlier = names[passed_over] if names is not None else f"training image #{passed_over}"
-        warnings.append(f"one normal image stands far above the rest and does not set the threshold: {outlier} "
-                        f"scores {scores[passed_over]:.2f} held out, the next highest {scores[at]:.2f} "
-                        f"(median {np.median(scores):.2f}); the threshold is that next score, so images like the "
-                        "outlier will be flagged; if it is defective leave it out of the fit, if it is a kind of "
-                        "normal image seen once add more like it")
-    elif lone:
-        warnings.append(f"the image threshold rests on one normal image, {name}: held out it scores "
-                        f"{scores[at]:.2f}, the next highest {np.delete(scores, at).max():.2f} "
-                        f"(median {np.median(scores):.2f}); with under {PASS_OVER_MIN} images it is kept; "
-                        "if it is defective leave it out of the fit, if it is a kind of normal image seen once "
-                        "add more like it")
-    stats = {"n_normal": int(n), "threshold_image": name, "passed_over_image": outlier,
-             "image_fpr_target": image_fpr, "image_fpr_promised": promised,
-             "image_fpr_achievable": 1.0 / (n + 1), "pixel_fpr_target": pixel_fpr,
-             "held_out_fpr_at_threshold": float((scores >= image_threshold).mean()),
-             "threshold_rule": "conformal order statistic of leave-one-out normal scores"
-                               + ("; the highest, a lone outlier, passed over" if passed_over is not None else ""),
+    stats = {**image_stats, "pixel_fpr_target": pixel_fpr,
              "tolerated_views": 0 if tolerated is None else len(tolerated) // n,
-             "warnings": warnings}
+             "warnings": sample_warnings(scores) + image_warnings}
     cal = replace(cal, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
                   image_center=float(np.median(scores)), pixel_center=float(np.median(pixels)), stats=stats)
     model.calibration[category] = cal

@@ -58,7 +58,7 @@ import torch
 
 from promptad import console
 from promptad.data import storage
-from promptad.data.datasets import Sample, load_samples
+from promptad.data.datasets import Sample, load_samples, path_named
 from promptad.errors import UserError
 from promptad.fit import runs, stages
 from promptad.fit.categories import PAUSE_ENV, CategoryTasks, task_cpus  # noqa: F401 - PAUSE_ENV: tests
@@ -117,10 +117,8 @@ def _training_samples(args: argparse.Namespace, categories: list[str]) -> dict[s
 
 
 def named(sample: Sample, name: str) -> bool:
-    """Whether --exclude's `name` names this image: its image_id, its path, or the end of its path
-    after a "/" (cookie/train/good/030.png, 030.png)."""
-    return name in (sample.image_id, sample.path) or sample.path.endswith("/" + name.lstrip("/")) \
-        or sample.image_id.endswith("/" + name.lstrip("/"))
+    """Whether --exclude's `name` names this image: its image_id or its path (datasets.path_named)."""
+    return path_named(sample.image_id, name) or path_named(sample.path, name)
 
 
 def _excluded(by_cat: dict[str, list[Sample]], names: list[str]) -> dict[str, list[Sample]]:
