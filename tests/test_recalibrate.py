@@ -23,6 +23,10 @@ def test_new_target_exclude_and_add_by_hand(tiny_artifact, tmp_path, capsys):
     held = before["calibration"]["tile"]["stats"]["held_out"]
     names, scores = held["images"], np.asarray(held["scores"], np.float32)
     assert len(names) == len(scores) == 4
+    # a 4-image fit says what its threshold can promise: 1/5, not the 1 % target
+    assert before["calibration"]["tile"]["stats"]["image_fpr_promised"] == pytest.approx(1 / 5)
+    assert any(w.startswith("4 normal images cannot support a 1.0% false-alarm target: the threshold is their "
+                            "highest score, which promises 20.0%") for w in before["calibration"]["tile"]["stats"]["warnings"])
 
     # another target: k = ceil(5 x 0.5) = 3, the third smallest of 4, promising 2/5
     out = tmp_path / "half"
