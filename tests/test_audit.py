@@ -299,6 +299,9 @@ def test_pixel_metrics_equal_an_independent_in_process_computation(tiny, audited
         threshold = report["categories"][cat]["thresholds"]["pixel"]
         assert got["pixel_f1"] == pytest.approx(
             skm.f1_score(truth, values >= threshold, zero_division=0), abs=1e-3)
+        precision, recall, _ = skm.precision_recall_curve(truth, values)
+        best = np.max(2 * precision * recall / np.maximum(precision + recall, 1e-12))
+        assert got["pixel_f1"] - 1e-3 <= got["pixel_f1_max"] == pytest.approx(best, abs=2e-2)
         assert got["aupro"] == pytest.approx(aupro_brute_force(maps, masks), abs=1e-3)
 
 

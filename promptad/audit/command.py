@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(report: dict, report_dir: Path) -> None:
-    cols = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "f1", "pixel_f1")
+    cols = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "f1", "pixel_f1", "pixel_f1_max")
     lines = [f"{'category':<16}{'condition':<13}" + "".join(f"{c:>13}" for c in cols)]
     for name, cat in report["categories"].items():
         rows = [(CLEAN, cat["clean"])] + list(cat["shifts"].items())

@@ -66,6 +66,9 @@ class ConditionResults:
         out["aupro"] = self.aupro.compute()
         # 0.5 is cal.pixel_threshold after to_unit; above 1 nothing is flagged (uncalibrated)
         out["pixel_f1"] = self.pixel.f1_at(0.5 if math.isfinite(cal.pixel_threshold) else 2.0)["f1"]
+        # beside it the best case (the threshold chosen on these masks, never deployed): how much
+        # of the attainable F1 the deployed pixel threshold, set on normal images only, reaches
+        out["pixel_f1_max"] = self.pixel.f1_max()[0]
         return out
 
 

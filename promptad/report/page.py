@@ -159,7 +159,8 @@ GLOSSARY = (
     ("image_f1_max", "the best F1 over all thresholds as the literature reports it; its "
                      "threshold is chosen on the audited labels and is never deployed."),
     ("precision, recall, f1, accuracy", "image decisions at the deployed threshold; pixel_f1 "
-                                        "at the deployed pixel threshold."),
+                                        "at the deployed pixel threshold, pixel_f1_max at the best "
+                                        "threshold for these masks (never deployed)."),
     ("change under a shift", "shifted minus clean; drops of {large_drop:.2f} or more are "
                              "highlighted."),
     ("target false-alarm rate, calibration normals", "what the threshold was calibrated for and "

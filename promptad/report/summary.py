@@ -42,8 +42,8 @@ Report dict (what `write_report_json` stores and `page.write_html_report` render
 
 METRIC is one of `METRICS`: image_auroc, pixel_auroc, aupro, image_f1_max,
 image_f1_max_threshold (a score, not a quality: it has no drop), precision, recall, f1,
-accuracy (image level at the deployed threshold) and pixel_f1 (at the deployed pixel
-threshold). A metric that cannot be computed (one class only, no masks) is NaN in memory and
+accuracy (image level at the deployed threshold), pixel_f1 (at the deployed pixel
+threshold) and pixel_f1_max (the best pixel F1 over thresholds, chosen on the audited masks). A metric that cannot be computed (one class only, no masks) is NaN in memory and
 null in JSON. "overall" is the macro mean over categories (`overall_summary`), as in the
 MVTec AD literature. `metrics.image_summary` and `metrics.per_defect` produce the image parts.
 Shifts keep the order they were asked for, everywhere.
@@ -60,7 +60,7 @@ import numpy as np
 from promptad.metrics.image import binary_stats, pr_curve, roc_curve
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "image_f1_max_threshold",
-           "precision", "recall", "f1", "accuracy", "pixel_f1")
+           "precision", "recall", "f1", "accuracy", "pixel_f1", "pixel_f1_max")
 THRESHOLD_METRICS = frozenset({"image_f1_max_threshold"})
 
 
