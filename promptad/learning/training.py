@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from promptad.learning import losses
 from promptad.learning.feature_anomalies import add_anomalies
-from promptad.models.backbones import Features
 
 MIN_EPOCH_SAMPLES = 256  # an epoch visits at least this many samples (cycling a small category)
 
@@ -164,11 +163,6 @@ def shard_from_evidence(rows: Sequence, categories: Sequence[str], pos_weight: f
     return Shard(torch.cat([r.inputs for r in rows]), tokens,
                  [c for r, c in zip(rows, categories) for _ in range(len(r))],
                  masks=torch.cat([r.masks for r in rows]), pos_weight=pos_weight)
-
-
-def shard_from_features(model, feats: Features, categories: Sequence[str]) -> Shard:
-    return Shard(model.local_features(feats).half(), None if feats.tokens is None else feats.tokens.half(),
-                 list(categories))
 
 
 def epoch_order(n: int, steps: int, batch_size: int, seed: int, epoch: int, rank: int) -> np.ndarray:
