@@ -212,7 +212,7 @@ def test_superseded_rows_are_dropped_after_the_new_ones_commit(tmp_path):
     assert sorted(os.listdir(out)) == ["_tmp", "part-new.parquet", "part-old.parquet"]  # mid was emptied
     assert pq.read_table(os.path.join(out, "part-old.parquet"))["image_id"].to_pylist() == ["b"]
     assert pq.read_table(out).num_rows == 3
-    assert drop_superseded(out, newest_rows(read_rows(out, ["image_id", "scored_at"]))[1]) == 0
+    assert drop_superseded(out, newest_rows(read_rows(out, ["image_id", "scored_at"]))[1]) == []
 
 
 def test_the_current_row_is_the_latest_runs_whatever_the_workers_clocks_say(tmp_path):

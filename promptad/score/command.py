@@ -36,6 +36,7 @@ import pyarrow.fs as pafs
 from promptad.actors import INFERENCE_PRECISION, ModelActors
 from promptad.data import storage
 from promptad.models import artifact
+from promptad.score.compact import AUTO_MIN_SMALL_FILES, compact, recover
 from promptad.score.output import OUTPUT_SCHEMA, RUNS_DIR, TMP_DIR, clean_staging, commit_file, committed_files, verify  # noqa: F401 (API)
 from promptad.score.plan import Plan, make_plan
 from promptad.score.progress import Progress, Summary
@@ -274,19 +275,21 @@ def plan(model_uri: str, input_uri: str, output_uri: str) -> tuple[Plan, dict]:
 
 def score(model_uri: str, input_uri: str, output_uri: str, *, actors: int = 1, gpus_per_actor: float = 0.0,
           cpus_per_actor: float = 0.5, batch_size: int = 16, run_id: str | None = None,
-          local_ray: bool = True, address: str | None = None) -> Summary:
+          local_ray: bool = True, address: str | None = None, compact_after: bool = True) -> Summary:
     """Score every input the plan says needs it (new, changed, to retry) into `output_uri`; Ray is
     joined (raycluster.connect(address)) only when there is something to score."""
     the_plan, manifest = plan(model_uri, input_uri, output_uri)
     return execute(the_plan, model_uri, manifest, actors=actors, gpus_per_actor=gpus_per_actor,
                    cpus_per_actor=cpus_per_actor, batch_size=batch_size, run_id=run_id, local_ray=local_ray,
-                   address=address)
+                   address=address, compact_after=compact_after)
 
 
 def execute(the_plan: Plan, model_uri: str, manifest: dict, *, actors: int = 1, gpus_per_actor: float = 0.0,
             cpus_per_actor: float = 0.5, batch_size: int = 16, run_id: str | None = None,
-            local_ray: bool = True, address: str | None = None, stage_delay_s: float = 0.0) -> Summary:
-    """Run the plan: the pipeline over its todo rows, then drop superseded rows and count.
+            local_ray: bool = True, address: str | None = None, stage_delay_s: float = 0.0,
+            compact_after: bool = True) -> Summary:
+    """Run the plan: the pipeline over its todo rows, then drop superseded rows and count, then
+    (compact_after) merge small files once there are compact.AUTO_MIN_SMALL_FILES of them.
     `stage_delay_s`: seconds added to each model batch (tests of the progress line only)."""
     output_uri = the_plan.output_uri
     run_id = run_id or f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
@@ -311,8 +314,13 @@ def execute(the_plan: Plan, model_uri: str, manifest: dict, *, actors: int = 1, 
         _run_pipeline(todo, summary, model_uri, output_uri, manifest, actors=actors, gpus_per_actor=gpus_per_actor,
                       cpus_per_actor=cpus_per_actor, batch_size=batch_size, run_seq=the_plan.run_seq,
                       stage_delay_s=stage_delay_s)
+    recover(output_uri)  # a compaction a kill interrupted: finished (or rolled back) before rows are dropped
     checked = verify(the_plan.inputs, output_uri)
     summary.superseded_dropped = checked.superseded_dropped
+    if compact_after:
+        done = compact(output_uri, min_small_files=AUTO_MIN_SMALL_FILES, drop=False)
+        summary.files_compacted = done.merged
+        summary.files_written_compacted = done.targets
     storage.write_bytes(storage.join(output_uri, RUNS_DIR, f"{run_id}.json"),
                         json.dumps(asdict(summary), indent=2).encode())
     return summary
@@ -379,7 +387,8 @@ def run(args: argparse.Namespace) -> Summary | Plan:
         return the_plan
     summary = execute(the_plan, args.model, manifest, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                       cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, run_id=args.run_id,
-                      local_ray=is_local(args.address), address=args.address)
+                      local_ray=is_local(args.address), address=args.address,
+                      compact_after=not getattr(args, "no_compact", False))
     for line in summary.lines():
         print(line)
     return summary

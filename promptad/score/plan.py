@@ -156,28 +156,25 @@ def make_plan(input_uri: str, output_uri: str, model_id: str, categories: list[s
             f"images ({', '.join(sorted(storage.IMAGE_EXTENSIONS))})"
         raise UserError(f"--input {input_uri} is empty: no {what}; {_INPUT_HINT} that lists at least one image")
     current, superseded = newest_rows(rows)
-    current = current.select(["image_id", "category", "error", "source_version"]).rename_columns(
-        ["image_id", "row_category", "row_error", "row_version"])
-    current = current.append_column("row_present", pa.array([True] * current.num_rows, pa.bool_()))
-    order = pa.array(range(inputs.num_rows), pa.int64()) if inputs.num_rows else pa.array([], pa.int64())
-    joined = inputs.append_column("_order", order).join(current, "image_id", join_type="left outer")
-
-    has_row = pc.fill_null(joined["row_present"], False)
-    version = joined["source_version"]
-    error = joined["row_error"]
-    changed = pc.and_(has_row, pc.or_(_differs(joined["category"], joined["row_category"]),
-                                      pc.and_(pc.is_valid(version), _differs(version, joined["row_version"]))))
+    del rows
+    # Each input's current row, by a hash lookup of its image_id (no join: a join would copy every
+    # input column, paths included, and sort them back into listing order).
+    where = pc.index_in(inputs["image_id"], value_set=current["image_id"])
+    has_row = pc.is_valid(where)
+    row_category, error, row_version = (current[c].take(where) for c in ("category", "error", "source_version"))
+    version = inputs["source_version"]
+    changed = pc.and_(has_row, pc.or_(_differs(inputs["category"], row_category),
+                                      pc.and_(pc.is_valid(version), _differs(version, row_version))))
     read_error = pc.fill_null(pc.starts_with(error, "read:"), False)
     other_error = pc.and_(pc.is_valid(error), pc.invert(pc.fill_null(pc.starts_with(error, "category:"), False)))
     retry = pc.and_(pc.and_(has_row, pc.invert(changed)),
                     pc.or_(read_error, pc.and_(pc.is_null(version), other_error)))
     new = pc.invert(has_row)
-    todo_mask = pc.or_(pc.or_(new, changed), retry)
-    todo = joined.filter(todo_mask)
-    todo = todo.take(pc.sort_indices(todo["_order"])).select(INPUT_SCHEMA.names)
+    todo = inputs.filter(pc.or_(pc.or_(new, changed), retry))  # filter keeps the listing order
+    run_seq = next_run_seq(current)
 
     return Plan(input_uri=input_uri, output_uri=output_uri, model_id=model_id, inputs=inputs, todo=todo,
                 done=inputs.num_rows - todo.num_rows, new=_count(new), changed=_count(changed),
                 retry=_count(retry), superseded=superseded.num_rows,
                 versioned=inputs["source_version"].null_count == 0, seconds=time.monotonic() - t0,
-                run_seq=next_run_seq(rows))
+                run_seq=run_seq)
