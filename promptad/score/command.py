@@ -33,7 +33,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from promptad.actors import INFERENCE_PRECISION, ModelActors
 from promptad.data import storage
 from promptad.models import artifact
 from promptad.score.compact import AUTO_MIN_SMALL_FILES, compact, recover
@@ -152,12 +151,13 @@ class Predictor:
     audit's scorers are. `counter` (a RowCounter actor) hears of every batch scored; `delay_s`
     slows each batch down (tests of a slow stage only)."""
 
-    def __init__(self, model_uri: str, device: str, threads: int, precision: str = INFERENCE_PRECISION,
+    def __init__(self, model_uri: str, device: str, threads: int, precision: str | None = None,
                  counter=None, delay_s: float = 0.0):
+        from promptad.actors import INFERENCE_PRECISION
         from promptad.predict import load_for_worker
 
         self.model = load_for_worker(model_uri, device, threads)
-        self.precision = precision
+        self.precision = precision or INFERENCE_PRECISION
         self.counter, self.delay_s = counter, delay_s
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -302,6 +302,7 @@ def execute(the_plan: Plan, model_uri: str, manifest: dict, *, actors: int = 1, 
           f"{the_plan.changed:,} changed, {the_plan.retry:,} to retry; scoring {todo.num_rows:,} with model "
           f"{the_plan.model_id} (run {run_id}; planned in {the_plan.seconds:.1f} s)", file=sys.stderr, flush=True)
     if todo.num_rows:
+        from promptad.actors import ModelActors  # torch: only once there is something to score
         from promptad.raycluster import connect
 
         connect(address)
@@ -330,6 +331,8 @@ def _run_pipeline(todo: pa.Table, summary: Summary, model_uri: str, output_uri: 
                   actors: int, gpus_per_actor: float, cpus_per_actor: float, batch_size: int, run_seq: int,
                   stage_delay_s: float = 0.0) -> None:
     import ray
+
+    from promptad.actors import ModelActors
 
     counter = ray.remote(num_cpus=0)(RowCounter).remote()
 

@@ -129,6 +129,7 @@ class Plan:
             f"  to retry        {self.retry:>12,}   last row is a read error (or any error, without a version)",
             f"  to score        {n:>12,}   would read {read}",
             f"  superseded rows {self.superseded:>12,}   older duplicate rows, dropped when a run completes",
+            f"  planned in {self.seconds:.1f} s",
             *self.notes,
         ]
 
