@@ -178,6 +178,7 @@ def manifest_samples(uri: str, split: str | None = None) -> list[Sample]:
 # --------------------------------------------------------------------------- manifests as Arrow
 # `score` plans over millions of manifest rows: the same rules as manifest_samples, column-wise.
 _ABSOLUTE = r"^([a-zA-Z][a-zA-Z0-9+.-]*://|/)"
+_NEEDS_NORMALIZING = r"(^|/)\.\.?(/|$)|//|/$"  # a '.' or '..' segment, an empty one, a trailing '/' 
 
 
 def _text_column(column: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -224,6 +225,12 @@ def _resolve_column(base: str, paths: pa.ChunkedArray) -> pa.ChunkedArray:
     relative = pc.invert(pc.match_substring_regex(paths, _ABSOLUTE))
     if not pc.any(relative).as_py():
         return paths
+    # Most relative paths need no normalizing (no '.', '..' or empty segment): they are the base
+    # folder joined to the path, a string concatenation (a regex split took 1.7 s per million rows).
+    plain = pc.and_(relative, pc.invert(pc.match_substring_regex(paths, _NEEDS_NORMALIZING)))
+    if pc.all(pc.or_(plain, pc.invert(relative))).as_py():
+        root = storage.resolve(base, ".")
+        return pc.if_else(plain, pc.binary_join_element_wise(root, paths, "/"), paths)
     parts = pc.extract_regex(paths, r"^(?P<dir>.*/)?(?P<name>[^/]*)$")
     folders = pc.fill_null(pc.struct_field(parts, "dir"), "")
     names = pc.struct_field(parts, "name")
@@ -264,6 +271,8 @@ def manifest_table(uri: str, columns: tuple[str, ...] = ("image_id", "category")
         out[name] = _text_column(table[name]) if name in table.column_names else pa.nulls(n, pa.string())
     if "image_id" in out:
         out["image_id"] = pc.coalesce(out["image_id"], raw)
+        if pc.count_distinct(out["image_id"]).as_py() == n:  # a hash pass; value_counts only to name one
+            return pa.table(out)
         counts = pc.value_counts(out["image_id"])
         repeated = counts.filter(pc.greater(counts.field("counts"), 1))
         if len(repeated):
