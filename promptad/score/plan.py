@@ -15,24 +15,28 @@ in the output (the one of the latest run, output.newest_rows) then decides:
                                                            a `category:` error for a new category)
 
 Planning never sends a request per input: a manifest row without a version is re-scored only when
-its last row is an error row. Everything here is column-wise Arrow (no Python object per row), so
-a 1,000,000-row manifest plans in seconds (benchmarks/score_plan.py).
+its last row is an error row. Everything here is column-wise Arrow (no Python object per row, no
+join or sort of the history: each input finds its current row by a hash lookup of its image_id),
+so a 10,500,000-row manifest against 10,000,000 rows of history plans in well under a minute
+(benchmarks/score_plan.py).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from promptad.data import storage
-from promptad.data.datasets import MANIFEST_EXTENSIONS, manifest_table
+from promptad.data.datasets import MANIFEST_EXTENSIONS, manifest_table, resolve_paths
 from promptad.errors import UserError
 from promptad.score.output import ORDER_COLUMNS, check_same_model, newest_rows, next_run_seq, read_rows
 
 INPUT_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("category", pa.string()),
                           ("source_version", pa.string()), ("size", pa.int64())])
+_PLANNED_SCHEMA = pa.schema(list(INPUT_SCHEMA)[:4])  # a manifest's rows while planning: no size yet
 _INPUT_HINT = "pass a folder/prefix of images or a manifest (.parquet/.csv)"
 
 
@@ -42,10 +46,12 @@ def check_output_location(output_uri: str) -> None:
         raise UserError(f"--output {output_uri} is a file; pass a folder or prefix for the Parquet dataset")
 
 
-def list_inputs(input_uri: str, categories: list[str]) -> pa.Table:
+def list_inputs(input_uri: str, categories: list[str], *, planning: bool = False) -> pa.Table:
     """INPUT_SCHEMA rows of every input: a manifest's rows, or every image file under a folder or
     prefix (image_id = its URI). category is null where neither the manifest nor a single-category
-    model names one (those become error rows); size is null where the listing gives none (manifests)."""
+    model names one (those become error rows); size is null where the listing gives none (manifests).
+    `planning`: a manifest's paths as written and its image_ids unchecked (make_plan resolves the
+    paths it will read and checks the ids in its own hash pass)."""
     only = categories[0] if len(categories) == 1 else None
     manifest = input_uri.lower().endswith(MANIFEST_EXTENSIONS)
     if only is None and not manifest:  # before listing what may be millions of objects
@@ -55,7 +61,10 @@ def list_inputs(input_uri: str, categories: list[str]) -> pa.Table:
         if manifest:
             if not storage.exists(input_uri):
                 raise UserError(f"--input {input_uri} does not exist; {_INPUT_HINT}")
-            m = manifest_table(input_uri, ("image_id", "category", "version"))
+            m = manifest_table(input_uri, ("image_id", "category", "version"), resolve=not planning,
+                               unique=not planning)
+            if planning:  # the default category and the null sizes are filled in for the rows to score
+                return pa.table([m["image_id"], m["path"], m["category"], m["version"]], schema=_PLANNED_SCHEMA)
             category = pc.fill_null(m["category"], only) if only is not None else m["category"]
             return pa.table([m["image_id"], m["path"], category, m["version"], pa.nulls(m.num_rows, pa.int64())],
                             schema=INPUT_SCHEMA)
@@ -90,7 +99,7 @@ class Plan:
     input_uri: str
     output_uri: str
     model_id: str
-    inputs: pa.Table  # INPUT_SCHEMA, every input (verify checks each has its row)
+    inputs: pa.Table  # image_id and source_version of every input (verify checks each has its row)
     todo: pa.Table  # INPUT_SCHEMA, the inputs to score now, in listing order
     done: int
     new: int
@@ -143,6 +152,85 @@ def human_bytes(n: float) -> str:
     raise AssertionError
 
 
+MATCH_PARTS = 8  # image_ids are matched in this many hash partitions, one at a time (see _match)
+
+
+def _buckets(ids: pa.ChunkedArray, parts: int) -> np.ndarray:
+    """A partition number in [0, parts) per string, from its bytes alone (the same string gets the
+    same number in any column): a weighted byte sum per string over Arrow's buffers, no Python
+    object per row."""
+    out = []
+    for chunk in ids.chunks:
+        if len(chunk) == 0:
+            continue
+        offsets = np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset:chunk.offset + len(chunk) + 1]
+        data = np.frombuffer(chunk.buffers()[2], np.uint8) if chunk.buffers()[2] is not None else np.zeros(1, np.uint8)
+        lengths = np.diff(offsets)
+        starts = np.minimum(offsets[:-1], max(len(data) - 1, 0))
+        total = np.add.reduceat(data, starts, dtype=np.uint64) if len(data) else np.zeros(len(chunk), np.uint64)
+        total = np.where(lengths > 0, total, 0)  # reduceat gives a byte of the next string for an empty one
+        last = data[np.maximum(offsets[1:] - 1, 0)].astype(np.uint64) * np.uint64(29)
+        out.append(((total + last + lengths.astype(np.uint64) * np.uint64(7)) % np.uint64(parts)).astype(np.int8))
+    return np.concatenate(out) if out else np.zeros(0, np.int8)
+
+
+def _match_part(held: pa.ChunkedArray, wanted: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Within one partition: one dictionary encoding of both columns (each image_id an integer
+    code), then integer work. Returns, per row of `held`, whether its image_id occurs once there;
+    per row of `wanted`, the index in `held` of the row with its image_id (-1: none; for an
+    image_id held several times, any of them: the caller picks the current one); whether `wanted`
+    repeats one."""
+    n = len(held)
+    encoded = pc.dictionary_encode(pa.chunked_array(list(held.chunks) + list(wanted.chunks), pa.string()))
+    codes = np.concatenate([c.indices.to_numpy() for c in encoded.chunks]) if encoded.num_chunks else \
+        np.zeros(0, np.int32)
+    size = len(encoded.chunks[-1].dictionary) if encoded.num_chunks else 0
+    del encoded
+    held_codes, wanted_codes = codes[:n], codes[n:]
+    repeats = bool(wanted_codes.size) and int(np.bincount(wanted_codes, minlength=size).max()) > 1
+    single = np.bincount(held_codes, minlength=size)[held_codes] == 1
+    position = np.full(size, -1, np.int64)
+    position[held_codes] = np.arange(n)  # for a repeated code, one of its rows
+    return single, position[wanted_codes], repeats
+
+
+def _match(rows: pa.Table, ids: pa.ChunkedArray, parts: int = MATCH_PARTS) -> tuple[np.ndarray, pa.Table, bool]:
+    """For each of `ids`, the index in `rows` of its current row (-1: none); the superseded rows;
+    whether `ids` repeats one.
+
+    A hash pass over 10,000,000 strings holds ~700 MB of hash table: the image_ids are split into
+    `parts` partitions by a hash of their bytes and matched one partition at a time, each with one
+    dictionary encoding of both sides (this replaces the manifest's duplicate check, newest_rows'
+    two passes and the lookup). Only the rows of image_ids that occur more than once in `rows` go
+    through newest_rows (a killed run's, a few thousand at most)."""
+    n = rows.num_rows
+    held_part, wanted_part = _buckets(rows["image_id"], parts), _buckets(ids, parts)
+    where = np.full(len(ids), -1, np.int64)
+    single = np.ones(n, bool)
+    repeats = False
+    for part in range(parts):
+        held_rows = np.flatnonzero(held_part == part)
+        wanted_rows = np.flatnonzero(wanted_part == part)
+        one, found, twice = _match_part(rows["image_id"].take(pa.array(held_rows)), ids.take(pa.array(wanted_rows)))
+        single[held_rows] = one
+        if held_rows.size:
+            where[wanted_rows] = np.where(found >= 0, held_rows[np.maximum(found, 0)], -1)
+        repeats = repeats or twice
+    superseded = rows.slice(0, 0)
+    if not single.all():
+        several = np.flatnonzero(~single)
+        sub = rows.take(pa.array(several)).append_column("_row", pa.array(several))
+        current, superseded = newest_rows(sub)
+        chosen = pa.table({"image_id": current["image_id"], "_row": current["_row"]})
+        # each input whose image_id is held several times points at its current row
+        lookup = pc.index_in(ids, value_set=chosen["image_id"])
+        hit = pc.is_valid(lookup).to_numpy(zero_copy_only=False)
+        picks = chosen["_row"].to_numpy()[pc.fill_null(lookup, 0).to_numpy()]
+        where = np.where(hit, picks, where)
+        superseded = superseded.drop_columns(["_row"])
+    return where, superseded, repeats
+
+
 def make_plan(input_uri: str, output_uri: str, model_id: str, categories: list[str]) -> Plan:
     """List the inputs, read what the output holds, and decide what to score (see module docstring).
 
@@ -151,18 +239,26 @@ def make_plan(input_uri: str, output_uri: str, model_id: str, categories: list[s
     check_output_location(output_uri)
     rows = read_rows(output_uri, ["image_id", "category", "error", "source_version", "model_id", *ORDER_COLUMNS])
     check_same_model(rows, model_id, output_uri)  # before listing: a wrong --output fails fast
-    inputs = list_inputs(input_uri, categories)
+    rows = rows.drop_columns(["model_id"])
+    inputs = list_inputs(input_uri, categories, planning=True)
     if inputs.num_rows == 0:
         what = "rows" if input_uri.lower().endswith(MANIFEST_EXTENSIONS) else \
             f"images ({', '.join(sorted(storage.IMAGE_EXTENSIONS))})"
         raise UserError(f"--input {input_uri} is empty: no {what}; {_INPUT_HINT} that lists at least one image")
-    current, superseded = newest_rows(rows)
-    del rows
-    # Each input's current row, by a hash lookup of its image_id (no join: a join would copy every
-    # input column, paths included, and sort them back into listing order).
-    where = pc.index_in(inputs["image_id"], value_set=current["image_id"])
-    has_row = pc.is_valid(where)
-    row_category, error, row_version = (current[c].take(where) for c in ("category", "error", "source_version"))
+    where, superseded, repeats = _match(rows, inputs["image_id"])
+    if repeats:  # a manifest's duplicate image_ids: its own one-line error
+        manifest_table(input_uri, ("image_id",), resolve=False)
+    # Each input's current row (a null index where it has none), then the decisions column-wise.
+    has_row = pa.array(where >= 0)
+    index = pa.array(where, mask=where < 0)
+    del where
+    row_category, error, row_version = (rows[c].take(index).cast(pa.string())
+                                        for c in ("category", "error", "source_version"))
+    run_seq = next_run_seq(rows)
+    del rows, index
+    only = categories[0] if len(categories) == 1 else None
+    if only is not None and inputs["category"].null_count:  # a manifest's rows without a category
+        inputs = inputs.set_column(2, "category", pc.fill_null(inputs["category"], only))
     version = inputs["source_version"]
     changed = pc.and_(has_row, pc.or_(_differs(inputs["category"], row_category),
                                       pc.and_(pc.is_valid(version), _differs(version, row_version))))
@@ -172,9 +268,11 @@ def make_plan(input_uri: str, output_uri: str, model_id: str, categories: list[s
                     pc.or_(read_error, pc.and_(pc.is_null(version), other_error)))
     new = pc.invert(has_row)
     todo = inputs.filter(pc.or_(pc.or_(new, changed), retry))  # filter keeps the listing order
-    run_seq = next_run_seq(current)
-
-    return Plan(input_uri=input_uri, output_uri=output_uri, model_id=model_id, inputs=inputs, todo=todo,
+    if input_uri.lower().endswith(MANIFEST_EXTENSIONS):  # only the paths it will read are resolved
+        todo = todo.set_column(1, "path", resolve_paths(input_uri, todo["path"]))
+        todo = todo.append_column("size", pa.nulls(todo.num_rows, pa.int64()))
+    return Plan(input_uri=input_uri, output_uri=output_uri, model_id=model_id,
+                inputs=inputs.select(["image_id", "source_version"]), todo=todo,
                 done=inputs.num_rows - todo.num_rows, new=_count(new), changed=_count(changed),
                 retry=_count(retry), superseded=superseded.num_rows,
                 versioned=inputs["source_version"].null_count == 0, seconds=time.monotonic() - t0,
