@@ -254,7 +254,7 @@ def _resolve_column(base: str, paths: pa.ChunkedArray) -> pa.ChunkedArray:
 
 
 def manifest_table(uri: str, columns: tuple[str, ...] = ("image_id", "category"), *, resolve: bool = True,
-                   unique: bool = True) -> pa.Table:
+                   unique: bool = True, path: bool = True) -> pa.Table:
     """A manifest as an Arrow table with `path` (resolved like manifest_samples) and `columns`
     (text, null where empty or absent); image_id defaults to the path as written.
 
@@ -262,8 +262,17 @@ def manifest_table(uri: str, columns: tuple[str, ...] = ("image_id", "category")
     1,000,000-row manifest plans in seconds. Labels, masks and splits are not read (score needs none).
     A caller that resolves paths itself (`resolve=False`: only those it will read, resolve_paths)
     or checks image_ids itself (`unique=False`: duplicate_ids) saves ~400 MB and a hash pass per
-    10,000,000 rows.
+    10,000,000 rows. `path=False`: no `path` column where every row has an image_id (the caller
+    reads the paths later, for the rows it needs: ~300 MB less while it plans 10,000,000 rows).
     """
+    if not path and "image_id" in columns:
+        names, table = _read_manifest_arrow(uri, columns)
+        if "path" in names and "image_id" in table.column_names:
+            ids = _text_column(table["image_id"])
+            if not ids.null_count:
+                return pa.table({"image_id": ids, **{c: _text_column(table[c]) if c in table.column_names
+                                                     else pa.nulls(table.num_rows, pa.string())
+                                                     for c in columns if c != "image_id"}})
     names, table = _read_manifest_arrow(uri, ("path", *columns))
     if "path" not in names:
         raise UserError(

@@ -36,7 +36,6 @@ from promptad.score.output import ORDER_COLUMNS, check_same_model, newest_rows, 
 
 INPUT_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("category", pa.string()),
                           ("source_version", pa.string()), ("size", pa.int64())])
-_PLANNED_SCHEMA = pa.schema(list(INPUT_SCHEMA)[:4])  # a manifest's rows while planning: no size yet
 _INPUT_HINT = "pass a folder/prefix of images or a manifest (.parquet/.csv)"
 
 
@@ -62,9 +61,10 @@ def list_inputs(input_uri: str, categories: list[str], *, planning: bool = False
             if not storage.exists(input_uri):
                 raise UserError(f"--input {input_uri} does not exist; {_INPUT_HINT}")
             m = manifest_table(input_uri, ("image_id", "category", "version"), resolve=not planning,
-                               unique=not planning)
-            if planning:  # the default category and the null sizes are filled in for the rows to score
-                return pa.table([m["image_id"], m["path"], m["category"], m["version"]], schema=_PLANNED_SCHEMA)
+                               unique=not planning, path=not planning)
+            if planning:  # paths (where not needed as ids), the default category and sizes: for the rows to score
+                return pa.table({"image_id": m["image_id"], **({"path": m["path"]} if "path" in m.column_names else {}),
+                                 "category": m["category"], "source_version": m["version"]})
             category = pc.fill_null(m["category"], only) if only is not None else m["category"]
             return pa.table([m["image_id"], m["path"], category, m["version"], pa.nulls(m.num_rows, pa.int64())],
                             schema=INPUT_SCHEMA)
@@ -164,13 +164,17 @@ def _buckets(ids: pa.ChunkedArray, parts: int) -> np.ndarray:
         if len(chunk) == 0:
             continue
         offsets = np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset:chunk.offset + len(chunk) + 1]
-        data = np.frombuffer(chunk.buffers()[2], np.uint8) if chunk.buffers()[2] is not None else np.zeros(1, np.uint8)
-        lengths = np.diff(offsets)
-        starts = np.minimum(offsets[:-1], max(len(data) - 1, 0))
-        total = np.add.reduceat(data, starts, dtype=np.uint64) if len(data) else np.zeros(len(chunk), np.uint64)
-        total = np.where(lengths > 0, total, 0)  # reduceat gives a byte of the next string for an empty one
-        last = data[np.maximum(offsets[1:] - 1, 0)].astype(np.uint64) * np.uint64(29)
-        out.append(((total + last + lengths.astype(np.uint64) * np.uint64(7)) % np.uint64(parts)).astype(np.int8))
+        lengths = np.diff(offsets).astype(np.uint64)
+        mixed = lengths * np.uint64(7)
+        end = int(offsets[-1])
+        if end > 0:
+            data = np.frombuffer(chunk.buffers()[2], np.uint8)[:end]  # the buffer can run past the last string
+            full = lengths > 0
+            # over the non-empty strings only: each segment then ends where its string does
+            total = np.add.reduceat(data, offsets[:-1][full], dtype=np.uint64)
+            last = data[offsets[1:][full] - 1].astype(np.uint64) * np.uint64(29)
+            mixed[full] += total + last
+        out.append((mixed % np.uint64(parts)).astype(np.int8))
     return np.concatenate(out) if out else np.zeros(0, np.int8)
 
 
@@ -258,7 +262,8 @@ def make_plan(input_uri: str, output_uri: str, model_id: str, categories: list[s
     del rows, index
     only = categories[0] if len(categories) == 1 else None
     if only is not None and inputs["category"].null_count:  # a manifest's rows without a category
-        inputs = inputs.set_column(2, "category", pc.fill_null(inputs["category"], only))
+        inputs = inputs.set_column(inputs.schema.get_field_index("category"), "category",
+                                   pc.fill_null(inputs["category"], only))
     version = inputs["source_version"]
     changed = pc.and_(has_row, pc.or_(_differs(inputs["category"], row_category),
                                       pc.and_(pc.is_valid(version), _differs(version, row_version))))
@@ -267,10 +272,13 @@ def make_plan(input_uri: str, output_uri: str, model_id: str, categories: list[s
     retry = pc.and_(pc.and_(has_row, pc.invert(changed)),
                     pc.or_(read_error, pc.and_(pc.is_null(version), other_error)))
     new = pc.invert(has_row)
-    todo = inputs.filter(pc.or_(pc.or_(new, changed), retry))  # filter keeps the listing order
+    wanted = pc.or_(pc.or_(new, changed), retry)
+    todo = inputs.filter(wanted)  # filter keeps the listing order
     if input_uri.lower().endswith(MANIFEST_EXTENSIONS):  # only the paths it will read are resolved
-        todo = todo.set_column(1, "path", resolve_paths(input_uri, todo["path"]))
-        todo = todo.append_column("size", pa.nulls(todo.num_rows, pa.int64()))
+        paths = todo["path"] if "path" in todo.column_names else \
+            manifest_table(input_uri, (), resolve=False, unique=False)["path"].filter(wanted)
+        todo = pa.table([todo["image_id"], resolve_paths(input_uri, paths), todo["category"], todo["source_version"],
+                         pa.nulls(todo.num_rows, pa.int64())], schema=INPUT_SCHEMA)
     return Plan(input_uri=input_uri, output_uri=output_uri, model_id=model_id,
                 inputs=inputs.select(["image_id", "source_version"]), todo=todo,
                 done=inputs.num_rows - todo.num_rows, new=_count(new), changed=_count(changed),
