@@ -319,7 +319,7 @@ def test_progress_line_says_done_total_rate_eta_and_errors():
 
 
 def test_matching_in_hash_partitions_agrees_with_a_dict_whatever_the_chunks():
-    """Issue 38: the plan matches image_ids partition by partition (plan._match); a string's
+    """Issue 38: the plan matches image_ids partition by partition (match.match); a string's
     partition must not depend on how its column is chunked or sliced, and the match must pick
     each input's current row as a dict of the rows would."""
     import random
@@ -327,7 +327,8 @@ def test_matching_in_hash_partitions_agrees_with_a_dict_whatever_the_chunks():
     import numpy as np
 
     from promptad.score.output import FILE
-    from promptad.score.plan import _buckets, _match
+    from promptad.score.match import buckets as _buckets
+    from promptad.score.match import match as _match
 
     rng = random.Random(0)
     for _ in range(200):
