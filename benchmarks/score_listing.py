@@ -44,7 +44,11 @@ def main() -> None:
     p.add_argument("--objects", default="2000,20000")
     args = p.parse_args()
     import boto3
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
