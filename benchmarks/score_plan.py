@@ -113,7 +113,8 @@ def write_output(out: Path, base: str, rows: int, errors: int, model_id: str, pe
         error = pa.array(np.where(failed, "read: timeout", None), pa.string())
         folders = pc.binary_join_element_wise(base + "/images/line", pc.cast(pa.array(k % 100), pa.string()), "")
         cols = {f.name: pa.nulls(n, f.type) for f in OUTPUT_SCHEMA}
-        cols.update(image_id=ids, path=pc.binary_join_element_wise(folders, pc.binary_join_element_wise(ids, ".png", ""), "/"),
+        names = pc.binary_join_element_wise(ids, ".png", "")
+        cols.update(image_id=ids, path=pc.binary_join_element_wise(folders, names, "/"),
                     category=pa.array(["tile"] * n), score=pa.array(np.where(failed, np.nan, 1.0), pa.float32(),
                                                                         mask=failed),
                     error=error, source_version=pa.array(["v1"] * n), map_png=pa.array([b"\x89PNG" + b"\0" * 60] * n),
@@ -167,7 +168,8 @@ def run(cmd: list[str], watch_out: Path | None = None, before: set[str] | None =
     stderr = "".join(err)
     peak = [int(line.split()[1]) * 1024 for line in stderr.splitlines() if line.startswith("peak_rss_kib ")]
     cpu = [float(line.split()[3]) for line in stderr.splitlines() if line.startswith("peak_rss_kib ")]
-    return {"seconds": seconds, "peak_rss": peak[-1] if peak else hwm, "cpu": cpu[-1] if cpu else float("nan"), "rc": proc.returncode,
+    return {"seconds": seconds, "peak_rss": peak[-1] if peak else hwm, "cpu": cpu[-1] if cpu else float("nan"),
+            "rc": proc.returncode,
             "stdout": "".join(out), "stderr": stderr, "first_file": first_file, "new_files": new_files}
 
 
@@ -256,7 +258,8 @@ def main() -> None:
     print(f"data: {args.history:,} rows in {built['files']:,} files, manifest {args.history + args.new:,} rows "
           f"(built in {built['seconds']} s, {workdir})", flush=True)
     load = os.getloadavg()[0]
-    base = [str(PROMPTAD), "score", "--model", model, "--input", str(workdir / "manifest.parquet"), "--output", str(out)]
+    base = [str(PROMPTAD), "score", "--model", model, "--input", str(workdir / "manifest.parquet"),
+            "--output", str(out)]
     tries = [run([*base, "--dry-run"]) for _ in range(args.repeat)]
     assert all(t["rc"] == 0 for t in tries), tries[-1]["stderr"][-2000:]
     dry = min(tries, key=lambda t: t["seconds"])
@@ -285,7 +288,8 @@ def main() -> None:
     if comp is not None:
         r = comp["res"]
         print(f"- compact: {args.compact:,} rows in {comp['files']:,} files of 512 -> {comp['after']:,} files "
-              f"(target {comp['target_mb']:.2f} MB = 13,000 rows; {_mib(comp['bytes'])} in all) in {r['seconds']:.1f} s "
+              f"(target {comp['target_mb']:.2f} MB = 13,000 rows; {_mib(comp['bytes'])} in all) "
+              f"in {r['seconds']:.1f} s "
               f"({r['cpu']:.1f} s of CPU), "
               f"peak RSS {_mib(r['peak_rss'])}; again: {comp['again']['seconds']:.1f} s, {comp['again_after']:,} files")
         print(f"    {r['stdout'].strip()}")

@@ -17,7 +17,7 @@ in the output (the one of the latest run, output.newest_rows) then decides:
 Planning never sends a request per input: a manifest row without a version is re-scored only when
 its last row is an error row. Everything here is column-wise Arrow (no Python object per row, no
 join or sort of the history: each input finds its current row by a hash lookup of its image_id),
-so a 10,500,000-row manifest against 10,000,000 rows of history plans in well under a minute
+so a 10,500,000-row manifest against 10,000,000 rows of history plans with ~11 s of CPU and 1.6 GB
 (benchmarks/score_plan.py).
 """
 from __future__ import annotations
