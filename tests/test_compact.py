@@ -183,3 +183,34 @@ def test_compaction_on_s3_and_a_paged_listing(s3_bucket, s3_server, monkeypatch)
     listed = storage.list_versions(f"{s3_bucket}/cam", storage.IMAGE_EXTENSIONS)
     assert pages == [3, 3, 2] and listed["uri"].to_pylist() == [f"{s3_bucket}/cam/{i}.png" for i in range(7)]
     assert listed["size"].to_pylist() == list(range(1, 8))
+
+
+KILLER = """
+import os, signal, sys
+from promptad.score.compact import compact
+at = sys.argv[2]
+compact(sys.argv[1], target_mb=float(sys.argv[3]),
+        fault=lambda step: os.kill(os.getpid(), signal.SIGKILL) if step.startswith(at) else None)
+"""
+
+
+def test_a_compaction_sigkilled_mid_way_is_finished_by_the_next(tmp_path):
+    """The same with a real SIGKILL (no exception handler, no finally runs) in a process of its own,
+    after the journal, after the first merged file, after the first source is deleted."""
+    import subprocess
+    import sys
+
+    pristine = str(tmp_path / "pristine")
+    _history(pristine)
+    want = _current(pq.read_table(pristine))
+    for k, at in enumerate(("journal", "target 0", "delete ")):
+        out = str(tmp_path / f"killed{k}")
+        shutil.copytree(pristine, out)
+        proc = subprocess.run([sys.executable, "-c", KILLER, out, at, str(TARGET_MB)], capture_output=True)
+        assert proc.returncode == -9, proc.stderr.decode()[-1000:]
+        assert len(listing(out)[1]) == 1, at  # the journal is still there
+        live = read_rows(out, ["image_id", "run_seq", "source_version", "score"])
+        assert live.num_rows == len(want) and _current(live) == want, at
+        assert compaction.compact(out, target_mb=TARGET_MB).recovered == 1
+        table = pq.read_table(out)
+        assert table.num_rows == len(want) and _current(table) == want and listing(out)[1] == [], at
