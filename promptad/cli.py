@@ -1,4 +1,4 @@
-"""`promptad` command line: fit, score, audit, demo.
+"""`promptad` command line: fit, score, compact, audit, demo.
 
 A mistake the user can fix (UserError, bad flag values) prints one line and exits 2; with
 --debug the traceback comes first and the exit code stays 2. A command may return its own status:
@@ -23,6 +23,7 @@ from promptad.errors import UserError
 FALSE_ALARM_RATE = 0.01  # fit's default target: calibrate.IMAGE_FPR, without importing torch here
 TRAIN_EPOCHS = 20
 TRAIN_BATCH = 16
+COMPACT_TARGET_MB = 128  # score.compact.TARGET_MB, restated so that `--help` imports no pyarrow
 
 
 def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
@@ -100,6 +101,9 @@ EXAMPLES = {
   promptad score --model runs/bottle-effnet --input /data/incoming/bottle --output runs/scores-bottle
   promptad score --model s3://promptad-models/mvtec-v1 --input s3://inspection-archive/images/ \\
       --output s3://inspection-results/scores/mvtec-v1/ --dry-run""",
+    "compact": """examples:
+  promptad compact --output runs/scores-bottle
+  promptad compact --output s3://inspection-results/scores/mvtec-v1/ --target-mb 256""",
     "audit": """examples:
   promptad audit --model runs/bottle-effnet --data /data/mvtec_ad --category bottle --report runs/audit-bottle
   promptad audit --model runs/bottle-effnet --data /data/mvtec_ad --report runs/audit-shifts --shifts all""",
@@ -228,7 +232,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-id", default=None, metavar="ID",
                    help="id written in every row of this run, e.g. the scheduler's job id (default: "
                         "generated from the time)")
+    s.add_argument("--no-compact", action="store_true",
+                   help="do not merge small files after the run (default: off: once 32 files are below half "
+                        f"of {COMPACT_TARGET_MB} MB, the run ends with `promptad compact`)")
     common(s)
+
+    c = command("compact", "merge a scoring output's small files (no Ray)",
+                "Merge the small Parquet files of a `promptad score` output into files of about --target-mb, "
+                "so that the number of files follows rows / target size, not the number of nights. Atomic "
+                "and resumable: after a kill, every row is still counted once, and the next compact or score "
+                "finishes the job. Also drops superseded rows a killed run left. Run it after the night's "
+                "score, never beside one (score also compacts by itself, see its --no-compact).")
+    c.add_argument("--output", required=True, type=_location, metavar="URI",
+                   help="folder or s3:// prefix written by `promptad score` (required)")
+    c.add_argument("--target-mb", type=_positive_float, default=COMPACT_TARGET_MB, metavar="MB",
+                   help="size of a merged file; files below half of it are merged (default: %(default)s)")
+    c.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error, keeping its exit code (default: off)")
+    c.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
 
     a = command("audit", "metrics, plots and visualizations on a labelled set",
                 "Run the model over a labelled set and write report.html, report.json, scores.csv and "
@@ -295,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"fit": "promptad.fit.command", "score": "promptad.score.command", "audit": "promptad.audit.command",
+COMMANDS = {"fit": "promptad.fit.command", "score": "promptad.score.command",
+            "compact": "promptad.score.compact", "audit": "promptad.audit.command",
             "recalibrate": "promptad.fit.recalibrate", "demo": "promptad.demo"}
 
 

@@ -336,6 +336,43 @@ def test_changed_local_file_is_scored_again_and_its_old_row_dropped(ray_local, m
     assert (quiet.scored, quiet.already_done) == (0, 4)
 
 
+def test_a_compacted_output_and_a_killed_compaction_stay_exactly_once(ray_local, models, tmp_path):
+    """Issue 38: two nights' files merged by a compaction that is killed after its merged file is
+    committed; the next night (one image changed) finishes the compaction and leaves one row per
+    input, each from its current version, in the merged file and the night's own."""
+    from promptad.score.compact import compact
+    from promptad.score.output import listing
+
+    folder = tmp_path / "line"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(_png(_texture(i)))
+    out = str(tmp_path / "scores")
+    score.score(models["one"], str(folder), out, batch_size=4)
+    for i in range(3, 5):
+        (folder / f"{i}.png").write_bytes(_png(_texture(i)))
+    assert score.score(models["one"], str(folder), out, batch_size=4).new == 2
+    assert len(listing(out)[0]) == 2
+
+    def killed(step: str) -> None:
+        if step == "target 0":
+            raise KeyboardInterrupt(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        compact(out, fault=killed)
+    assert len(listing(out)[0]) == 3 and len(listing(out)[1]) == 1  # two sources, the target, the journal
+    (folder / "0.png").write_bytes(_png(_texture(50, 60, 70)))
+    night = score.score(models["one"], str(folder), out, batch_size=4)
+    assert (night.already_done, night.changed, night.scored, night.superseded_dropped) == (4, 1, 1, 1)
+    files, journals = listing(out)
+    assert len(files) == 2 and any(f.startswith("part-c") for f in files) and journals == []
+    rows = _rows_by_name(out)
+    assert len(_read(out)) == 5 and len(rows) == 5
+    assert all(rows[f"{i}.png"]["source_version"] == storage.file_version(str(folder / f"{i}.png"))[1]
+               for i in range(5))
+    assert rows["0.png"]["height"] == 60
+
+
 def test_changed_s3_object_is_scored_again_also_when_only_its_version_changed(ray_local, models, s3_bucket,
                                                                              s3_server):
     s3 = boto3.client("s3", endpoint_url=s3_server)

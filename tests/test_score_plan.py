@@ -212,7 +212,7 @@ def test_superseded_rows_are_dropped_after_the_new_ones_commit(tmp_path):
     assert sorted(os.listdir(out)) == ["_tmp", "part-new.parquet", "part-old.parquet"]  # mid was emptied
     assert pq.read_table(os.path.join(out, "part-old.parquet"))["image_id"].to_pylist() == ["b"]
     assert pq.read_table(out).num_rows == 3
-    assert drop_superseded(out, newest_rows(read_rows(out, ["image_id", "scored_at"]))[1]) == 0
+    assert drop_superseded(out, newest_rows(read_rows(out, ["image_id", "scored_at"]))[1]) == []
 
 
 def test_the_current_row_is_the_latest_runs_whatever_the_workers_clocks_say(tmp_path):
@@ -316,3 +316,42 @@ def test_progress_line_says_done_total_rate_eta_and_errors():
     assert "rows/s), 2 files; " in progress.summary.lines()[0]
     progress.summary.files = 1
     assert "rows/s), 1 file; " in progress.summary.lines()[0]
+
+
+def test_matching_in_hash_partitions_agrees_with_a_dict_whatever_the_chunks():
+    """Issue 38: the plan matches image_ids partition by partition (match.match); a string's
+    partition must not depend on how its column is chunked or sliced, and the match must pick
+    each input's current row as a dict of the rows would."""
+    import random
+
+    import numpy as np
+
+    from promptad.score.output import FILE
+    from promptad.score.match import buckets as _buckets
+    from promptad.score.match import match as _match
+
+    rng = random.Random(0)
+    for _ in range(200):
+        values = ["".join(rng.choice("ab/é1") for _ in range(rng.randint(0, 6))) for _ in range(rng.randint(1, 30))]
+        whole = pa.array(values)
+        cut = rng.randint(0, len(values))
+        expected = _buckets(pa.chunked_array([whole]), 8)
+        assert (_buckets(pa.chunked_array([whole.slice(0, cut), whole.slice(cut)]), 8) == expected).all()
+        assert (np.concatenate([_buckets(pa.chunked_array([pa.array([v])]), 8) for v in values]) == expected).all()
+    for _ in range(30):
+        n = rng.randint(0, 200)
+        ids = [f"id{rng.randint(0, 120)}" for _ in range(n)]
+        seq = [rng.randint(0, 4) for _ in range(n)]
+        rows = pa.table({"image_id": pa.chunked_array([pa.array(ids[:n // 2], pa.string()),
+                                                       pa.array(ids[n // 2:], pa.string())]),
+                         "run_seq": pa.array(seq, pa.int64()),
+                         FILE: pa.array([f"f{i:04d}" for i in range(n)], pa.string()).dictionary_encode()})
+        wanted = sorted({f"id{rng.randint(0, 200)}" for _ in range(80)}) + [""]
+        where, superseded, repeats = _match(rows, pa.chunked_array([pa.array(wanted)]), parts=rng.choice([1, 3, 8]))
+        best: dict[str, tuple] = {}
+        for i, (k, s) in enumerate(zip(ids, seq)):
+            if k not in best or (s, f"f{i:04d}") > best[k][0]:
+                best[k] = ((s, f"f{i:04d}"), i)
+        assert list(where) == [best[k][1] if k in best else -1 for k in wanted]
+        assert superseded.num_rows == n - len(best) and not repeats
+    assert _match(rows, pa.chunked_array([pa.array(["x", "x"])]))[2]  # a repeated input

@@ -265,7 +265,7 @@ def _subparsers():
 
 def test_every_flag_says_what_it_does_and_its_default():
     _, commands = _subparsers()
-    assert set(commands) == {"fit", "score", "audit", "demo"}
+    assert set(commands) == {"fit", "score", "compact", "audit", "demo"}
     for name, sub in commands.items():
         for action in sub._actions:
             if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
@@ -299,7 +299,7 @@ def test_each_command_help_ends_with_examples_that_parse(capsys):
 def test_bare_promptad_lists_the_commands(capsys):
     assert main([]) == 2
     out = capsys.readouterr().out
-    for name in ("fit", "score", "audit", "demo"):
+    for name in ("fit", "score", "compact", "audit", "demo"):
         assert re.search(rf"^\s+{name}\s+\S", out, re.M), out
     assert "required" not in out
 

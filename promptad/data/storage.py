@@ -295,22 +295,21 @@ def list_versions(uri: str, extensions: set[str] | None = None) -> pa.Table:
     The version is what the listing gives for free, so that `score` can tell a changed input from
     a scored one without a request per object: local files, size and mtime in ns (pyarrow's
     FileInfo); S3 objects, the ETag and, in a bucket with versioning enabled, the version id
-    (s3fs; pyarrow's S3 listing has no ETag).
+    (botocore's paged listing; pyarrow's S3 listing has no ETag).
     """
     fs, path = filesystem(uri)
     if isinstance(fs, pafs.S3FileSystem):
-        table = _s3_list_versions(uri, path)
-    else:
-        try:
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"no such folder or prefix: {uri}") from e
-        files = [i for i in infos if i.type == pafs.FileType.File]
-        sizes = pa.array([i.size for i in files], pa.int64())
-        mtimes = pa.array([i.mtime_ns for i in files], pa.int64())
-        version = pc.binary_join_element_wise(pc.cast(sizes, pa.string()), pc.cast(mtimes, pa.string()), ":")
-        paths = pa.array([_to_uri(uri, i.path) for i in files], pa.string())
-        table = pa.table([paths, sizes, version], schema=VERSIONED_SCHEMA)
+        return _s3_list_versions(uri, path, extensions)  # filtered per page, already in key order
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"no such folder or prefix: {uri}") from e
+    files = [i for i in infos if i.type == pafs.FileType.File]
+    sizes = pa.array([i.size for i in files], pa.int64())
+    mtimes = pa.array([i.mtime_ns for i in files], pa.int64())
+    version = pc.binary_join_element_wise(pc.cast(sizes, pa.string()), pc.cast(mtimes, pa.string()), ":")
+    paths = pa.array([_to_uri(uri, i.path) for i in files], pa.string())
+    table = pa.table([paths, sizes, version], schema=VERSIONED_SCHEMA)
     table = table.filter(_extension_mask(table["uri"], extensions))
     return table.take(pc.sort_indices(table["uri"]))
 
@@ -353,22 +352,54 @@ def _s3_bucket_versioned(bucket: str) -> bool:
         return False
 
 
-def _s3_list_versions(uri: str, path: str) -> pa.Table:
-    """ListObjectsV2, or ListObjectVersions (latest versions only) in a versioned bucket."""
-    bucket = path.split("/", 1)[0]
+def _s3_client():
+    """A botocore S3 client with the same endpoint, region, retries and timeouts as pyarrow's, for
+    paged listings (ListObjectsV2 / ListObjectVersions; pyarrow's S3 listing has no ETag)."""
+    import botocore.session
+    from botocore.config import Config
+
+    return botocore.session.get_session().create_client(
+        "s3", endpoint_url=_s3_endpoint(), region_name=_s3_region(),
+        config=Config(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+                      connect_timeout=S3_CONNECT_TIMEOUT_S, read_timeout=S3_REQUEST_TIMEOUT_S))
+
+
+S3_LIST_PAGE = 1000  # keys per listing request (S3's maximum)
+
+
+def _s3_pages(bucket: str, prefix: str, versioned: bool):
+    """(keys, sizes, versions) per listing page of at most 1,000 objects: only one page of
+    Python objects is alive at a time. In a versioned bucket, the latest version of each key
+    (a key whose latest version is a delete marker is not listed)."""
+    client = _s3_client()
+    paging = {"Bucket": bucket, "Prefix": prefix, "PaginationConfig": {"PageSize": S3_LIST_PAGE}}
+    if versioned:
+        for page in client.get_paginator("list_object_versions").paginate(**paging):
+            latest = [v for v in page.get("Versions", ()) if v.get("IsLatest")]
+            yield ([v["Key"] for v in latest], [int(v["Size"]) for v in latest],
+                   [s3_version(v.get("ETag", ""), v.get("VersionId")) for v in latest])
+    else:
+        for page in client.get_paginator("list_objects_v2").paginate(**paging):
+            objects = page.get("Contents", ())
+            yield ([o["Key"] for o in objects], [int(o["Size"]) for o in objects],
+                   [s3_version(o.get("ETag", ""), None) for o in objects])
+
+
+def _s3_list_versions(uri: str, path: str, extensions: set[str] | None = None) -> pa.Table:
+    """ListObjectsV2, or ListObjectVersions (latest versions only) in a versioned bucket, page by
+    page: each page becomes Arrow arrays (filtered by `extensions`) before the next is fetched, so
+    10,000,000 objects cost their Arrow columns (~100 bytes each), not 10,000,000 Python dicts.
+    Keys come in S3's order (UTF-8 binary, what sorting the URIs gives)."""
+    bucket, _, key = path.partition("/")
     versioned = _s3_bucket_versioned(bucket)
-    prefix = path.rstrip("/") + "/"
-    try:
-        found = _s3fs(versioned).find(path, detail=True)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"no such folder or prefix: {uri}") from e
-    infos = [i for name, i in found.items() if i.get("type") == "file" and name.startswith(prefix)]
-    return pa.table([
-        pa.array(["s3://" + i["name"] for i in infos], pa.string()),
-        pa.array([int(i["size"]) for i in infos], pa.int64()),
-        pa.array([s3_version(i.get("ETag", ""), i.get("VersionId") if versioned else None) for i in infos],
-                 pa.string()),
-    ], schema=VERSIONED_SCHEMA)
+    prefix = key.rstrip("/") + "/" if key else ""
+    head = f"s3://{bucket}/"
+    parts = []
+    for keys, sizes, versions in _s3_pages(bucket, prefix, versioned):
+        page = pa.table([pc.binary_join_element_wise(head, pa.array(keys, pa.string()), ""),
+                         pa.array(sizes, pa.int64()), pa.array(versions, pa.string())], schema=VERSIONED_SCHEMA)
+        parts.append(page.filter(_extension_mask(page["uri"], extensions)))
+    return pa.concat_tables(parts) if parts else VERSIONED_SCHEMA.empty_table()  # one chunk a page, no copy
 
 
 def list_dirs(uri: str) -> list[str]:

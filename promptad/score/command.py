@@ -33,9 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from promptad.actors import INFERENCE_PRECISION, ModelActors
 from promptad.data import storage
 from promptad.models import artifact
+from promptad.score.compact import AUTO_MIN_SMALL_FILES, compact, recover
 from promptad.score.output import OUTPUT_SCHEMA, RUNS_DIR, TMP_DIR, clean_staging, commit_file, committed_files, verify  # noqa: F401 (API)
 from promptad.score.plan import Plan, make_plan
 from promptad.score.progress import Progress, Summary
@@ -151,12 +151,13 @@ class Predictor:
     audit's scorers are. `counter` (a RowCounter actor) hears of every batch scored; `delay_s`
     slows each batch down (tests of a slow stage only)."""
 
-    def __init__(self, model_uri: str, device: str, threads: int, precision: str = INFERENCE_PRECISION,
+    def __init__(self, model_uri: str, device: str, threads: int, precision: str | None = None,
                  counter=None, delay_s: float = 0.0):
+        from promptad.actors import INFERENCE_PRECISION
         from promptad.predict import load_for_worker
 
         self.model = load_for_worker(model_uri, device, threads)
-        self.precision = precision
+        self.precision = precision or INFERENCE_PRECISION
         self.counter, self.delay_s = counter, delay_s
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -274,19 +275,21 @@ def plan(model_uri: str, input_uri: str, output_uri: str) -> tuple[Plan, dict]:
 
 def score(model_uri: str, input_uri: str, output_uri: str, *, actors: int = 1, gpus_per_actor: float = 0.0,
           cpus_per_actor: float = 0.5, batch_size: int = 16, run_id: str | None = None,
-          local_ray: bool = True, address: str | None = None) -> Summary:
+          local_ray: bool = True, address: str | None = None, compact_after: bool = True) -> Summary:
     """Score every input the plan says needs it (new, changed, to retry) into `output_uri`; Ray is
     joined (raycluster.connect(address)) only when there is something to score."""
     the_plan, manifest = plan(model_uri, input_uri, output_uri)
     return execute(the_plan, model_uri, manifest, actors=actors, gpus_per_actor=gpus_per_actor,
                    cpus_per_actor=cpus_per_actor, batch_size=batch_size, run_id=run_id, local_ray=local_ray,
-                   address=address)
+                   address=address, compact_after=compact_after)
 
 
 def execute(the_plan: Plan, model_uri: str, manifest: dict, *, actors: int = 1, gpus_per_actor: float = 0.0,
             cpus_per_actor: float = 0.5, batch_size: int = 16, run_id: str | None = None,
-            local_ray: bool = True, address: str | None = None, stage_delay_s: float = 0.0) -> Summary:
-    """Run the plan: the pipeline over its todo rows, then drop superseded rows and count.
+            local_ray: bool = True, address: str | None = None, stage_delay_s: float = 0.0,
+            compact_after: bool = True) -> Summary:
+    """Run the plan: the pipeline over its todo rows, then drop superseded rows and count, then
+    (compact_after) merge small files once there are compact.AUTO_MIN_SMALL_FILES of them.
     `stage_delay_s`: seconds added to each model batch (tests of the progress line only)."""
     output_uri = the_plan.output_uri
     run_id = run_id or f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
@@ -299,6 +302,7 @@ def execute(the_plan: Plan, model_uri: str, manifest: dict, *, actors: int = 1, 
           f"{the_plan.changed:,} changed, {the_plan.retry:,} to retry; scoring {todo.num_rows:,} with model "
           f"{the_plan.model_id} (run {run_id}; planned in {the_plan.seconds:.1f} s)", file=sys.stderr, flush=True)
     if todo.num_rows:
+        from promptad.actors import ModelActors
         from promptad.raycluster import connect
 
         connect(address)
@@ -311,8 +315,13 @@ def execute(the_plan: Plan, model_uri: str, manifest: dict, *, actors: int = 1, 
         _run_pipeline(todo, summary, model_uri, output_uri, manifest, actors=actors, gpus_per_actor=gpus_per_actor,
                       cpus_per_actor=cpus_per_actor, batch_size=batch_size, run_seq=the_plan.run_seq,
                       stage_delay_s=stage_delay_s)
+    recover(output_uri)  # a compaction a kill interrupted: finished (or rolled back) before rows are dropped
     checked = verify(the_plan.inputs, output_uri)
     summary.superseded_dropped = checked.superseded_dropped
+    if compact_after:
+        done = compact(output_uri, min_small_files=AUTO_MIN_SMALL_FILES, drop=False)
+        summary.files_compacted = done.merged
+        summary.files_written_compacted = done.targets
     storage.write_bytes(storage.join(output_uri, RUNS_DIR, f"{run_id}.json"),
                         json.dumps(asdict(summary), indent=2).encode())
     return summary
@@ -322,6 +331,8 @@ def _run_pipeline(todo: pa.Table, summary: Summary, model_uri: str, output_uri: 
                   actors: int, gpus_per_actor: float, cpus_per_actor: float, batch_size: int, run_seq: int,
                   stage_delay_s: float = 0.0) -> None:
     import ray
+
+    from promptad.actors import ModelActors
 
     counter = ray.remote(num_cpus=0)(RowCounter).remote()
 
@@ -379,7 +390,8 @@ def run(args: argparse.Namespace) -> Summary | Plan:
         return the_plan
     summary = execute(the_plan, args.model, manifest, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
                       cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size, run_id=args.run_id,
-                      local_ray=is_local(args.address), address=args.address)
+                      local_ray=is_local(args.address), address=args.address,
+                      compact_after=not getattr(args, "no_compact", False))
     for line in summary.lines():
         print(line)
     return summary

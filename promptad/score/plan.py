@@ -15,8 +15,10 @@ in the output (the one of the latest run, output.newest_rows) then decides:
                                                            a `category:` error for a new category)
 
 Planning never sends a request per input: a manifest row without a version is re-scored only when
-its last row is an error row. Everything here is column-wise Arrow (no Python object per row), so
-a 1,000,000-row manifest plans in seconds (benchmarks/score_plan.py).
+its last row is an error row. Everything here is column-wise Arrow (no Python object per row, no
+join or sort of the history: each input finds its current row by a hash lookup of its image_id),
+so a 10,500,000-row manifest against 10,000,000 rows of history plans with ~11 s of CPU and 1.6 GB
+(benchmarks/score_plan.py).
 """
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from promptad.data import storage
-from promptad.data.datasets import MANIFEST_EXTENSIONS, manifest_table
+from promptad.data.datasets import MANIFEST_EXTENSIONS, manifest_table, resolve_paths
 from promptad.errors import UserError
-from promptad.score.output import ORDER_COLUMNS, check_same_model, newest_rows, next_run_seq, read_rows
+from promptad.score.match import match
+from promptad.score.output import ORDER_COLUMNS, check_same_model, next_run_seq, read_rows
 
 INPUT_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("category", pa.string()),
                           ("source_version", pa.string()), ("size", pa.int64())])
@@ -42,10 +45,12 @@ def check_output_location(output_uri: str) -> None:
         raise UserError(f"--output {output_uri} is a file; pass a folder or prefix for the Parquet dataset")
 
 
-def list_inputs(input_uri: str, categories: list[str]) -> pa.Table:
+def list_inputs(input_uri: str, categories: list[str], *, planning: bool = False) -> pa.Table:
     """INPUT_SCHEMA rows of every input: a manifest's rows, or every image file under a folder or
     prefix (image_id = its URI). category is null where neither the manifest nor a single-category
-    model names one (those become error rows); size is null where the listing gives none (manifests)."""
+    model names one (those become error rows); size is null where the listing gives none (manifests).
+    `planning`: a manifest's paths as written and its image_ids unchecked (make_plan resolves the
+    paths it will read and checks the ids in its own hash pass)."""
     only = categories[0] if len(categories) == 1 else None
     manifest = input_uri.lower().endswith(MANIFEST_EXTENSIONS)
     if only is None and not manifest:  # before listing what may be millions of objects
@@ -55,7 +60,11 @@ def list_inputs(input_uri: str, categories: list[str]) -> pa.Table:
         if manifest:
             if not storage.exists(input_uri):
                 raise UserError(f"--input {input_uri} does not exist; {_INPUT_HINT}")
-            m = manifest_table(input_uri, ("image_id", "category", "version"))
+            m = manifest_table(input_uri, ("image_id", "category", "version"), resolve=not planning,
+                               unique=not planning, path=not planning)
+            if planning:  # paths (where not needed as ids), the default category and sizes: for the rows to score
+                return pa.table({"image_id": m["image_id"], **({"path": m["path"]} if "path" in m.column_names else {}),
+                                 "category": m["category"], "source_version": m["version"]})
             category = pc.fill_null(m["category"], only) if only is not None else m["category"]
             return pa.table([m["image_id"], m["path"], category, m["version"], pa.nulls(m.num_rows, pa.int64())],
                             schema=INPUT_SCHEMA)
@@ -90,7 +99,7 @@ class Plan:
     input_uri: str
     output_uri: str
     model_id: str
-    inputs: pa.Table  # INPUT_SCHEMA, every input (verify checks each has its row)
+    inputs: pa.Table  # image_id and source_version of every input (verify checks each has its row)
     todo: pa.Table  # INPUT_SCHEMA, the inputs to score now, in listing order
     done: int
     new: int
@@ -129,6 +138,7 @@ class Plan:
             f"  to retry        {self.retry:>12,}   last row is a read error (or any error, without a version)",
             f"  to score        {n:>12,}   would read {read}",
             f"  superseded rows {self.superseded:>12,}   older duplicate rows, dropped when a run completes",
+            f"  planned in {self.seconds:.1f} s",
             *self.notes,
         ]
 
@@ -150,34 +160,45 @@ def make_plan(input_uri: str, output_uri: str, model_id: str, categories: list[s
     check_output_location(output_uri)
     rows = read_rows(output_uri, ["image_id", "category", "error", "source_version", "model_id", *ORDER_COLUMNS])
     check_same_model(rows, model_id, output_uri)  # before listing: a wrong --output fails fast
-    inputs = list_inputs(input_uri, categories)
+    rows = rows.drop_columns(["model_id"])
+    inputs = list_inputs(input_uri, categories, planning=True)
     if inputs.num_rows == 0:
         what = "rows" if input_uri.lower().endswith(MANIFEST_EXTENSIONS) else \
             f"images ({', '.join(sorted(storage.IMAGE_EXTENSIONS))})"
         raise UserError(f"--input {input_uri} is empty: no {what}; {_INPUT_HINT} that lists at least one image")
-    current, superseded = newest_rows(rows)
-    current = current.select(["image_id", "category", "error", "source_version"]).rename_columns(
-        ["image_id", "row_category", "row_error", "row_version"])
-    current = current.append_column("row_present", pa.array([True] * current.num_rows, pa.bool_()))
-    order = pa.array(range(inputs.num_rows), pa.int64()) if inputs.num_rows else pa.array([], pa.int64())
-    joined = inputs.append_column("_order", order).join(current, "image_id", join_type="left outer")
-
-    has_row = pc.fill_null(joined["row_present"], False)
-    version = joined["source_version"]
-    error = joined["row_error"]
-    changed = pc.and_(has_row, pc.or_(_differs(joined["category"], joined["row_category"]),
-                                      pc.and_(pc.is_valid(version), _differs(version, joined["row_version"]))))
+    where, superseded, repeats = match(rows, inputs["image_id"])
+    if repeats:  # a manifest's duplicate image_ids: its own one-line error
+        manifest_table(input_uri, ("image_id",), resolve=False)
+    # Each input's current row (a null index where it has none), then the decisions column-wise.
+    has_row = pa.array(where >= 0)
+    index = pa.array(where, mask=where < 0)
+    del where
+    row_category, error, row_version = (rows[c].take(index).cast(pa.string())
+                                        for c in ("category", "error", "source_version"))
+    run_seq = next_run_seq(rows)
+    del rows, index
+    only = categories[0] if len(categories) == 1 else None
+    if only is not None and inputs["category"].null_count:  # a manifest's rows without a category
+        inputs = inputs.set_column(inputs.schema.get_field_index("category"), "category",
+                                   pc.fill_null(inputs["category"], only))
+    version = inputs["source_version"]
+    changed = pc.and_(has_row, pc.or_(_differs(inputs["category"], row_category),
+                                      pc.and_(pc.is_valid(version), _differs(version, row_version))))
     read_error = pc.fill_null(pc.starts_with(error, "read:"), False)
     other_error = pc.and_(pc.is_valid(error), pc.invert(pc.fill_null(pc.starts_with(error, "category:"), False)))
     retry = pc.and_(pc.and_(has_row, pc.invert(changed)),
                     pc.or_(read_error, pc.and_(pc.is_null(version), other_error)))
     new = pc.invert(has_row)
-    todo_mask = pc.or_(pc.or_(new, changed), retry)
-    todo = joined.filter(todo_mask)
-    todo = todo.take(pc.sort_indices(todo["_order"])).select(INPUT_SCHEMA.names)
-
-    return Plan(input_uri=input_uri, output_uri=output_uri, model_id=model_id, inputs=inputs, todo=todo,
+    wanted = pc.or_(pc.or_(new, changed), retry)
+    todo = inputs.filter(wanted)  # filter keeps the listing order
+    if input_uri.lower().endswith(MANIFEST_EXTENSIONS):  # only the paths it will read are resolved
+        paths = todo["path"] if "path" in todo.column_names else \
+            manifest_table(input_uri, (), resolve=False, unique=False)["path"].filter(wanted)
+        todo = pa.table([todo["image_id"], resolve_paths(input_uri, paths), todo["category"], todo["source_version"],
+                         pa.nulls(todo.num_rows, pa.int64())], schema=INPUT_SCHEMA)
+    return Plan(input_uri=input_uri, output_uri=output_uri, model_id=model_id,
+                inputs=inputs.select(["image_id", "source_version"]), todo=todo,
                 done=inputs.num_rows - todo.num_rows, new=_count(new), changed=_count(changed),
                 retry=_count(retry), superseded=superseded.num_rows,
                 versioned=inputs["source_version"].null_count == 0, seconds=time.monotonic() - t0,
-                run_seq=next_run_seq(rows))
+                run_seq=run_seq)

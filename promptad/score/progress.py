@@ -36,6 +36,8 @@ class Summary:
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     files: int = 0
     superseded_dropped: int = 0
+    files_compacted: int = 0  # small files merged after the run (compact.py)
+    files_written_compacted: int = 0  # the files they were merged into
     plan_seconds: float = 0.0
     seconds: float = 0.0
     run_seq: int = 0  # the run's sequence number in the output (its rows' run_seq)
@@ -50,6 +52,8 @@ class Summary:
             f"in {self.seconds:.1f} s ({rate:.1f} rows/s), {counted(self.files, 'file')}; "
             f"{self.superseded_dropped} superseded rows dropped",
             f"score: errors this run: {self.errors} ({kinds})",
+            *([f"score: compacted {counted(self.files_compacted, 'small file')} into "
+               f"{counted(self.files_written_compacted, 'file')}"] if self.files_compacted else []),
             *self._failed_lines(),
             f"score: output {self.output} (model {self.model_id}, run {self.run_id})",
         ]
