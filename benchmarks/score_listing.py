@@ -24,14 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 MEASURE = """
 import json, sys, time, tracemalloc
 import pyarrow as pa
-from promptad.data import storage
+from promptad.data import s3, storage
 how, uri = sys.argv[1], sys.argv[2]
 tracemalloc.start()
 t = time.perf_counter()
 if how == "paged":
     n = storage.list_versions(uri, storage.IMAGE_EXTENSIONS).num_rows
 else:  # the listing before issue 38: s3fs find, every object's info dict at once
-    found = storage._s3fs(False).find(uri[len("s3://"):], detail=True)
+    found = s3.s3fs_for(False).find(uri[len("s3://"):], detail=True)
     n = len([i for i in found.values() if i.get("type") == "file"])
 seconds = time.perf_counter() - t
 print(json.dumps({"n": n, "seconds": seconds, "python_peak": tracemalloc.get_traced_memory()[1],

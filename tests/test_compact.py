@@ -171,15 +171,17 @@ def test_compaction_on_s3_and_a_paged_listing(s3_bucket, s3_server, monkeypatch)
         s3.put_object(Bucket=bucket, Key=f"cam/{i}.png", Body=b"x" * (i + 1))
     s3.put_object(Bucket=bucket, Key="cam/notes.txt", Body=b"not an image")
     pages = []
-    real = storage._s3_pages
+    from promptad.data import s3 as s3_listing
+
+    real = s3_listing.pages
 
     def counted(*args):
         for page in real(*args):
             pages.append(len(page[0]))
             yield page
 
-    monkeypatch.setattr(storage, "S3_LIST_PAGE", 3)
-    monkeypatch.setattr(storage, "_s3_pages", counted)
+    monkeypatch.setattr(s3_listing, "LIST_PAGE", 3)
+    monkeypatch.setattr(s3_listing, "pages", counted)
     listed = storage.list_versions(f"{s3_bucket}/cam", storage.IMAGE_EXTENSIONS)
     assert pages == [3, 3, 2] and listed["uri"].to_pylist() == [f"{s3_bucket}/cam/{i}.png" for i in range(7)]
     assert listed["size"].to_pylist() == list(range(1, 8))
