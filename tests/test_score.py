@@ -72,6 +72,14 @@ def _texture(seed: int, h: int = 80, w: int = 96) -> np.ndarray:
     return (rng.normal(128, 20, (h, w, 3)).clip(0, 255)).astype(np.uint8)
 
 
+def _line(folder, n: int, start: int = 0):
+    """A folder of n textured PNGs named start.png, ...: a line's images."""
+    folder.mkdir(exist_ok=True)
+    for i in range(start, start + n):
+        (folder / f"{i}.png").write_bytes(_png(_texture(i)))
+    return folder
+
+
 def _bomb_png(width: int = 40_000, height: int = 40_000) -> bytes:
     """A tiny PNG whose header claims width x height pixels (a decompression bomb's signature)."""
     data = bytearray(_png(np.zeros((1, 1), np.uint8)))
@@ -273,10 +281,7 @@ def test_bad_inputs_become_error_rows_and_odd_modes_score(ray_local, models, tmp
 
 
 def test_output_of_another_model_is_a_one_line_user_error(ray_local, models, tmp_path, capsys):
-    folder = tmp_path / "few"
-    folder.mkdir()
-    for i in range(3):
-        (folder / f"{i}.png").write_bytes(_png(_texture(i)))
+    folder = _line(tmp_path / "few", 3)
     out = str(tmp_path / "scores")
     score.score(models["one"], str(folder), out, batch_size=4)
     before = sorted(os.listdir(out))
@@ -312,10 +317,7 @@ def _rows_by_name(output: str) -> dict[str, dict]:
 
 
 def test_changed_local_file_is_scored_again_and_its_old_row_dropped(ray_local, models, tmp_path):
-    folder = tmp_path / "line"
-    folder.mkdir()
-    for i in range(4):
-        (folder / f"{i}.png").write_bytes(_png(_texture(i)))
+    folder = _line(tmp_path / "line", 4)
     out = str(tmp_path / "scores")
     first = score.score(models["one"], str(folder), out, batch_size=4)
     assert (first.new, first.scored) == (4, 4)
@@ -343,10 +345,7 @@ def test_a_compacted_output_and_a_killed_compaction_stay_exactly_once(ray_local,
     from promptad.score.compact import compact
     from promptad.score.output import listing
 
-    folder = tmp_path / "line"
-    folder.mkdir()
-    for i in range(3):
-        (folder / f"{i}.png").write_bytes(_png(_texture(i)))
+    folder = _line(tmp_path / "line", 3)
     out = str(tmp_path / "scores")
     score.score(models["one"], str(folder), out, batch_size=4)
     for i in range(3, 5):
@@ -426,10 +425,7 @@ def test_late_file_is_retried_and_a_decode_error_waits_for_a_new_version(ray_loc
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(ray_local, models, tmp_path, capsys):
-    folder = tmp_path / "batch"
-    folder.mkdir()
-    for i in range(3):
-        (folder / f"{i}.png").write_bytes(_png(_texture(i)))
+    folder = _line(tmp_path / "batch", 3)
     out = tmp_path / "scores"
     assert cli.main(["score", "--model", models["one"], "--input", str(folder), "--output", str(out),
                      "--dry-run"]) == 0
