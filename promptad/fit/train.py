@@ -198,13 +198,17 @@ def _load_state(model: PromptAD, opt, sched, ema, scaler, state: dict[str, Any] 
 
 
 def train_epochs(config: dict[str, Any], rank: int, world: int, device: torch.device,
-                 restored: dict[str, Any] | None, report: Callable[[dict[str, Any], dict[str, Any] | None], None],
+                 restored: dict[str, Any] | None, checkpoint: Callable[[dict[str, Any], dict[str, Any] | None], None],
                  wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m) -> None:
     """One rank's training, on Ray Train's workers and in the one-worker task alike: build the
-    model, load this rank's rows, go on from `restored` (a checkpoint's state) if any, train,
-    and call `report(metrics, state)` after every epoch, `state` the checkpoint to keep (rank 0,
-    when checkpoint_due) or None. `wrap`: the DDP wrapper of the trainable part."""
+    model, load this rank's rows, go on from `restored` (a checkpoint's state) if any, train, print
+    each epoch's line (rank 0), and where rank 0's checkpoint_due says so call `checkpoint(metrics,
+    state)` on every rank, `state` what to keep on rank 0 and None on the others. Nothing is
+    reported to Ray Train between checkpoints: a report waits for the controller to poll the
+    worker (every 2 s) however small the epoch. `wrap`: the DDP wrapper of the trainable part."""
     import ray
+
+    from promptad.console import say
 
     cfg = TrainConfig(**config["train"])
     precision = training_precision(device) if cfg.precision == "auto" else resolve_precision(cfg.precision, device)
@@ -235,25 +239,33 @@ def train_epochs(config: dict[str, Any], rank: int, world: int, device: torch.de
         t0 = time.time()
         stats = train_epoch(trainable, shard, opt, sched, scaler, ema, cfg, epoch, rank, steps, model.handcrafted,
                             device)
-        digests = _gather(param_digest(model.trainable), world)
+        # One exchange per epoch: what the metrics record of every rank, and rank 0's decision to
+        # checkpoint, which every rank follows (each must report to Ray Train the same times).
+        ranks = _gather({"params": param_digest(model.trainable), "shard": mine, "loss": float(stats["loss"]),
+                         "seconds": time.time() - t0,
+                         "due": rank == 0 and checkpoint_due(time.time(), last, epoch + 1, cfg.epochs, every)}, world)
         metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "rank": rank, "world": world,
                    "seconds": time.time() - t0, "images": len(shard), "precision": precision,
-                   "threads": torch.get_num_threads(), "initial_digest": initial, "param_digests": digests,
-                   "shard_digests": _gather(mine, world), **{k: float(v) for k, v in stats.items()}}
-        state = None
-        if rank == 0 and checkpoint_due(time.time(), last, epoch + 1, cfg.epochs, every):
-            state = {"epoch": epoch + 1, "trainable": model.trainable.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-                     "ema": ema.state_dict(), "metrics": metrics, "head_scales": config["head_scales"],
-                     "map_choice": config["map_choice"]}
-        report(metrics, state)
-        if state is not None:
+                   "threads": torch.get_num_threads(), "initial_digest": initial,
+                   "param_digests": [r["params"] for r in ranks], "shard_digests": [r["shard"] for r in ranks],
+                   **{k: float(v) for k, v in stats.items()}}
+        if rank == 0:
+            say(progress_line(metrics, ranks))
+        if ranks[0]["due"]:
+            state = None
+            if rank == 0:
+                state = {"epoch": epoch + 1, "trainable": model.trainable.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(),
+                         "scaler": scaler.state_dict() if scaler is not None else None,
+                         "ema": ema.state_dict(), "metrics": metrics, "head_scales": config["head_scales"],
+                         "map_choice": config["map_choice"]}
+            checkpoint(metrics, state)
             last = time.time()
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: train_epochs from the newest checkpoint, reporting metrics
-    every epoch and rank 0's checkpoints to Ray Train."""
+    """Runs on every Ray Train worker: train_epochs from the newest checkpoint, reporting rank 0's
+    checkpoints (and every rank's metrics with them) to Ray Train."""
     import ray.train
     import ray.train.torch
 
@@ -273,8 +285,8 @@ def train_worker(config: dict[str, Any]) -> None:
     if newest is not None and (state is None or int(state["epoch"]) < newest[0]):
         state = newest[1]
 
-    def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        if state is None:
+    def checkpoint(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        if state is None:  # the other ranks: Ray Train takes a report from every worker
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
@@ -284,64 +296,43 @@ def train_worker(config: dict[str, Any]) -> None:
 
     # Only the trainable part is wrapped: the frozen backbone is held by reference, not as a
     # submodule, so DDP neither broadcasts nor all-reduces it.
-    train_epochs(config, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), state, report,
+    train_epochs(config, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), state, checkpoint,
                  wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
 
 
-def train_task(config: dict[str, Any], threads: int) -> dict[str, Any]:
+def train_task(config: dict[str, Any], threads: int) -> None:
     """Ray task body: one CPU worker's training without Ray Train (no process group, no worker
     group to start, no controller to register checkpoints with: on a 761-image fit these took
     ~45 s of ~50). It writes rank 0's checkpoints into the run folder itself, in Ray Train's
     layout, keeping the newest CHECKPOINTS_KEPT, and goes on from the newest there: a task
     retried after its worker died, or a --resume, replays what the uninterrupted run did.
     `threads`: the torch threads a Ray Train worker of the same CPUs ran on (the same rounding,
-    the same weights). Returns the last epoch's metrics."""
+    the same weights)."""
     import io
 
     from promptad.actors import start_actor
-    from promptad.console import say
 
     device = start_actor("cpu", threads)
     newest = newest_state(config["run_dir"])
-    last: dict[str, Any] = {}
 
-    def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        if state is not None:
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            storage.write_bytes(storage.join(checkpoint_dir(config["run_dir"], int(state["epoch"])), STATE_FILE),
-                                buf.getvalue())
-            prune_checkpoints(config["run_dir"])
-        say(progress_line([metrics]))
-        last.update(metrics)
+    def checkpoint(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        storage.write_bytes(storage.join(checkpoint_dir(config["run_dir"], int(state["epoch"])), STATE_FILE),
+                            buf.getvalue())
+        prune_checkpoints(config["run_dir"])
 
-    train_epochs(config, 0, 1, device, None if newest is None else newest[1], report)
-    return last
+    train_epochs(config, 0, 1, device, None if newest is None else newest[1], checkpoint)
 
 
-def progress_line(metrics: list[dict[str, Any]]) -> str:
-    """The console's line for an epoch, from every rank's metrics."""
+def progress_line(metrics: dict[str, Any], ranks: list[dict[str, Any]]) -> str:
+    """The console's line for an epoch: rank 0's metrics, the loss averaged over the ranks and
+    the slowest rank's seconds."""
     from promptad.console import counted
 
-    m = metrics[0]
-    loss = sum(x["loss"] for x in metrics) / len(metrics)
-    return (f"epoch {m['epoch']}/{m['epochs']}  loss {loss:.4f}  {max(x['seconds'] for x in metrics):.1f}s  "
-            f"({counted(int(m['steps']), 'step')} x {counted(int(m['world']), 'worker')})")
-
-
-def _progress_callback():
-    """One line per epoch on the driver's console (the callback runs in the Ray Train controller;
-    console.say relays the line to the driver, which does not forward Ray's own worker output)."""
-    from ray.train import UserCallback
-
-    from promptad.console import say
-
-    class Progress(UserCallback):
-        def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-            if metrics and "loss" in metrics[0]:
-                say(progress_line(metrics))
-
-    return Progress()
+    loss = sum(r["loss"] for r in ranks) / len(ranks)
+    return (f"epoch {metrics['epoch']}/{metrics['epochs']}  loss {loss:.4f}  {max(r['seconds'] for r in ranks):.1f}s  "
+            f"({counted(int(metrics['steps']), 'step')} x {counted(int(metrics['world']), 'worker')})")
 
 
 def uses_ray_train(workers: int, gpus: float) -> bool:
@@ -373,8 +364,7 @@ def train(config: dict[str, Any], *, workers: int, cpus: float, gpus: float, sto
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=fs_path, storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-            failure_config=ray.train.FailureConfig(max_failures=WORKER_RESTARTS),
-            callbacks=[_progress_callback()]),
+            failure_config=ray.train.FailureConfig(max_failures=WORKER_RESTARTS)),
     )
     result = trainer.fit()
     if result.checkpoint is None:
