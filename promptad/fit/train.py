@@ -2,8 +2,8 @@
 head's cached rows (learning/evidence.py, made by the evidence tasks). Several workers, or GPU
 workers, train under Ray Train's TorchTrainer; one CPU worker trains in a plain Ray task
 (train_task): the same loop (train_epochs) and checkpoints, without a worker group, a process
-group and a controller to start and report to, which cost ~45 s of a 761-image fit whose 20
-epochs take ~3 s (benchmarks/RESULTS.md, "The real `promptad fit`").
+group and a controller to start and report to: a 761-image fit's training stage went from
+55.6 s to 6.6 s, the same weights (benchmarks/RESULTS.md, "Ray's share of a fit").
 
 Rows. The evidence rows of every category, in sorted-category order and each category's own row
 order (pipeline.evidence_shard's), are dealt round-robin to the ranks: row k goes to rank k mod W,
@@ -302,8 +302,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
 def train_task(config: dict[str, Any], threads: int) -> None:
     """Ray task body: one CPU worker's training without Ray Train (no process group, no worker
-    group to start, no controller to register checkpoints with: on a 761-image fit these took
-    ~45 s of ~50). It writes rank 0's checkpoints into the run folder itself, in Ray Train's
+    group to start, no controller to report to: on a 761-image fit these took ~49 s of a 55.6 s
+    training stage). It writes rank 0's checkpoints into the run folder itself, in Ray Train's
     layout, keeping the newest CHECKPOINTS_KEPT, and goes on from the newest there: a task
     retried after its worker died, or a --resume, replays what the uninterrupted run did.
     `threads`: the torch threads a Ray Train worker of the same CPUs ran on (the same rounding,
