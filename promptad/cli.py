@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, type=_location, metavar="URI",
                    help="artifact folder to write, local or s3:// (required)")
     f.add_argument("--workers", type=_positive_int, default=1, metavar="N",
-                   help="Ray Train workers (DDP) (default: %(default)s)")
+                   help="training workers: Ray Train DDP workers, or with one CPU worker a plain Ray task "
+                        "(default: %(default)s)")
     f.add_argument("--gpus-per-worker", type=_non_negative_float, default=0.0, metavar="G",
                    help="GPUs per worker; > 0 trains in fp16 on GPUs (default: %(default)g, CPU)")
     f.add_argument("--cpus-per-worker", type=_non_negative_float, default=0.5, metavar="C",
@@ -206,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Advanced: the training precision (auto: fp16 on GPU, bf16 on CPUs with native bf16, else fp32);
     # fp32 makes a 1-worker fit comparable to pipeline.fit_in_process in tests.
     f.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help=argparse.SUPPRESS)
+    # Advanced: training checkpoints at most this often, and after the last epoch (fit/train.py's
+    # checkpoint_due; default train.CHECKPOINT_SECONDS); 0 checkpoints every epoch (the kill-and-resume tests).
+    f.add_argument("--checkpoint-seconds", type=_non_negative_float, default=None,
+                   help=argparse.SUPPRESS)
     f.add_argument("--storage", default=None, type=_location, metavar="URI",
                    help="where the run's checkpoints go (training epochs, each finished category's memory and "
                         "calibration), local or s3:// (default: <--out>-checkpoints)")

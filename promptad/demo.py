@@ -3,7 +3,7 @@
 A new user (or CI) sees every step work before pointing the tool at real data: a seeded MVTec-AD
 layout of procedural textures with synthetic defects and exact masks is generated (unless --data
 is given), then the same code paths as the commands run on one local Ray (or --address):
-fit (Ray Train) -> score (Ray Data -> Parquet) -> audit (report + visualizations).
+fit (Ray tasks; Ray Train for DDP) -> score (Ray Data -> Parquet) -> audit (report + visualizations).
 Arguments for each step are parsed by the CLI's own parser, so flags live in one place.
 """
 from __future__ import annotations
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> None:
 
     model, scores, report = workdir / "model", workdir / "scores", workdir / "report"
     epochs = TRAIN_EPOCHS if args.epochs is None else args.epochs
-    print(f"[demo] fit: effnet-lite0 on {cats}, {console.counted(epochs, 'epoch')} (Ray Train)")
+    print(f"[demo] fit: effnet-lite0 on {cats}, {console.counted(epochs, 'epoch')} (Ray)")
     fit.run(_step(["fit", "--data", data, "--category", cats, "--backbone", "effnet-lite0",
                    "--out", str(model), "--storage", str(workdir / "checkpoints"),
                    "--epochs", str(epochs)], common))

@@ -114,8 +114,8 @@ def test_demo_console_is_short_and_free_of_ray_internals(demo_run):
     noisy = [line for line in lines if RAY_INTERNALS.search(line)]
     assert not noisy, noisy[:5]
     epochs = [line for line in lines if re.match(r"epoch \d+/\d+  loss ", line)]
-    assert len(epochs) == TRAIN_EPOCHS  # fit's lines come through from the Train controller
-    assert f"[demo] fit: effnet-lite0 on tile, {TRAIN_EPOCHS} epochs (Ray Train)" in lines
+    assert len(epochs) == TRAIN_EPOCHS  # fit's lines come through from the training task
+    assert f"[demo] fit: effnet-lite0 on tile, {TRAIN_EPOCHS} epochs (Ray)" in lines
     assert any(re.match(rf"fit: training on \d+ evidence rows of 1 category, 1 worker, {TRAIN_EPOCHS} epochs$", line) for line in lines), lines
     assert re.search(r"  \(\d+ steps x 1 worker\)$", epochs[0]), epochs
     named = re.search(r"^promptad: Ray's logs: (\S+\.log)", demo_run["stderr"], re.M)

@@ -400,9 +400,9 @@ def test_a_per_category_task_must_fit_one_node_with_its_gpus(monkeypatch):
 
 
 # --------------------------------------------------------------------------- fits on Ray
-# Tiny epochs (32 steps of 4 of the 3 x 36 evidence rows per worker) take ~0.2 s on 2 CPUs and a
-# checkpoint each: with 10, a kill at the first epoch's checkpoint (polled every 50 ms) lands
-# seconds before the run's end.
+# Tiny epochs (32 steps of 4 of the 3 x 36 evidence rows per worker) take ~0.2 s on 2 CPUs and,
+# with --checkpoint-seconds 0, a checkpoint each: with 10, a kill at the first epoch's checkpoint
+# (polled every 50 ms) lands seconds before the run's end.
 EPOCHS = "10"
 
 
@@ -557,7 +557,8 @@ def test_killed_at_every_stage_resumes_to_the_same_model(ray_local, baseline, th
     storage_dir, out = tmp_path / "ckpt", tmp_path / "resumed"
     cmd = [sys.executable, str(REPO / "jobs" / "train.py"), "--data", str(three), "--category", CATEGORIES,
            "--out", str(out), "--input-size", str(SIZE), "--batch-size", "4", "--workers", "2",
-           "--epochs", EPOCHS, "--storage", str(storage_dir), "--address", ray_local.get_runtime_context().gcs_address]
+           "--epochs", EPOCHS, "--checkpoint-seconds", "0", "--storage", str(storage_dir),
+           "--address", ray_local.get_runtime_context().gcs_address]
 
     def files(kind: str) -> list[Path]:
         return sorted(storage_dir.glob(f"fit-*/{kind}/*"))
@@ -632,6 +633,8 @@ def test_one_worker_fit_on_s3_is_the_in_process_fit(ray_local, aligned, s3_bucke
     for part in ("epoch_0002/" + fit.STATE_FILE, fit_runs.RUN_FILE, fit_runs.ROWS_FILE, "memory/tile.safetensors",
                  "memory/wood.safetensors", "calibration/tile.json", "calibration/wood.json"):
         assert storage.exists(storage.join(summary.run_dir, part)), part
+    # One CPU worker trains in a task, and a run of seconds keeps its last epoch's checkpoint only.
+    assert not storage.exists(storage.join(summary.run_dir, "epoch_0001/" + fit.STATE_FILE))
     model = load_artifact(f"{s3_bucket}/model")
     assert model.model_id == summary.model_id and model.categories == ["tile", "wood"]
     images = {c: load_images(sorted(load_samples(str(aligned), [c], "train"), key=lambda s: s.image_id), SIZE)
@@ -885,7 +888,7 @@ def test_a_killed_train_worker_restarts_from_the_last_checkpoint_to_the_same_mod
     killer.start()
     try:
         summary = fit.run(fit_args(str(three), str(tmp_path / "model"), "--workers", "2", "--epochs", EPOCHS,
-                                   "--storage", str(storage_dir), categories=CATEGORIES))
+                                   "--checkpoint-seconds", "0", "--storage", str(storage_dir), categories=CATEGORIES))
     finally:
         stop.set()
         killer.join()
@@ -897,3 +900,74 @@ def test_a_killed_train_worker_restarts_from_the_last_checkpoint_to_the_same_mod
     assert summary.model_id == baseline["summary"].model_id
     assert sorted(p.name for p in Path(summary.run_dir).glob("epoch_*")) == [
         f"epoch_{int(EPOCHS) - 1:04d}", f"epoch_{int(EPOCHS):04d}"]
+
+
+def _task_pids() -> list[int]:
+    """Ray workers running the one-worker training task (Ray titles a worker by its task)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::train_task"):
+                pids.append(int(proc.name))
+        except OSError:  # gone meanwhile
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_one_cpu_worker_trains_in_a_task_that_a_kill_resumes_to_the_same_weights(ray_local, tmp_path):
+    """One CPU worker trains in a plain Ray task, not Ray Train (fit/train.py). At the default
+    checkpoint interval a run of seconds writes one checkpoint, its last epoch's. The same run
+    checkpointing every epoch, its worker SIGKILLed right after the first checkpoint, is retried
+    by Ray, goes on from the newest checkpoint (its starting weights are not the fresh ones) and
+    ends with the uninterrupted run's weights, bit for bit."""
+    import threading
+
+    from promptad.fit import train
+    from promptad.learning.training import Shard, TrainConfig
+    from promptad.models.model import ModelConfig
+
+    assert not train.uses_ray_train(1, 0.0) and train.uses_ray_train(2, 0.0) and train.uses_ray_train(1, 1.0)
+    gen = torch.Generator().manual_seed(0)
+    n, grid = 24, 8
+    shard = Shard(torch.rand(n, 2, grid, grid, generator=gen), None, ["tile"] * n,
+                  masks=(torch.rand(n, grid, grid, generator=gen) > 0.9).float(), pos_weight=3.0)
+    config = {"model": ModelConfig(backbone="effnet-lite0", input_size=SIZE, categories=["tile"]).to_dict(),
+              "rows": n, "feat_mean": [0.5, 0.5], "feat_std": [0.3, 0.3], "pos_weight": shard.pos_weight,
+              "head_scales": {"tile": [1.0, 1.0]}, "map_choice": {"tile": {}}, "tokens": None,
+              "train": TrainConfig(epochs=int(EPOCHS), batch_size=4, precision="fp32").to_dict(),
+              "rows_refs": [ray_local.put(r) for r in train.rank_rows(shard, 1)]}
+
+    def run(name: str, every: float | None) -> dict:
+        run_dir = str(tmp_path / name)
+        os.makedirs(run_dir)  # fit's run folder (runs.new_run)
+        train.train(config | {"run_dir": run_dir, "checkpoint_seconds": every}, workers=1, cpus=0.5, gpus=0.0,
+                    storage_uri=str(tmp_path), run_name=name)
+        return train.read_state(run_dir, int(EPOCHS))
+
+    whole = run("whole", None)
+    assert train.checkpoint_epochs(str(tmp_path / "whole")) == [int(EPOCHS)]
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def kill_the_task() -> None:
+        while not stop.wait(0.02):
+            pids = _task_pids()
+            if pids and train.checkpoint_epochs(str(tmp_path / "killed")):
+                killed.append(pids[0])
+                os.kill(pids[0], signal.SIGKILL)
+                return
+
+    killer = threading.Thread(target=kill_the_task, daemon=True)
+    killer.start()
+    try:
+        resumed = run("killed", 0)
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "the training task was not killed"
+    assert resumed["metrics"]["initial_digest"] != whole["metrics"]["initial_digest"], \
+        "the retried task did not start from a checkpoint (the kill landed after training, or it began afresh)"
+    assert train.checkpoint_epochs(str(tmp_path / "killed")) == [int(EPOCHS) - 1, int(EPOCHS)]
+    for k, v in whole["ema"]["state"].items():
+        assert torch.equal(resumed["ema"]["state"][k], v), k

@@ -8,7 +8,8 @@ checks, orchestrates and writes the artifact.
     tasks    with training: the evidence head's rows per category (learning/evidence.py), each
              task started when its category's memory is in
     Train    TorchTrainer, --workers DDP workers over the trainable part; each loads only its
-             rows, once (fit/train.py); a checkpoint every epoch
+             rows, once (fit/train.py); one CPU worker trains in a plain task instead;
+             a checkpoint once a minute and after the last epoch
     tasks    calibration per category (calibrate.calibrate_category) on the trained weights
     driver   artifact (artifact.save_artifact) from the tasks' small results
 
@@ -316,7 +317,7 @@ def _features(args: argparse.Namespace, model_cfg: dict[str, Any], rows: list[di
 
 def _train(args: argparse.Namespace, model: PromptAD, heads: list[str], evidence: list[Evidence], tokens: list,
            storage_uri: str, run_name: str) -> None:
-    """Ray Train over the evidence rows of the categories that train the head (`heads`, sorted;
+    """Training (Ray Train, or one task for one CPU worker: train.train) over the evidence rows of the categories that train the head (`heads`, sorted;
     `evidence` and their `tokens` refs in that order: pipeline.head_categories), from the newest
     checkpoint of the run if any. The fit's shard
     (pipeline.evidence_shard, as in-process: the head's standardization and input scales set on
@@ -337,6 +338,7 @@ def _train(args: argparse.Namespace, model: PromptAD, heads: list[str], evidence
               "map_choice": {c: dict(model.calibration[c].map_choice) for c in categories},
               "train": TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                                    precision=args.precision).to_dict(),
+              "checkpoint_seconds": args.checkpoint_seconds,
               "rows_refs": [ray.put(r) for r in ranks],
               # CLIP: each rank's tokens, gathered from the evidence tasks' token objects by a tokens task
               "tokens": [stages.Selection(tokens, token_picks([len(e) for e in evidence], r["positions"]))

@@ -3,7 +3,7 @@ checks before it continues one. Plain storage, no Ray.
 
     fit-<UTC time>-<id>/
       promptad-fit.json              the run's flags (MODEL_FLAGS, which must match on --resume)
-      epoch_NNNN/state.pt            Ray Train checkpoints (fit/train.py), the newest CHECKPOINTS_KEPT,
+      epoch_NNNN/state.pt            training checkpoints (fit/train.py), the newest CHECKPOINTS_KEPT,
                                      with the evidence head's input scales per category
       rows.json                      readable images per category, skipped files
       memory/<category>.safetensors  a finished category's memory (artifact.memory_tensors)
@@ -50,6 +50,7 @@ OTHER_FLAGS = {
     "resume": "whether to continue a run",
     "cpus_per_worker": "CPUs Ray reserves for a worker (the work and its seeds do not depend on them)",
     "cpus_per_category": "CPUs Ray reserves for a per-category task (likewise)",
+    "checkpoint_seconds": "how often training is checkpointed; a resumed run replays the same epochs",
     "address": "which Ray runs the work",
     "verbose": "console output only",
     "debug": "console output only",

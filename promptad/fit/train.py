@@ -1,5 +1,9 @@
-"""Training in `promptad fit`: Ray Train's TorchTrainer, DDP over the trainable part only (head,
-prompts), on the evidence head's cached rows (learning/evidence.py, made by the evidence tasks).
+"""Training in `promptad fit`: DDP over the trainable part only (head, prompts), on the evidence
+head's cached rows (learning/evidence.py, made by the evidence tasks). Several workers, or GPU
+workers, train under Ray Train's TorchTrainer; one CPU worker trains in a plain Ray task
+(train_task): the same loop (train_epochs) and checkpoints, without a worker group, a process
+group and a controller to start and report to: a 761-image fit's training stage went from
+55.6 s to 6.6 s, the same weights (benchmarks/RESULTS.md, "Ray's share of a fit").
 
 Rows. The evidence rows of every category, in sorted-category order and each category's own row
 order (pipeline.evidence_shard's), are dealt round-robin to the ranks: row k goes to rank k mod W,
@@ -14,12 +18,14 @@ a run resumed from a checkpoint replays what the uninterrupted run did. (Ray Dat
 streaming_split hands blocks to whichever worker asks first, so a resumed run would not see the
 same rows.) With one worker this is training.train_in_process on pipeline.evidence_shard.
 
-Checkpoints. Every epoch rank 0 reports the trainable state, optimizer, scheduler, GradScaler, the
-weight average (WeightAverage.state_dict), the epoch, the epoch's metrics and the categories'
+Checkpoints. Rank 0 checkpoints the trainable state, optimizer, scheduler, GradScaler, the weight
+average (WeightAverage.state_dict), the epoch, the epoch's metrics and the categories'
 evidence-head input scales (what calibration needs with the trained state, when a resumed run
-does not make the rows again); Ray Train keeps the newest CHECKPOINTS_KEPT and restarts a lost
-worker group from the newest (WORKER_RESTARTS times). What the fit keeps is the weight average
-of the last epoch's checkpoint.
+does not make the rows again) after the last epoch and, before it, once CHECKPOINT_SECONDS have
+passed since its last (checkpoint_due; `--checkpoint-seconds`, 0: every epoch). The newest
+CHECKPOINTS_KEPT are kept; a lost worker group (Ray Train) or training task (Ray's task retry)
+restarts from the newest, WORKER_RESTARTS times. What the fit keeps is the weight average of the
+last epoch's checkpoint.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import os
 import tempfile
 import time
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +57,9 @@ from promptad.models.model import ModelConfig, PromptAD
 STATE_FILE = "state.pt"
 CHECKPOINTS_KEPT = 2
 WORKER_RESTARTS = 2  # a preempted or crashed worker group restarts from the last checkpoint
+# Training checkpoints at most once this often (and after the last epoch): a kill loses at most
+# this much training, where one every epoch cost ~2 s each on Ray Train against epochs of 0.15 s.
+CHECKPOINT_SECONDS = 60.0
 
 
 def deal(n_rows: int, world: int) -> list[np.ndarray]:
@@ -166,16 +175,41 @@ def load_shard(rows: dict[str, Any], tokens: Selection | None, pos_weight: float
     return Shard(rows["inputs"], gathered, list(rows["categories"]), masks=rows["masks"], pos_weight=pos_weight)
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: build the model, load this rank's rows, resume from the
-    newest checkpoint if there is one, train, and report metrics (+ a checkpoint on rank 0) per epoch."""
-    import ray.train
-    import ray.train.torch
+def checkpoint_due(now: float, last: float, epoch: int, epochs: int, every: float) -> bool:
+    """Whether rank 0 checkpoints after `epoch` (1-based): after the last epoch always, otherwise
+    once `every` seconds have passed since its last checkpoint (or the start of training). A
+    checkpoint is not free (a state file written, and on Ray Train a report the controller
+    registers: ~2 s each, most of a 761-image fit's training when written every epoch); a kill
+    loses at most `every` seconds of training, and a resumed run replays the same epochs."""
+    return epoch >= epochs or now - last >= every
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+
+def _load_state(model: PromptAD, opt, sched, ema, scaler, state: dict[str, Any] | None) -> int:
+    """Load a checkpoint's state into the run; the epoch it ends (0 without one)."""
+    if state is None:
+        return 0
+    model.trainable.load_state_dict(state["trainable"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    ema.load_state_dict(state["ema"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return int(state["epoch"])
+
+
+def train_epochs(config: dict[str, Any], rank: int, world: int, device: torch.device,
+                 restored: dict[str, Any] | None, checkpoint: Callable[[dict[str, Any], dict[str, Any] | None], None],
+                 wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m) -> None:
+    """One rank's training, on Ray Train's workers and in the one-worker task alike: build the
+    model, load this rank's rows, go on from `restored` (a checkpoint's state) if any, train, print
+    each epoch's line (rank 0), and where rank 0's checkpoint_due says so call `checkpoint(metrics,
+    state)` on every rank, `state` what to keep on rank 0 and None on the others. Nothing is
+    reported to Ray Train between checkpoints: a report waits for the controller to poll the
+    worker (every 2 s) however small the epoch. `wrap`: the DDP wrapper of the trainable part."""
+    import ray
+
+    from promptad.console import say
+
     cfg = TrainConfig(**config["train"])
     precision = training_precision(device) if cfg.precision == "auto" else resolve_precision(cfg.precision, device)
     cfg = replace(cfg, precision=precision)
@@ -195,7 +229,48 @@ def train_worker(config: dict[str, Any]) -> None:
     opt, sched = make_optimizer(model.trainable, cfg, steps * cfg.epochs)
     ema = make_ema(model.trainable, cfg)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    start = 0
+    start = _load_state(model, opt, sched, ema, scaler, restored)
+    initial = param_digest(model.trainable)
+    trainable = wrap(model.trainable)
+    mine = hashlib.sha256(shard.local.numpy().tobytes()).hexdigest()[:16]
+    every = CHECKPOINT_SECONDS if config.get("checkpoint_seconds") is None else float(config["checkpoint_seconds"])
+    last = time.time()
+    for epoch in range(start, cfg.epochs):
+        t0 = time.time()
+        stats = train_epoch(trainable, shard, opt, sched, scaler, ema, cfg, epoch, rank, steps, model.handcrafted,
+                            device)
+        # One exchange per epoch: what the metrics record of every rank, and rank 0's decision to
+        # checkpoint, which every rank follows (each must report to Ray Train the same times).
+        ranks = _gather({"params": param_digest(model.trainable), "shard": mine, "loss": float(stats["loss"]),
+                         "seconds": time.time() - t0,
+                         "due": rank == 0 and checkpoint_due(time.time(), last, epoch + 1, cfg.epochs, every)}, world)
+        metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "rank": rank, "world": world,
+                   "seconds": time.time() - t0, "images": len(shard), "precision": precision,
+                   "threads": torch.get_num_threads(), "initial_digest": initial,
+                   "param_digests": [r["params"] for r in ranks], "shard_digests": [r["shard"] for r in ranks],
+                   **{k: float(v) for k, v in stats.items()}}
+        if rank == 0:
+            say(progress_line(metrics, ranks))
+        if ranks[0]["due"]:
+            state = None
+            if rank == 0:
+                state = {"epoch": epoch + 1, "trainable": model.trainable.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(),
+                         "scaler": scaler.state_dict() if scaler is not None else None,
+                         "ema": ema.state_dict(), "metrics": metrics, "head_scales": config["head_scales"],
+                         "map_choice": config["map_choice"]}
+            checkpoint(metrics, state)
+            last = time.time()
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: train_epochs from the newest checkpoint, reporting rank 0's
+    checkpoints (and every rank's metrics with them) to Ray Train."""
+    import ray.train
+    import ray.train.torch
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx = ray.train.get_context()
     state = None
     checkpoint = ray.train.get_checkpoint()  # after a worker-group restart within this job
     if checkpoint is not None:
@@ -209,63 +284,74 @@ def train_worker(config: dict[str, Any]) -> None:
     newest = newest_state(config["run_dir"])
     if newest is not None and (state is None or int(state["epoch"]) < newest[0]):
         state = newest[1]
-    if state is not None:
-        model.trainable.load_state_dict(state["trainable"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        ema.load_state_dict(state["ema"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start = int(state["epoch"])
-    initial = param_digest(model.trainable)
+
+    def checkpoint(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        if state is None:  # the other ranks: Ray Train takes a report from every worker
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, os.path.join(d, STATE_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"epoch_{int(state['epoch']):04d}")
+
     # Only the trainable part is wrapped: the frozen backbone is held by reference, not as a
     # submodule, so DDP neither broadcasts nor all-reduces it.
-    trainable = ray.train.torch.prepare_model(model.trainable, move_to_device=False)
-    mine = hashlib.sha256(shard.local.numpy().tobytes()).hexdigest()[:16]
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
-        stats = train_epoch(trainable, shard, opt, sched, scaler, ema, cfg, epoch, rank, steps, model.handcrafted,
-                            device)
-        digests = _gather(param_digest(model.trainable), world)
-        metrics = {"epoch": epoch + 1, "epochs": cfg.epochs, "rank": rank, "world": world,
-                   "seconds": time.time() - t0, "images": len(shard), "precision": precision,
-                   "threads": torch.get_num_threads(), "initial_digest": initial, "param_digests": digests,
-                   "shard_digests": _gather(mine, world), **{k: float(v) for k, v in stats.items()}}
-        if rank == 0:
-            state = {"epoch": epoch + 1, "trainable": model.trainable.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-                     "ema": ema.state_dict(), "metrics": metrics, "head_scales": config["head_scales"],
-                     "map_choice": config["map_choice"]}
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(state, os.path.join(d, STATE_FILE))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                                 checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
-        else:
-            ray.train.report(metrics)
+    train_epochs(config, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), state, checkpoint,
+                 wrap=lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
 
 
-def _progress_callback():
-    """One line per epoch on the driver's console (the callback runs in the Ray Train controller;
-    console.say relays the line to the driver, which does not forward Ray's own worker output)."""
-    from ray.train import UserCallback
+def train_task(config: dict[str, Any], threads: int) -> None:
+    """Ray task body: one CPU worker's training without Ray Train (no process group, no worker
+    group to start, no controller to report to: on a 761-image fit these took ~49 s of a 55.6 s
+    training stage). It writes rank 0's checkpoints into the run folder itself, in Ray Train's
+    layout, keeping the newest CHECKPOINTS_KEPT, and goes on from the newest there: a task
+    retried after its worker died, or a --resume, replays what the uninterrupted run did.
+    `threads`: the torch threads a Ray Train worker of the same CPUs ran on (the same rounding,
+    the same weights)."""
+    import io
 
-    from promptad.console import counted, say
+    from promptad.actors import start_actor
 
-    class Progress(UserCallback):
-        def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-            if not metrics or "loss" not in metrics[0]:
-                return
-            m = metrics[0]
-            loss = sum(x["loss"] for x in metrics) / len(metrics)
-            say(f"epoch {m['epoch']}/{m['epochs']}  loss {loss:.4f}  {max(x['seconds'] for x in metrics):.1f}s  "
-                f"({counted(int(m['steps']), 'step')} x {counted(int(m['world']), 'worker')})")
+    device = start_actor("cpu", threads)
+    newest = newest_state(config["run_dir"])
 
-    return Progress()
+    def checkpoint(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        storage.write_bytes(storage.join(checkpoint_dir(config["run_dir"], int(state["epoch"])), STATE_FILE),
+                            buf.getvalue())
+        prune_checkpoints(config["run_dir"])
+
+    train_epochs(config, 0, 1, device, None if newest is None else newest[1], checkpoint)
+
+
+def progress_line(metrics: dict[str, Any], ranks: list[dict[str, Any]]) -> str:
+    """The console's line for an epoch: rank 0's metrics, the loss averaged over the ranks and
+    the slowest rank's seconds."""
+    from promptad.console import counted
+
+    loss = sum(r["loss"] for r in ranks) / len(ranks)
+    return (f"epoch {metrics['epoch']}/{metrics['epochs']}  loss {loss:.4f}  {max(r['seconds'] for r in ranks):.1f}s  "
+            f"({counted(int(metrics['steps']), 'step')} x {counted(int(metrics['world']), 'worker')})")
+
+
+def uses_ray_train(workers: int, gpus: float) -> bool:
+    """Ray Train (TorchTrainer, DDP) for several workers or GPU workers; one CPU worker trains in
+    a plain Ray task (train_task), which computes the same weights without Ray Train's start."""
+    return workers > 1 or gpus > 0
 
 
 def train(config: dict[str, Any], *, workers: int, cpus: float, gpus: float, storage_uri: str,
           run_name: str) -> None:
-    """The Ray Train run; its checkpoints land in <storage_uri>/<run_name>/epoch_NNNN/."""
+    """The training run; its checkpoints land in <storage_uri>/<run_name>/epoch_NNNN/."""
+    import ray
+
+    if not uses_ray_train(workers, gpus):
+        # Ray gives a worker of fractional CPUs one thread, and an integer number that many (Ray
+        # Train's workers ran so); a task's process may have been set otherwise by an earlier task.
+        task = remote(train_task).options(num_cpus=cpus, max_retries=WORKER_RESTARTS)
+        ray.get(task.remote(config, max(1, int(cpus))))
+        return
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -278,8 +364,7 @@ def train(config: dict[str, Any], *, workers: int, cpus: float, gpus: float, sto
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=fs_path, storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-            failure_config=ray.train.FailureConfig(max_failures=WORKER_RESTARTS),
-            callbacks=[_progress_callback()]),
+            failure_config=ray.train.FailureConfig(max_failures=WORKER_RESTARTS)),
     )
     result = trainer.fit()
     if result.checkpoint is None:
