@@ -348,6 +348,20 @@ def test_more_workers_than_the_machine(ray_local, data, tmp_path, capsys):
     assert "CPUs but this machine's Ray has" in line and "lower --workers" in line and "\n" not in line
 
 
+def test_feature_actors_fill_the_cpus_beside_a_decode_task():
+    """A CPU fit's feature stage runs alone: one actor per whole CPU that fits beside a decode task
+    (2 CPUs, 0.5 each: 2, not the 1 training worker), never fewer than the workers; GPU fits keep
+    one per worker."""
+    from promptad.fit.stages import feature_actor_count
+
+    cpu = lambda *c: [{"CPU": x} for x in c]  # noqa: E731 - CPU-only nodes
+    assert feature_actor_count(1, 0.5, 0.0, cpu(2.0)) == 2
+    assert feature_actor_count(1, 1.0, 0.0, cpu(2.0)) == 1  # 1 + 0.5 of decode fits once
+    assert feature_actor_count(3, 2.0, 0.0, cpu(2.0)) == 3  # never fewer than the workers
+    assert feature_actor_count(1, 0.5, 0.0, cpu(16.0, 8.0)) == 24
+    assert feature_actor_count(2, 0.5, 1.0, [{"CPU": 8.0, "GPU": 1.0}] * 2) == 2
+
+
 def test_per_category_tasks_share_the_cluster_cpus():
     """Memory, evidence and calibration tasks reserve the CPUs they run torch threads on: by
     default the cluster's shared among the categories, at most a node's, at least a worker's (none

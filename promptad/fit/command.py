@@ -299,8 +299,11 @@ def _features(args: argparse.Namespace, model_cfg: dict[str, Any], rows: list[di
     """The feature stage and its index; records the readable images per category in the run folder."""
     import ray
 
+    from promptad.raycluster import node_resources
+
     t = time.time()
-    blocks = stages.feature_blocks(rows, model_cfg, args.workers, args.cpus_per_worker, args.gpus_per_worker,
+    actors = stages.feature_actor_count(args.workers, args.cpus_per_worker, args.gpus_per_worker, node_resources())
+    blocks = stages.feature_blocks(rows, model_cfg, actors, args.cpus_per_worker, args.gpus_per_worker,
                                    tolerate=args.tolerate)
     index_task = stages.remote(stages.index_block).options(num_cpus=stages.INDEX_CPUS)
     feats = stages.FeatureSet(blocks, ray.get([index_task.remote(b) for b in blocks]))
