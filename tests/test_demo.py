@@ -166,7 +166,7 @@ def test_demo_runs_the_whole_flow(demo_run):
 @pytest.mark.slow
 def test_readme_snippets_read_the_demo_output(demo_run):
     blocks = _readme_python_blocks()
-    assert len(blocks) == 2  # pandas and DuckDB
+    assert len(blocks) == 3  # pandas, the current rows with DuckDB, and DuckDB
     for code in blocks:
         proc = subprocess.run([sys.executable, "-c", code], cwd=demo_run["cwd"], capture_output=True, text=True,
                               timeout=120)
