@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from promptad.actors import DECISION_AGREEMENT, SCORE_TOLERANCE  # noqa: E402
+from promptad.actors import DECISION_AGREEMENT, SCORE_BOUND, SCORE_SHARE, SCORE_TOLERANCE  # noqa: E402
 
 CATEGORY = "cookie"
 CPUS = 4  # per actor and worker: the GPU machine has 16
@@ -51,10 +51,12 @@ class Comparison:
     agree: float  # share of images with the same is_anomalous
     max_diff: float  # largest |score difference|
     flagged: float  # share flagged by the first run (a check on all-alike decisions)
+    within: float = float("nan")  # share of images whose scores differ by at most SCORE_TOLERANCE
 
     @property
     def ok(self) -> bool:
-        return self.images > 0 and self.agree >= DECISION_AGREEMENT and self.max_diff <= SCORE_TOLERANCE
+        return (self.images > 0 and self.agree >= DECISION_AGREEMENT and self.within >= SCORE_SHARE
+                and self.max_diff <= SCORE_BOUND)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,8 +138,9 @@ def compare(name: str, a: dict[str, tuple[float, bool]], b: dict[str, tuple[floa
     if not keys:
         return Comparison(name, 0, float("nan"), float("nan"), float("nan"))
     agree = sum(a[k][1] == b[k][1] for k in keys) / len(keys)
-    diff = max(abs(a[k][0] - b[k][0]) for k in keys)
-    return Comparison(name, len(keys), agree, diff, sum(a[k][1] for k in keys) / len(keys))
+    diffs = [abs(a[k][0] - b[k][0]) for k in keys]
+    within = sum(d <= SCORE_TOLERANCE for d in diffs) / len(keys)
+    return Comparison(name, len(keys), agree, max(diffs), sum(a[k][1] for k in keys) / len(keys), within)
 
 
 def comparisons(work: Path) -> list[Comparison]:
@@ -154,19 +157,20 @@ def comparisons(work: Path) -> list[Comparison]:
 
 def table(rows: list[Comparison], seconds: dict[str, float], throughput: dict | None) -> str:
     """The one table the check prints (Markdown)."""
-    lines = ["| check | images | same decision | max score diff | flagged | within contract |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = ["| check | images | same decision | scores within tolerance | max score diff | flagged | within contract |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r.name} | {r.images} | {r.agree:.2%} | {r.max_diff:.4f} | {r.flagged:.0%} | "
+        lines.append(f"| {r.name} | {r.images} | {r.agree:.2%} | {r.within:.2%} | {r.max_diff:.4f} | {r.flagged:.0%} | "
                      f"{'yes' if r.ok else 'NO'} |")
-    lines.append(f"| contract | | >= {DECISION_AGREEMENT:.1%} | <= {SCORE_TOLERANCE:g} | | |")
+    lines.append(f"| contract | | >= {DECISION_AGREEMENT:.1%} | >= {SCORE_SHARE:.0%} within {SCORE_TOLERANCE:g} | "
+                 f"<= {SCORE_BOUND:g} | | |")
     for name, s in seconds.items():
-        lines.append(f"| {name} | | | | | {s:.0f} s |")
+        lines.append(f"| {name} | | | | | | {s:.0f} s |")
     if throughput:
-        lines.append(f"| throughput: plain loop on GPU | {throughput['images']} | | | | "
+        lines.append(f"| throughput: plain loop on GPU | {throughput['images']} | | | | | "
                      f"{throughput['plain_img_s']:.1f} img/s |")
         lines.append(f"| throughput: Ray Data job, steady (ratio {throughput['steady_ratio']:.2f}, target >= 0.85) | "
-                     f"{throughput['images']} | | | | {throughput['steady_img_s']:.1f} img/s |")
+                     f"{throughput['images']} | | | | | {throughput['steady_img_s']:.1f} img/s |")
     return "\n".join(lines)
 
 

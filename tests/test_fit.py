@@ -751,9 +751,10 @@ def test_tolerated_conditions_join_the_global_branch_as_in_process(ray_local, da
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * float(y.abs().max()))
         ca, cb = model.calibration[c], ref.calibration[c]
         assert ca.stats["tolerated_views"] == 2 == cb.stats["tolerated_views"]
-        # measured (two runs): global center 1.1e-7, image threshold 4.0e-6 (tile) and 0 (wood)
+        # measured: global center 1.1e-7, image threshold 4.0e-6 (tile) and 0 (wood) on one machine,
+        # 3.6e-5 (tile) on the CI machine of 2026-12-08, whose kernels round differently
         assert ca.global_center == pytest.approx(cb.global_center, rel=1e-6)
-        assert ca.image_threshold == pytest.approx(cb.image_threshold, rel=2e-5)
+        assert ca.image_threshold == pytest.approx(cb.image_threshold, rel=1e-4)
 
 
 @pytest.mark.slow

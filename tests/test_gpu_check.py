@@ -103,7 +103,7 @@ def test_comparison_holds_runs_to_the_contract(tmp_path):
     text = gpu_check.table(list(rows.values()), {"fit on gpu": 61.2},
                            {"images": 500, "plain_img_s": 200.0, "steady_img_s": 180.0, "steady_ratio": 0.9})
     assert "| GPU-fitted: scored on GPU vs CPU | 10 | 90.00% |" in text and "| NO |" in text
-    assert f">= {DECISION_AGREEMENT:.1%}" in text and "| fit on gpu | | | | | 61 s |" in text
+    assert f">= {DECISION_AGREEMENT:.1%}" in text and "| fit on gpu | | | | | | 61 s |" in text
     assert "ratio 0.90, target >= 0.85" in text and "180.0 img/s" in text
     assert not gpu_check.compare("nothing in common", {"a": (1.0, True)}, {"b": (1.0, True)}).ok
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from promptad.actors import DECISION_AGREEMENT, FIT_PRECISION, INFERENCE_PRECISION, SCORE_TOLERANCE
+from promptad.actors import (DECISION_AGREEMENT, FIT_PRECISION, INFERENCE_PRECISION, SCORE_BOUND, SCORE_SHARE,
+                             SCORE_TOLERANCE)
 from promptad.data import storage
 from promptad.data.synthesis import procedural_texture, synthesize_anomaly
 from promptad.errors import UserError
@@ -110,8 +111,8 @@ def _decide(model: PromptAD, feats: Features) -> tuple[np.ndarray, np.ndarray]:
 
 def test_fitted_one_way_and_scored_the_other_decides_the_same(probe):
     """Fitted on a CPU or a GPU, scored on a CPU or a GPU: the same decision on >= 99.9 % of 1,000
-    images and scores within SCORE_TOLERANCE (robust standard deviations of the held-out normal
-    scores: the unit of the image score). Decisions are not trivially all alike: about half of the
+    images, the scores of 99 % within SCORE_TOLERANCE and all within SCORE_BOUND (robust standard
+    deviations of the held-out normal scores: the unit of the image score). Decisions are not trivially all alike: about half of the
     images are flagged."""
     cpu_fit, gpu_fit = _fit(probe["backbone"], probe["train"]), _fit(probe["backbone"], _gpu_fp32(probe["train"]))
     scores, decisions = _decide(cpu_fit, probe["probe"])
@@ -120,7 +121,8 @@ def test_fitted_one_way_and_scored_the_other_decides_the_same(probe):
                           (gpu_fit, _fp16(probe["probe"]))):
         other, decided = _decide(fitted, feats)
         assert (decided == decisions).mean() >= DECISION_AGREEMENT
-        assert np.abs(other - scores).max() <= SCORE_TOLERANCE
+        diff = np.abs(other - scores)
+        assert (diff <= SCORE_TOLERANCE).mean() >= SCORE_SHARE and diff.max() <= SCORE_BOUND
         assert not np.array_equal(other, scores), "the stand-in changed nothing"
 
 

@@ -265,7 +265,7 @@ def _subparsers():
 
 def test_every_flag_says_what_it_does_and_its_default():
     _, commands = _subparsers()
-    assert set(commands) == {"fit", "score", "compact", "audit", "demo"}
+    assert set(commands) == {"fit", "score", "compact", "audit", "recalibrate", "demo"}
     for name, sub in commands.items():
         for action in sub._actions:
             if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
