@@ -35,7 +35,8 @@ class RecalibrateSummary:
 def _added_scores(model, data: str, categories: list[str], batch_size: int = 16) -> dict[str, tuple[list, list]]:
     """(names, scores) per category of the normal images under `data` (rows labelled anomalous are
     left out, as fit leaves them out), scored by the model; an unreadable image is a one-line error."""
-    from promptad.data.images import ImageDecodeError, decode_image, resize
+    from promptad.data.images import ImageDecodeError
+    from promptad.fit.pipeline import read_images
     from promptad.predict import predict
 
     samples = [s for s in load_samples(data, categories, "train") if s.label != 1 and s.category in categories]
@@ -47,8 +48,8 @@ def _added_scores(model, data: str, categories: list[str], batch_size: int = 16)
         chunk = samples[start:start + batch_size]
         images = np.zeros((len(chunk), size, size, 3), np.uint8)
         for i, s in enumerate(chunk):
-            try:
-                images[i] = resize(decode_image(storage.read_bytes(s.path)), size)
+            try:  # one at a time, to name the file that fails; the fit's decoding (pipeline.read_images)
+                images[i] = read_images([s.path], size)[0]
             except (OSError, ImageDecodeError) as e:
                 raise UserError(f"--add: cannot read {s.path}: {' '.join(str(e).split())}") from None
         scores = predict(model, images, [s.category for s in chunk], precision="fp32").scores
@@ -61,7 +62,7 @@ def _added_scores(model, data: str, categories: list[str], batch_size: int = 16)
 def recalibrate(model, categories: list[str], target: float | None, exclude: list[str],
                 added: dict[str, tuple[list, list]]) -> list[str]:
     """Re-draw each category's image threshold in place (model.calibration); returns the lines to print."""
-    from promptad.fit.calibrate import image_threshold_of, sample_warnings
+    from promptad.fit.calibrate import IMAGE_FPR, image_threshold_of, sample_warnings
 
     lines = []
     unmatched = set(exclude)
@@ -71,22 +72,22 @@ def recalibrate(model, categories: list[str], target: float | None, exclude: lis
         if not held:
             raise UserError(f"the model's category {c!r} was fitted before fits kept their held-out normal scores; "
                             "refit it (promptad fit) to recalibrate it")
-        names, scores = list(held["images"]), list(held["scores"])
-        drop = [i for i, name in enumerate(names) if any(path_named(name, x) for x in exclude)]
-        unmatched -= {x for x in exclude for i in drop if path_named(names[i], x)}
-        names = [n for i, n in enumerate(names) if i not in set(drop)] + added.get(c, ([], []))[0]
-        scores = [v for i, v in enumerate(scores) if i not in set(drop)] + added.get(c, ([], []))[1]
+        new_names, new_scores = added.get(c, ([], []))
+        dropped = {i for i, name in enumerate(held["images"]) if any(path_named(name, x) for x in exclude)}
+        unmatched -= {x for x in exclude for i in dropped if path_named(held["images"][i], x)}
+        names = [n for i, n in enumerate(held["images"]) if i not in dropped] + new_names
+        scores = [v for i, v in enumerate(held["scores"]) if i not in dropped] + new_scores
         if not scores:
             raise UserError(f"--exclude leaves category {c!r} without normal images to calibrate on")
-        rate = cal.stats.get("image_fpr_target", 0.01) if target is None else target
-        threshold, image_stats, warnings = image_threshold_of(np.asarray(scores, np.float32), rate, names)
-        record = {"from_model": getattr(model, "model_id", None), "excluded": [n for i, n in enumerate(
-            held["images"]) if i in set(drop)], "added": len(added.get(c, ([], []))[0])}
-        stats = {**cal.stats, **image_stats, "warnings": sample_warnings(np.asarray(scores, np.float32)) + warnings,
-                 "recalibrated": record}
+        rate = cal.stats.get("image_fpr_target", IMAGE_FPR) if target is None else target
+        values = np.asarray(scores, np.float32)
+        threshold, image_stats, warnings = image_threshold_of(values, rate, names)
+        record = {"from_model": getattr(model, "model_id", None),
+                  "excluded": [held["images"][i] for i in sorted(dropped)], "added": len(new_names)}
+        stats = {**cal.stats, **image_stats, "warnings": sample_warnings(values) + warnings, "recalibrated": record}
         model.calibration[c] = replace(cal, image_threshold=threshold, image_center=float(np.median(scores)),
                                        stats=stats)
-        lines.append(f"recalibrate: {c}: {len(drop)} image(s) left out, {record['added']} added: "
+        lines.append(f"recalibrate: {c}: {len(dropped)} image(s) left out, {record['added']} added: "
                      f"{len(scores)} normal images")
     if unmatched:
         raise UserError(f"--exclude {', '.join(sorted(unmatched))}: no normal image the model was calibrated on "
