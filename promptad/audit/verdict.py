@@ -179,12 +179,18 @@ def decision_summary(scores: np.ndarray, labels: np.ndarray, threshold: float,
     return out
 
 
+def _caught(rates: dict) -> str:
+    """What the deployed threshold catches, for the threshold line and the GO line alike."""
+    if not rates["anomalous"]:
+        return "catches nothing measurable (no defective images audited)"
+    return f"catches {rates['tp']} of {rates['anomalous']} defective images ({percent(rates['recall'])})"
+
+
 def promise_line(name: str, cat: dict) -> str:
     """One category's deployed threshold in one sentence: what it catches, the false alarms it
     raised, and beside them what its calibration promised (printed by audit with or without targets)."""
     r, cal = cat["rates"], cat.get("calibration") or {}
-    caught = (f"catches {r['tp']} of {r['anomalous']} defective images ({percent(r['recall'])})"
-              if r["anomalous"] else "no defective images audited")
+    caught = _caught(r)
     alarms = (f"flags {r['fp']} of {r['normal']} normal images ({percent(r['false_alarm_rate'])}, 95 % up to "
               f"{percent(r['false_alarm_ci'][1])})" if r["normal"] else "no normal images audited")
     promised = cal.get("image_fpr_promised")
@@ -201,10 +207,7 @@ def at_threshold(categories: dict[str, dict], targets: Targets) -> str:
     parts = []
     for name, cat in categories.items():
         r = cat["rates"]
-        recall = (f"catches {r['tp']} of {r['anomalous']} defective images ({percent(r['recall'])})"
-                  if r["anomalous"] else "no defective images audited (recall not measured)")
-        alarms = f"{r['fp']} false alarms of {r['normal']} normal images"
-        parts.append(f"{name} {recall}, {alarms}")
+        parts.append(f"{name} {_caught(r)}, {r['fp']} false alarms of {r['normal']} normal images")
     untargeted = " (recall was not a target)" if targets.min_recall is None else ""
     return "at the deployed threshold " + "; ".join(parts) + untargeted
 
