@@ -130,15 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=textwrap.fill(description, 96),
                               epilog=EXAMPLES[name], formatter_class=_Formatter)
 
+    def console_flags(sp: argparse.ArgumentParser, verbose_help: str | None) -> None:
+        """--verbose and --debug, which every command's console session reads (None: --verbose hidden)."""
+        sp.add_argument("--verbose", action="store_true", help=verbose_help or argparse.SUPPRESS)
+        sp.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error, keeping its exit code (default: off)")
+
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--address", default=None, metavar="ADDR",
                         help="Ray cluster to join: HOST:6379, ray://HOST:10001 or auto (default: RAY_ADDRESS "
                              "if set, else start a local Ray for this command)")
-        sp.add_argument("--verbose", action="store_true",
-                        help="also show Ray's own logs on the console (default: off; they go to the log "
-                             "file the last line names)")
-        sp.add_argument("--debug", action="store_true",
-                        help="show the traceback of an error, keeping its exit code (default: off)")
+        console_flags(sp, "also show Ray's own logs on the console (default: off; they go to the log "
+                          "file the last line names)")
 
     def model_actors(sp: argparse.ArgumentParser, actors_help: str) -> None:
         """The model stage's actors, shared by score and audit (one definition: actors.ModelActors)."""
@@ -252,9 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder or s3:// prefix written by `promptad score` (required)")
     c.add_argument("--target-mb", type=_positive_float, default=COMPACT_TARGET_MB, metavar="MB",
                    help="size of a merged file; files below half of it are merged (default: %(default)s)")
-    c.add_argument("--debug", action="store_true",
-                   help="show the traceback of an error, keeping its exit code (default: off)")
-    c.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
+    console_flags(c, None)
 
     a = command("audit", "metrics, plots and visualizations on a labelled set",
                 "Run the model over a labelled set and write report.html, report.json, scores.csv and "
@@ -300,9 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "scored by the model and added to the threshold's sample (default: none)")
     r.add_argument("--category", type=_categories, default=None, metavar="NAME[,NAME]",
                    help="categories to recalibrate (default: every category of the model)")
-    r.add_argument("--verbose", action="store_true", help="also show library logs on the console (default: off)")
-    r.add_argument("--debug", action="store_true",
-                   help="show the traceback of an error, keeping its exit code (default: off)")
+    console_flags(r, "also show library logs on the console (default: off)")
 
     d = command("demo", "the whole flow on a generated dataset, locally",
                 "Generate a small seeded dataset (unless --data), then fit, score and audit it on one "
