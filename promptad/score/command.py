@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from promptad.actors import INFERENCE_PRECISION, ModelActors
 from promptad.data import storage
 from promptad.models import artifact
 from promptad.score.compact import AUTO_MIN_SMALL_FILES, compact, recover
@@ -151,13 +152,12 @@ class Predictor:
     audit's scorers are. `counter` (a RowCounter actor) hears of every batch scored; `delay_s`
     slows each batch down (tests of a slow stage only)."""
 
-    def __init__(self, model_uri: str, device: str, threads: int, precision: str | None = None,
+    def __init__(self, model_uri: str, device: str, threads: int, precision: str = INFERENCE_PRECISION,
                  counter=None, delay_s: float = 0.0):
-        from promptad.actors import INFERENCE_PRECISION
         from promptad.predict import load_for_worker
 
         self.model = load_for_worker(model_uri, device, threads)
-        self.precision = precision or INFERENCE_PRECISION
+        self.precision = precision
         self.counter, self.delay_s = counter, delay_s
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -302,7 +302,6 @@ def execute(the_plan: Plan, model_uri: str, manifest: dict, *, actors: int = 1, 
           f"{the_plan.changed:,} changed, {the_plan.retry:,} to retry; scoring {todo.num_rows:,} with model "
           f"{the_plan.model_id} (run {run_id}; planned in {the_plan.seconds:.1f} s)", file=sys.stderr, flush=True)
     if todo.num_rows:
-        from promptad.actors import ModelActors
         from promptad.raycluster import connect
 
         connect(address)
@@ -332,7 +331,6 @@ def _run_pipeline(todo: pa.Table, summary: Summary, model_uri: str, output_uri: 
                   stage_delay_s: float = 0.0) -> None:
     import ray
 
-    from promptad.actors import ModelActors
 
     counter = ray.remote(num_cpus=0)(RowCounter).remote()
 
